@@ -1,0 +1,28 @@
+"""Triton kernels that run a DiT op forward together with its tangent (JVP).
+
+Each module holds one op, in one order (see ../shared/STYLE.md): the Triton kernel(s), their
+launcher, an ``autograd.Function`` whose backward runs through the primal only, and the public
+function. Beside each kernel sits ``<op>_ref``/``<op>_jvp_ref`` in pure torch: the same math, used by
+the tests, the benchmarks and the DiT's ``torch`` backend.
+
+The ``*_jvp`` functions share one contract::
+
+    y, y_dot = op_jvp(primals..., tangents...)
+
+``y`` is differentiable with respect to the primal inputs and parameters; ``y_dot`` carries no
+autograd graph (MeanFlow puts du/dt inside a stop-gradient, so backward never needs the tangent
+stream and nothing of it is kept alive).
+"""
+from .attention import attention_ref, attention_jvp_ref
+from .layernorm_modulate import ln_modulate_ref, ln_modulate_jvp_ref
+from .gated_residual import gated_residual_ref, gated_residual_jvp_ref
+from .linear import linear_ref, linear_jvp_ref
+from .mlp import gelu_tanh, gelu_tanh_grad, mlp_ref, mlp_jvp_ref
+
+__all__ = [
+    "attention_ref", "attention_jvp_ref",
+    "ln_modulate_ref", "ln_modulate_jvp_ref",
+    "gated_residual_ref", "gated_residual_jvp_ref",
+    "linear_ref", "linear_jvp_ref",
+    "gelu_tanh", "gelu_tanh_grad", "mlp_ref", "mlp_jvp_ref",
+]

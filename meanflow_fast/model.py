@@ -1,0 +1,386 @@
+"""The MeanFlow DiT: u_θ(z, r, t | y), with a plain forward and a dual-stream forward_jvp.
+
+Architecture as DiT (Peebles & Xie, 2023) with adaLN-Zero blocks; MeanFlow conditions on (t, t − r)
+with two sinusoidal time embedders summed with the label embedding (DESIGN.md §1):
+
+    c = E_t(t) + E_h(t − r) + E_y(y)
+
+``forward_jvp`` runs the primal and the tangent stream (tangents dz, dr = 0, dt = 1) op by op with the
+explicit rules of DESIGN.md §2, through the backend switch of ``meanflow_fast.ops``.
+"""
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import gated_residual_ref, linear_jvp_ref, ln_modulate_ref, mlp_ref
+
+from .ops import BACKENDS, DualOps, get_dual_ops
+
+Times = Union[float, torch.Tensor]
+
+
+# =================================================================================================
+#                                          Configs
+# =================================================================================================
+@dataclass(frozen=True)
+class DiTConfig:
+    input_size: int = 32      # latent side (ImageNet 256 → SD-VAE latents 32×32×4)
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000   # the null (unconditional) label is num_classes
+    freq_dim: int = 256       # sinusoidal frequency embedding size
+    max_period: float = 10000.0
+
+
+# The paper's presets (DESIGN.md §1) and small ones for tests and the demo.
+PRESETS = {
+    "XL/2": dict(depth=28, hidden_size=1152, num_heads=16),
+    "L/2": dict(depth=24, hidden_size=1024, num_heads=16),
+    "M/2": dict(depth=16, hidden_size=1024, num_heads=16),
+    "B/2": dict(depth=12, hidden_size=768, num_heads=12),
+    "S/2": dict(depth=12, hidden_size=384, num_heads=6),
+    "tiny": dict(input_size=8, in_channels=4, depth=2, hidden_size=64, num_heads=2,
+                 num_classes=10, freq_dim=32),
+    "digits": dict(input_size=8, in_channels=1, patch_size=2, depth=4, hidden_size=128,
+                   num_heads=4, num_classes=10, freq_dim=64),
+}
+
+
+def meanflow_dit(preset: str = "B/2", **overrides) -> "MeanFlowDiT":
+    """Build a MeanFlow DiT from a preset name (``PRESETS``), with any DiTConfig field overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    fields = set(DiTConfig.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown DiTConfig field(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+    return MeanFlowDiT(replace(DiTConfig(), **{**PRESETS[preset], **overrides}))
+
+
+# =================================================================================================
+#                                   Dual-stream helpers (small ops)
+# =================================================================================================
+def silu_jvp(a: torch.Tensor, a_dot: torch.Tensor):
+    """SiLU and its tangent σ(a)·(1 + a·(1 − σ(a)))·ȧ."""
+    y = F.silu(a)
+    with torch.no_grad():
+        s = torch.sigmoid(a)
+        y_dot = s * (1 + a * (1 - s)) * a_dot
+    return y, y_dot
+
+
+def _as_batch_times(name: str, value: Times, z: torch.Tensor) -> torch.Tensor:
+    """Accept a float, a 0-d tensor or a (B,) tensor; return (B,) on z's device, in float64 when z is
+    float64 (exact references) and float32 otherwise."""
+    batch = z.shape[0]
+    if not torch.is_tensor(value):
+        value = torch.tensor(float(value))
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor or a float, got dtype {value.dtype}")
+    if value.dim() == 0:
+        value = value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"{name} must be a float, a 0-d tensor or shape ({batch},), got {tuple(value.shape)}")
+    return value.to(device=z.device, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
+
+
+# =================================================================================================
+#                                Embedding layers for timesteps and labels
+# =================================================================================================
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of a raw time s ∈ [0, 1] followed by Linear → SiLU → Linear."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.freq_dim, self.max_period = freq_dim, max_period
+
+    def _args(self, s: torch.Tensor):
+        """ω and ω·s, (F/2,) and (B, F/2), in fp32 (fp64 for fp64 s) whatever the model's dtype."""
+        dt = torch.float64 if s.dtype == torch.float64 else torch.float32
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=dt, device=s.device) / half)
+        return freqs, s.to(dt)[:, None] * freqs[None]
+
+    def sinusoid(self, s: torch.Tensor) -> torch.Tensor:
+        args = self._args(s)[1]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoid(s).to(self.mlp[0].weight.dtype))
+
+    def forward_jvp(self, s: torch.Tensor, s_dot: torch.Tensor):
+        """φ(s) = [cos ωs, sin ωs] has φ' = [−ω sin ωs, ω cos ωs]; then the MLP's rules."""
+        freqs, args = self._args(s)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        emb_dot = torch.cat([-torch.sin(args), torch.cos(args)], dim=-1) * torch.cat([freqs, freqs])
+        emb_dot = emb_dot * s_dot[:, None].to(emb_dot.dtype)
+        dt = self.mlp[0].weight.dtype
+        h, h_dot = linear_jvp_ref(emb.to(dt), self.mlp[0].weight, self.mlp[0].bias, emb_dot.to(dt))
+        h, h_dot = silu_jvp(h, h_dot)
+        return linear_jvp_ref(h, self.mlp[2].weight, self.mlp[2].bias, h_dot)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with one extra row, index ``num_classes``, for the null (unconditional) label."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+# =================================================================================================
+#                                       Core DiT blocks
+# =================================================================================================
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, qkv: torch.Tensor):
+        B, N, D3 = qkv.shape
+        # (B, N, 3D) → 3 × (B, H, N, Dh)
+        return qkv.view(B, N, 3, self.num_heads, D3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def _merge(o: torch.Tensor) -> torch.Tensor:
+        B, H, N, Dh = o.shape
+        return o.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.qkv(x))
+        return self.proj(self._merge(F.scaled_dot_product_attention(q, k, v)))
+
+    def forward_jvp(self, x, x_dot, ops: DualOps):
+        qkv, qkv_dot = ops.linear(x, self.qkv.weight, self.qkv.bias, x_dot)
+        q, k, v = self._heads(qkv)
+        q_dot, k_dot, v_dot = self._heads(qkv_dot)
+        o, o_dot = ops.attention(q, k, v, q_dot, k_dot, v_dot, None)
+        return ops.linear(self._merge(o), self.proj.weight, self.proj.bias, self._merge(o_dot))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mlp_ref(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+
+    def forward_jvp(self, x, x_dot, ops: DualOps):
+        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, x_dot)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: x += g1·Attn(LN(x)·(1+s1)+b1);  x += g2·MLP(LN(x)·(1+s2)+b2)."""
+
+    eps = 1e-6
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 × (B, D)
+        x = gated_residual_ref(x, g1, self.attn(ln_modulate_ref(x, sh1, sc1, self.eps)))
+        return gated_residual_ref(x, g2, self.mlp(ln_modulate_ref(x, sh2, sc2, self.eps)))
+
+    def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
+        mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], c, c_dot)
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)
+        dsh1, dsc1, dg1, dsh2, dsc2, dg2 = mod_dot.chunk(6, dim=1)
+        h, h_dot = ops.ln_modulate(x, sh1, sc1, x_dot, dsh1, dsc1, self.eps)
+        f, f_dot = self.attn.forward_jvp(h, h_dot, ops)
+        x, x_dot = ops.gated_residual(x, g1, f, x_dot, dg1, f_dot)
+        h, h_dot = ops.ln_modulate(x, sh2, sc2, x_dot, dsh2, dsc2, self.eps)
+        f, f_dot = self.mlp.forward_jvp(h, h_dot, ops)
+        return ops.gated_residual(x, g2, f, x_dot, dg2, f_dot)
+
+
+def _adaln_jvp(linear: nn.Linear, c: torch.Tensor, c_dot: torch.Tensor):
+    """Linear(SiLU(c)) with its tangent; (B, D) → (B, k·D). Small, so always in torch."""
+    a, a_dot = silu_jvp(c, c_dot)
+    return linear_jvp_ref(a, linear.weight, linear.bias, a_dot)
+
+
+class FinalLayer(nn.Module):
+    eps = 1e-6
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(ln_modulate_ref(x, shift, scale, self.eps))
+
+    def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
+        mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], c, c_dot)
+        shift, scale = mod.chunk(2, dim=1)
+        dshift, dscale = mod_dot.chunk(2, dim=1)
+        h, h_dot = ops.ln_modulate(x, shift, scale, x_dot, dshift, dscale, self.eps)
+        return ops.linear(h, self.linear.weight, self.linear.bias, h_dot)
+
+
+# =================================================================================================
+#                                        The MeanFlow DiT
+# =================================================================================================
+class MeanFlowDiT(nn.Module):
+    """u_θ(z, r, t | y): z (B, C, H, W); r, t floats or (B,) with 0 ≤ r ≤ t ≤ 1; y (B,) int64 labels
+    in [0, num_classes] (num_classes = the null label). Returns the average velocity, shaped like z."""
+
+    def __init__(self, config: DiTConfig = DiTConfig(), backend: str = "torch"):
+        super().__init__()
+        if config.input_size % config.patch_size:
+            raise ValueError(f"input_size ({config.input_size}) must be divisible by patch_size ({config.patch_size})")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.config = config
+        self.backend = backend
+        D, p = config.hidden_size, config.patch_size
+        self.grid = config.input_size // p
+        self.x_embedder = nn.Conv2d(config.in_channels, D, kernel_size=p, stride=p)
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(D, self.grid), persistent=False)  # (1, N, D)
+        self.t_embedder = TimestepEmbedder(D, config.freq_dim, config.max_period)
+        self.h_embedder = TimestepEmbedder(D, config.freq_dim, config.max_period)  # embeds t − r
+        self.y_embedder = LabelEmbedder(config.num_classes, D)
+        self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = FinalLayer(D, p, config.in_channels)
+        self.initialize_weights()
+
+    # ----------------------------------------------------------------------------------- init
+    def initialize_weights(self):
+        def _basic_init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(_basic_init)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for emb in (self.t_embedder, self.h_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output as zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # ------------------------------------------------------------------------------- helpers
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def _check_inputs(self, z: torch.Tensor, y: torch.Tensor):
+        c = self.config
+        expected = (c.in_channels, c.input_size, c.input_size)
+        if not torch.is_tensor(z) or z.dim() != 4 or tuple(z.shape[1:]) != expected:
+            shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
+            raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {shape}")
+        if z.shape[0] == 0:
+            raise ValueError("z is an empty batch (B = 0)")
+        if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32) or y.shape != (z.shape[0],):
+            desc = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape ({z.shape[0]},) with labels in "
+                             f"[0, {c.num_classes}] ({c.num_classes} = null label), got {desc}")
+
+    def patchify(self, z: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        x = F.conv2d(z, self.x_embedder.weight, self.x_embedder.bias if bias else None,
+                     stride=self.config.patch_size)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p·p·C) → (B, C, H, W)."""
+        p, C, h = self.config.patch_size, self.config.in_channels, self.grid
+        x = x.reshape(x.shape[0], h, h, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, h * p)
+
+    def condition(self, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.t_embedder(t) + self.h_embedder(t - r) + self.y_embedder(y)  # (B, D)
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, z: torch.Tensor, r: Times, t: Times, y: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(z, y)
+        B = z.shape[0]
+        r, t = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
+        x = self.patchify(z) + self.pos_embed.to(z.dtype)  # (B, N, D)
+        c = self.condition(r, t, y)                         # (B, D)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))      # (B, C, H, W)
+
+    def forward_jvp(self, z: torch.Tensor, r: Times, t: Times, y: torch.Tensor, dz: torch.Tensor,
+                    backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(u, du/dt) along the tangent (dz, dr = 0, dt = 1), by the explicit rules of DESIGN.md §2.
+
+        ``u`` is differentiable; ``du/dt`` carries no autograd graph. ``backend`` (default:
+        ``self.backend``) is one of ``meanflow_fast.ops.BACKENDS``.
+        """
+        self._check_inputs(z, y)
+        if not torch.is_tensor(dz) or dz.shape != z.shape:
+            raise ValueError(f"dz must be a tensor shaped like z {tuple(z.shape)}, got "
+                             f"{tuple(dz.shape) if torch.is_tensor(dz) else type(dz).__name__}")
+        ops = get_dual_ops(backend or self.backend)
+        B = z.shape[0]
+        r, t = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
+        one = torch.ones_like(t)
+        # Conditioning: ċ = E_t'(t)·1 + E_h'(t − r)·(1 − 0); the label embedding is constant.
+        ct, ct_dot = self.t_embedder.forward_jvp(t, one)
+        ch, ch_dot = self.h_embedder.forward_jvp(t - r, one)
+        c, c_dot = ct + ch + self.y_embedder(y), ct_dot + ch_dot
+        # Patch embedding is linear: ẋ = conv(ż) without bias; the fixed pos-embedding adds nothing.
+        x = self.patchify(z) + self.pos_embed.to(z.dtype)
+        with torch.no_grad():
+            x_dot = self.patchify(dz.to(z.dtype), bias=False)
+        for block in self.blocks:
+            x, x_dot = block.forward_jvp(x, x_dot, c, c_dot, ops)
+        x, x_dot = self.final_layer.forward_jvp(x, x_dot, c, c_dot, ops)
+        return self.unpatchify(x), self.unpatchify(x_dot)
+
+
+# =================================================================================================
+#                      Fixed 2D sin-cos positional embedding (as in MAE / DiT)
+# =================================================================================================
+def get_2d_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """(1, grid², dim): half the channels encode the row, half the column, each as [sin, cos]."""
+    if dim % 4:
+        raise ValueError(f"hidden_size must be divisible by 4 for the 2D sin-cos embedding, got {dim}")
+
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
+    return torch.from_numpy(emb).float().unsqueeze(0)
+
+
+def config_dict(model: MeanFlowDiT) -> dict:
+    return asdict(model.config)

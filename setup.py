@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="meanflow-fast",
+    version="0.1.0",
+    description="Fast MeanFlow training and one-step sampling: a DiT with fused Triton JVP kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "meanflow_fast", "meanflow_fast.*"]),
+    install_requires=[
+        "torch>=2.4,<2.15",  # 2.13 (CPU, CI) and 2.11 (GPU image) both satisfy it
+        "triton>=3.2",       # CUDA kernels; on CPU its interpreter (TRITON_INTERPRET=1) runs the tests
+        "einops",
+        "numpy",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "demo": ["scikit-learn", "pillow"],
+        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "pillow"],
+    },
+    entry_points={
+        "console_scripts": [
+            "meanflow-demo=meanflow_fast.demo:cli",
+        ],
+    },
+)
