@@ -1,0 +1,24 @@
+"""Shared test setup.
+
+Without CUDA the Triton kernels run in Triton's CPU interpreter. TRITON_INTERPRET is read when a
+``@triton.jit`` function is defined, so it is set here, before any test imports ``kernels``.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """A fresh, reproducible seed per test (derived from the test's name)."""
+    s = sum(map(ord, request.node.nodeid)) % (2**31)
+    torch.manual_seed(s)
+    return s
