@@ -12,9 +12,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
 
 @pytest.fixture(autouse=True)
 def seed(request):

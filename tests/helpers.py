@@ -1,5 +1,9 @@
 """Helpers shared by the tests (import as ``from tests.helpers import ...``)."""
+import pytest
 import torch
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
