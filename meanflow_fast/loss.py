@@ -1,0 +1,217 @@
+"""MeanFlowLoss: the training objective of MeanFlow (arXiv 2505.13447, Algorithm 1; DESIGN.md §1).
+
+    z_t = (1 − t)·x + t·ε,   v = ε − x
+    (u, du/dt) = JVP(u_θ, (z_t, r, t), (ṽ, 0, 1))
+    u_tgt = stopgrad(ṽ − clip(t − r, 0, 1)·du/dt)
+    L_i = Σ_{C,H,W} (u − u_tgt)²,   w_i = stopgrad(1/(L_i + c)^p),   loss = mean_i(w_i·L_i)
+
+with the guided velocity (paper eq. 19/21), for samples whose t is in the guidance interval and whose
+class was not dropped:  ṽ = ω·v + κ·u(z_t, t, t | c) + (1 − ω − κ)·u(z_t, t, t | ∅)  (no grad).
+"""
+from contextlib import nullcontext
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["MeanFlowLoss", "sample_t_r"]
+
+
+def _randn(shape, generator, device, dtype=torch.float32):
+    """Gaussian draws on the generator's device (reproducible), then moved to ``device``."""
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
+
+
+def _rand(shape, generator, device):
+    gdev = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gdev).to(device)
+
+
+def sample_t_r(batch: int, *, mu: float = -0.4, sigma: float = 1.0, ratio_r_neq_t: float = 0.25,
+               generator: Optional[torch.Generator] = None, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Draw (t, r), each (batch,) float32 with 0 < r ≤ t < 1.
+
+    Two independent logit-normal(mu, sigma) draws; t = max, r = min; then all but
+    round(ratio_r_neq_t · batch) samples, chosen at random, are set to r = t.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be ≥ 1, got {batch}")
+    if not 0.0 <= ratio_r_neq_t <= 1.0:
+        raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {ratio_r_neq_t}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    s = torch.sigmoid(mu + sigma * _randn((2, batch), generator, device))
+    t, r = s.max(dim=0).values, s.min(dim=0).values
+    gdev = generator.device if generator is not None else device
+    equal = torch.randperm(batch, generator=generator, device=gdev)[int(round(ratio_r_neq_t * batch)):]
+    r[equal.to(device)] = t[equal.to(device)]
+    return t, r
+
+
+class MeanFlowLoss(nn.Module):
+    """Drop-in MeanFlow loss. ``loss, stats = MeanFlowLoss(...)(model, x, y)``.
+
+    Args:
+        num_classes: labels are in [0, num_classes); the null label is ``num_classes``. Defaults to
+            ``model.num_classes`` at call time.
+        time_mu, time_sigma: logit-normal parameters of the (t, r) draws.
+        ratio_r_neq_t: fraction of the batch with r ≠ t (the rest has r = t). 0 gives flow matching.
+        omega, kappa, guidance_interval: training-time guidance (ω, κ, [t_lo, t_hi]); ω = 1, κ = 0 is
+            unguided and skips the two extra evaluations.
+        class_dropout: probability of replacing a label with the null label.
+        adaptive_p, adaptive_c: adaptive weight w = 1/(L + c)^p (p = 0 gives the plain mean of L).
+        jvp: "auto" (``model.forward_jvp`` if the model has it, else torch.func.jvp), "forward_jvp" or
+            "func" (torch.func.jvp over ``model(z, r, t, y)`` for any callable).
+
+    ``forward`` returns the scalar loss and a dict of detached tensors: ``loss`` (weighted),
+    ``raw_loss`` (mean of L_i: the number to watch; the weighted loss sits near 1) and ``frac_r_neq_t``.
+    """
+
+    def __init__(self, num_classes: Optional[int] = None, *, time_mu: float = -0.4, time_sigma: float = 1.0,
+                 ratio_r_neq_t: float = 0.25, omega: float = 1.0, kappa: float = 0.0,
+                 guidance_interval: Tuple[float, float] = (0.0, 1.0), class_dropout: float = 0.1,
+                 adaptive_p: float = 1.0, adaptive_c: float = 0.01, jvp: str = "auto"):
+        super().__init__()
+        if jvp not in ("auto", "forward_jvp", "func"):
+            raise ValueError(f"jvp must be 'auto', 'forward_jvp' or 'func', got {jvp!r}")
+        if not 0.0 <= class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
+        if not 0.0 <= ratio_r_neq_t <= 1.0:
+            raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {ratio_r_neq_t}")
+        lo, hi = guidance_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"guidance_interval must satisfy 0 ≤ lo ≤ hi ≤ 1, got {guidance_interval}")
+        if adaptive_c <= 0 or adaptive_p < 0:
+            raise ValueError(f"adaptive_c must be > 0 and adaptive_p ≥ 0, got c={adaptive_c}, p={adaptive_p}")
+        self.num_classes = num_classes
+        self.time_mu, self.time_sigma, self.ratio_r_neq_t = time_mu, time_sigma, ratio_r_neq_t
+        self.omega, self.kappa, self.guidance_interval = omega, kappa, (float(lo), float(hi))
+        self.class_dropout, self.adaptive_p, self.adaptive_c, self.jvp = class_dropout, adaptive_p, adaptive_c, jvp
+
+    @property
+    def guided(self) -> bool:
+        return self.omega != 1.0 or self.kappa != 0.0
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, model: Callable, x: torch.Tensor, y: torch.Tensor, *,
+                t: Optional[torch.Tensor] = None, r: Optional[torch.Tensor] = None,
+                noise: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One MeanFlow loss evaluation.
+
+        x: (B, ...) clean data; y: (B,) int labels in [0, num_classes). Optional explicit draws to
+        reproduce a step: t, r (B,) with 0 ≤ r ≤ t ≤ 1; noise shaped like x; drop (B,) bool mask of
+        labels replaced by the null label. Anything not given is drawn from ``generator``.
+        """
+        num_classes = self._num_classes(model)
+        B = self._check(x, y, t, r, noise, drop, num_classes)
+        dev = x.device
+        if t is None:
+            t, r = sample_t_r(B, mu=self.time_mu, sigma=self.time_sigma, ratio_r_neq_t=self.ratio_r_neq_t,
+                              generator=generator, device=dev)
+        tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        t, r = t.to(dev, tdt), r.to(dev, tdt)
+        if noise is None:
+            noise = _randn(x.shape, generator, dev, x.dtype)
+        if drop is None:
+            drop = _rand((B,), generator, dev) < self.class_dropout
+        drop = drop.to(dev)
+        y_in = torch.where(drop, torch.full_like(y, num_classes), y)
+
+        bshape = (B,) + (1,) * (x.dim() - 1)
+        tb = t.view(bshape).to(x.dtype)
+        z = (1 - tb) * x + tb * noise
+        v = noise - x
+        v_tilde = self._guided_velocity(model, z, t, y, v, drop, num_classes) if self.guided else v
+
+        u, dudt = self._jvp(model, z, r, t, y_in, v_tilde)
+        with torch.no_grad():
+            u_tgt = v_tilde - (t - r).clamp(0, 1).view(bshape).to(dudt.dtype) * dudt
+        acc = torch.promote_types(u.dtype, torch.float32)  # fp32 sums for fp16/bf16, fp64 stays fp64
+        err = (u.to(acc) - u_tgt.to(acc)).pow(2).flatten(1).sum(1)  # L_i, (B,)
+        w = 1.0 / (err.detach() + self.adaptive_c).pow(self.adaptive_p)
+        loss = (w * err).mean()
+        stats = {"loss": loss.detach(), "raw_loss": err.detach().mean(),
+                 "frac_r_neq_t": (r != t).float().mean()}
+        return loss, stats
+
+    # ------------------------------------------------------------------------------------------
+    def _num_classes(self, model) -> int:
+        n = self.num_classes if self.num_classes is not None else getattr(model, "num_classes", None)
+        if n is None:
+            raise ValueError("num_classes is unknown: pass MeanFlowLoss(num_classes=...) for a model "
+                             "without a num_classes attribute")
+        return int(n)
+
+    @torch.no_grad()
+    def _guided_velocity(self, model, z, t, y, v, drop, num_classes):
+        """ṽ = ω·v + κ·u(z, t, t | c) + (1 − ω − κ)·u(z, t, t | ∅) inside the interval, else v."""
+        B = z.shape[0]
+        lo, hi = self.guidance_interval
+        use = (t >= lo) & (t <= hi) & ~drop
+        # One batched call for the conditional and unconditional predictions.
+        u_both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
+                       torch.cat([y, torch.full_like(y, num_classes)]))
+        u_c, u_u = u_both[:B].to(v.dtype), u_both[B:].to(v.dtype)
+        v_g = self.omega * v + self.kappa * u_c + (1 - self.omega - self.kappa) * u_u
+        return torch.where(use.view((B,) + (1,) * (v.dim() - 1)), v_g, v)
+
+    def _jvp(self, model, z, r, t, y, v_tilde):
+        """(u, du/dt) along (ṽ, 0, 1); du/dt is detached."""
+        if self.ratio_r_neq_t == 0.0 and bool((r == t).all()):
+            # Flow matching: the target ṽ − 0·du/dt needs no tangent.
+            u = model(z, r, t, y)
+            return u, torch.zeros_like(u).detach()
+        mode = self.jvp
+        if mode == "auto":
+            mode = "forward_jvp" if hasattr(model, "forward_jvp") else "func"
+        if mode == "forward_jvp":
+            u, dudt = model.forward_jvp(z, r, t, y, v_tilde)
+            return u, dudt.detach()
+        with _jvp_safe_attention():
+            u, dudt = torch.func.jvp(lambda z_, r_, t_: model(z_, r_, t_, y), (z, r, t),
+                                     (v_tilde, torch.zeros_like(r), torch.ones_like(t)))
+        return u, dudt.detach()
+
+    def _check(self, x, y, t, r, noise, drop, num_classes) -> int:
+        if not torch.is_tensor(x) or x.dim() < 2:
+            raise ValueError(f"x must be a (B, ...) tensor, got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        B = x.shape[0]
+        if B == 0:
+            raise ValueError("x is an empty batch (B = 0)")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be floating point, got {x.dtype}")
+        if not torch.is_tensor(y) or y.shape != (B,) or y.is_floating_point() or y.dtype == torch.bool:
+            desc = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape ({B},), got {desc}")
+        if y.device != x.device:
+            raise ValueError(f"y is on {y.device} but x is on {x.device}")
+        if bool((y < 0).any() | (y >= num_classes).any()):
+            raise ValueError(f"y must hold labels in [0, {num_classes}), got min {int(y.min())}, max {int(y.max())}")
+        if (t is None) != (r is None):
+            raise ValueError("pass t and r together (or neither)")
+        if t is not None:
+            for name, s in (("t", t), ("r", r)):
+                if not torch.is_tensor(s) or s.shape != (B,) or not s.is_floating_point():
+                    raise ValueError(f"{name} must be a float tensor of shape ({B},)")
+                if bool(((s < 0) | (s > 1)).any()):
+                    raise ValueError(f"{name} must lie in [0, 1]")
+            if bool((r.to(t.device) > t).any()):
+                raise ValueError("r must be ≤ t for every sample (r > t found)")
+        if noise is not None and (not torch.is_tensor(noise) or noise.shape != x.shape):
+            raise ValueError(f"noise must have the shape of x {tuple(x.shape)}")
+        if drop is not None and (not torch.is_tensor(drop) or drop.dtype != torch.bool or drop.shape != (B,)):
+            raise ValueError(f"drop must be a bool tensor of shape ({B},)")
+        return B
+
+
+def _jvp_safe_attention():
+    """torch.func.jvp has no forward-AD rule for the flash/efficient SDPA kernels (CPU included):
+    restrict F.scaled_dot_product_attention to the math backend while it runs."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.MATH])
+    except ImportError:  # pragma: no cover - older torch
+        return nullcontext()

@@ -1,0 +1,55 @@
+"""Samplers: 1-NFE, 2-NFE and n-step MeanFlow sampling (DESIGN.md §1).
+
+    1-NFE:   x = ε − u_θ(ε, r = 0, t = 1 | y)
+    n steps: z_r = z_t − (t − r)·u_θ(z_t, r, t | y)   on times 1 = t_0 > t_1 > … > t_n = 0
+
+Guidance is folded into training (MeanFlowLoss's ω, κ), so sampling is plain conditional.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["sample", "sample_times"]
+
+
+def sample_times(steps: int) -> Tuple[float, ...]:
+    """Uniform time grid 1 = t_0 > … > t_steps = 0."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int ≥ 1, got {steps!r}")
+    return tuple(1.0 - i / steps for i in range(steps + 1))
+
+
+@torch.no_grad()
+def sample(model, y: torch.Tensor, *, steps: int = 1, noise: Optional[torch.Tensor] = None,
+           generator: Optional[torch.Generator] = None, shape: Optional[Sequence[int]] = None,
+           times: Optional[Sequence[float]] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Class-conditional samples x (B, C, H, W) from ``model(z, r, t, y)``.
+
+    y: (B,) int labels (the null label gives unconditional samples). The starting noise is ``noise``
+    if given, else drawn from ``generator`` (seeded: same generator state → same samples) with
+    ``shape`` (default: the model's (C, H, W) from ``model.config``). ``times`` overrides the uniform
+    grid of ``steps`` steps; it must decrease from 1 to 0.
+    """
+    if not torch.is_tensor(y) or y.dim() != 1 or y.numel() == 0 or y.is_floating_point():
+        raise ValueError(f"y must be a non-empty 1-D integer tensor of labels, got "
+                         f"{(y.dtype, tuple(y.shape)) if torch.is_tensor(y) else type(y).__name__}")
+    grid = tuple(float(s) for s in times) if times is not None else sample_times(steps)
+    if len(grid) < 2 or any(a <= b for a, b in zip(grid, grid[1:])) or not 0 <= grid[-1] < grid[0] <= 1:
+        raise ValueError(f"times must decrease strictly within [0, 1], got {grid}")
+    B, device = y.shape[0], y.device
+    if noise is None:
+        if shape is None:
+            cfg = getattr(model, "config", None)
+            if cfg is None:
+                raise ValueError("shape is required for a model without a .config (C, H, W)")
+            shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if dtype is None:
+            dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
+        gdev = generator.device if generator is not None else device
+        noise = torch.randn((B, *shape), generator=generator, device=gdev, dtype=dtype).to(device)
+    elif noise.shape[0] != B:
+        raise ValueError(f"noise must have batch size {B} (len(y)), got {tuple(noise.shape)}")
+    z = noise
+    for t, r in zip(grid, grid[1:]):
+        z = z - (t - r) * model(z, r, t, y)
+    return z

@@ -1,0 +1,162 @@
+"""The MeanFlow DiT: presets, and the explicit dual-stream forward against torch.func.jvp."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from meanflow_fast.model import (PRESETS, DiTBlock, FinalLayer, MeanFlowDiT, TimestepEmbedder,
+                                 meanflow_dit)
+from meanflow_fast.ops import get_dual_ops
+from tests.helpers import randomize_, rel_err
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+TORCH_OPS = get_dual_ops("torch")
+
+
+def func_jvp(f, primals, tangents):
+    with sdpa_kernel([SDPBackend.MATH]):  # no forward-AD rule for flash SDPA
+        return torch.func.jvp(f, primals, tangents)
+
+
+@pytest.mark.parametrize("preset,target", [("B/2", 131e6), ("M/2", 308e6), ("L/2", 459e6), ("XL/2", 676e6)])
+def test_preset_parameter_counts(preset, target):
+    with torch.device("meta"):
+        model = meanflow_dit(preset)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{preset}: {n / 1e6:.2f}M parameters (paper: {target / 1e6:.0f}M)")
+    assert abs(n - target) / target < 0.02
+
+
+def test_head_dim_of_xl_is_72():
+    cfg = meanflow_dit("tiny", hidden_size=1152, num_heads=16, depth=1).config
+    assert cfg.hidden_size // cfg.num_heads == 72
+
+
+# ------------------------------------------------------------------------------- single pieces
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_timestep_embedder_jvp(dtype):
+    emb = randomize_(TimestepEmbedder(48, freq_dim=32)).to(dtype)
+    s = torch.rand(5, dtype=dtype)
+    s_dot = torch.randn(5, dtype=dtype)
+    y, y_dot = emb.forward_jvp(s, s_dot)
+    y_ref, y_dot_ref = func_jvp(emb, (s,), (s_dot,))
+    assert rel_err(y, y_ref) <= TOL[dtype]
+    assert rel_err(y_dot, y_dot_ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,N,D,H", [(2, 7, 48, 3), (3, 16, 64, 2), (1, 1, 32, 4)])
+def test_dit_block_jvp(dtype, B, N, D, H):
+    block = randomize_(DiTBlock(D, H), std=0.2).to(dtype)
+    x, x_dot = torch.randn(B, N, D, dtype=dtype), torch.randn(B, N, D, dtype=dtype)
+    c, c_dot = torch.randn(B, D, dtype=dtype), torch.randn(B, D, dtype=dtype)
+    y, y_dot = block.forward_jvp(x, x_dot, c, c_dot, TORCH_OPS)
+    y_ref, y_dot_ref = func_jvp(block, (x, c), (x_dot, c_dot))
+    assert rel_err(y, y_ref) <= TOL[dtype]
+    assert rel_err(y_dot, y_dot_ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_final_layer_jvp(dtype):
+    layer = randomize_(FinalLayer(40, 2, 3)).to(dtype)
+    x, x_dot = torch.randn(2, 9, 40, dtype=dtype), torch.randn(2, 9, 40, dtype=dtype)
+    c, c_dot = torch.randn(2, 40, dtype=dtype), torch.randn(2, 40, dtype=dtype)
+    y, y_dot = layer.forward_jvp(x, x_dot, c, c_dot, TORCH_OPS)
+    y_ref, y_dot_ref = func_jvp(layer, (x, c), (x_dot, c_dot))
+    assert rel_err(y, y_ref) <= TOL[dtype]
+    assert rel_err(y_dot, y_dot_ref) <= TOL[dtype]
+
+
+# ------------------------------------------------------------------------------- whole model
+def _model(dtype, **kw):
+    cfg = dict(input_size=6, in_channels=3, depth=2, hidden_size=48, num_heads=3, num_classes=7, freq_dim=32)
+    cfg.update(kw)
+    return randomize_(meanflow_dit("tiny", **cfg), std=0.15).to(dtype)
+
+
+def _inputs(model, B, dtype):
+    cfg = model.config
+    z = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, dtype=dtype)
+    t = torch.rand(B, dtype=dtype)
+    r = t * torch.rand(B, dtype=dtype)
+    y = torch.randint(0, cfg.num_classes + 1, (B,))  # the null label included
+    return z, r, t, y, torch.randn_like(z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B", [1, 3])
+def test_model_forward_jvp_matches_torch_func_jvp(dtype, B):
+    model = _model(dtype)
+    z, r, t, y, dz = _inputs(model, B, dtype)
+    u, dudt = model.forward_jvp(z, r, t, y, dz)
+    u_ref, dudt_ref = func_jvp(lambda z_, r_, t_: model(z_, r_, t_, y), (z, r, t),
+                               (dz, torch.zeros_like(r), torch.ones_like(t)))
+    assert u.shape == dudt.shape == z.shape
+    assert rel_err(u, u_ref) <= TOL[dtype]
+    assert rel_err(dudt, dudt_ref) <= TOL[dtype]
+
+
+def test_model_forward_jvp_fp32_close_to_fp64():
+    m64 = _model(torch.float64, input_size=8, patch_size=4, hidden_size=64, num_heads=4)
+    m32 = MeanFlowDiT(m64.config)
+    m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+    z, r, t, y, dz = _inputs(m64, 2, torch.float64)
+    u64, d64 = m64.forward_jvp(z, r, t, y, dz)
+    u32, d32 = m32.forward_jvp(z.float(), r.float(), t.float(), y, dz.float())
+    assert rel_err(u32, u64) <= 1e-5 and rel_err(d32, d64) <= 1e-5
+
+
+def test_forward_jvp_tangent_carries_no_graph_and_grads_match_forward():
+    model = _model(torch.float64)
+    z, r, t, y, dz = _inputs(model, 3, torch.float64)
+    w = torch.randn_like(z)
+    u, dudt = model.forward_jvp(z, r, t, y, dz)
+    assert not dudt.requires_grad and dudt.grad_fn is None
+    grads_jvp = torch.autograd.grad((u * w).sum() + (u ** 2).sum(), list(model.parameters()), allow_unused=True)
+    u2 = model(z, r, t, y)
+    grads_fwd = torch.autograd.grad((u2 * w).sum() + (u2 ** 2).sum(), list(model.parameters()), allow_unused=True)
+    for (name, _), g1, g2 in zip(model.named_parameters(), grads_jvp, grads_fwd):
+        assert (g1 is None) == (g2 is None), name
+        if g1 is not None:
+            assert rel_err(g1, g2) <= 1e-12, name
+
+
+def test_default_init_is_adaln_zero():
+    model = meanflow_dit("tiny")
+    z, r, t, y, dz = _inputs(model, 2, torch.float32)
+    u, dudt = model.forward_jvp(z, r, t, y, dz)
+    assert u.abs().max() == 0 and dudt.abs().max() == 0
+
+
+def test_scalar_times_broadcast():
+    model = _model(torch.float64)
+    z, _, _, y, _ = _inputs(model, 2, torch.float64)
+    a = model(z, 0.0, 1.0, y)
+    b = model(z, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), y)
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad,match", [
+    (dict(z=torch.randn(2, 3, 5, 5)), r"z must have shape \(B, 3, 6, 6\)"),
+    (dict(z=torch.randn(0, 3, 6, 6)), "empty batch"),
+    (dict(y=torch.zeros(2)), "y must be an integer tensor"),
+    (dict(t=torch.rand(3)), r"t must be a float, a 0-d tensor or shape \(2,\)"),
+    (dict(dz=torch.randn(2, 3, 6, 5)), "dz must be a tensor shaped like z"),
+])
+def test_model_rejects_bad_input(bad, match):
+    model = _model(torch.float32)
+    z, r, t, y, dz = _inputs(model, 2, torch.float32)
+    args = dict(z=z, r=r, t=t, y=y, dz=dz)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        model.forward_jvp(**args)
+
+
+def test_unknown_preset_and_backend():
+    with pytest.raises(ValueError, match="preset must be one of"):
+        meanflow_dit("H/2")
+    with pytest.raises(ValueError, match="unknown DiTConfig field"):
+        meanflow_dit("tiny", widht=3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MeanFlowDiT(meanflow_dit("tiny").config, backend="cuda")
+    assert set(PRESETS) >= {"B/2", "M/2", "L/2", "XL/2"}

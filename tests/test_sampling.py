@@ -1,0 +1,69 @@
+"""Samplers: the update rule by hand, an analytic flow, seeding and bad input."""
+import pytest
+import torch
+
+from meanflow_fast import meanflow_dit, sample
+from meanflow_fast.sampling import sample_times
+from tests.helpers import randomize_, rel_err
+
+
+def _model():
+    return randomize_(meanflow_dit("tiny", input_size=4, in_channels=2, depth=1, hidden_size=32,
+                                   num_heads=2, num_classes=3, freq_dim=16), std=0.2).double()
+
+
+def test_one_step_is_noise_minus_u():
+    model = _model()
+    y = torch.tensor([0, 2, 3])  # 3 = null label
+    eps = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    x = sample(model, y, steps=1, noise=eps)
+    assert rel_err(x, eps - model(eps, torch.zeros(3, dtype=torch.float64),
+                                  torch.ones(3, dtype=torch.float64), y)) <= 1e-14
+
+
+@pytest.mark.parametrize("steps", [2, 5])
+def test_n_steps_follow_the_update_rule(steps):
+    model = _model()
+    y = torch.tensor([1, 0])
+    eps = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    z = eps.clone()
+    grid = [1 - i / steps for i in range(steps + 1)]
+    for t, r in zip(grid, grid[1:]):
+        z = z - (t - r) * model(z, r, t, y)
+    assert rel_err(sample(model, y, steps=steps, noise=eps), z) <= 1e-14
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_exact_average_velocity_recovers_the_data_point(steps):
+    """Point-mass data x*: the true u(z, r, t) = (z − x*)/t, so every sampler lands on x* exactly."""
+    x_star = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+
+    def u(z, r, t, y):
+        return (z - x_star) / t
+
+    y = torch.zeros(4, dtype=torch.long)
+    x = sample(u, y, steps=steps, shape=(3, 5, 5), dtype=torch.float64,
+               generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x, x_star.expand(4, -1, -1, -1), atol=1e-12)
+
+
+def test_seeded_sampling_is_reproducible():
+    model = _model()
+    y = torch.tensor([0, 1, 2])
+    a = sample(model, y, generator=torch.Generator().manual_seed(1))
+    b = sample(model, y, generator=torch.Generator().manual_seed(1))
+    c = sample(model, y, generator=torch.Generator().manual_seed(2))
+    assert a.shape == (3, 2, 4, 4) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampler_bad_input():
+    model = _model()
+    with pytest.raises(ValueError, match="steps must be an int"):
+        sample(model, torch.tensor([0]), steps=0)
+    with pytest.raises(ValueError, match="times must decrease"):
+        sample(model, torch.tensor([0]), times=[1.0, 0.5, 0.7, 0.0])
+    with pytest.raises(ValueError, match="y must be a non-empty 1-D integer tensor"):
+        sample(model, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="shape is required"):
+        sample(lambda z, r, t, y: z, torch.tensor([0]))
+    assert sample_times(4) == (1.0, 0.75, 0.5, 0.25, 0.0)
