@@ -50,8 +50,8 @@ PRESETS = {
     "S/2": dict(depth=12, hidden_size=384, num_heads=6),
     "tiny": dict(input_size=8, in_channels=4, depth=2, hidden_size=64, num_heads=2,
                  num_classes=10, freq_dim=32),
-    "digits": dict(input_size=8, in_channels=1, patch_size=2, depth=4, hidden_size=128,
-                   num_heads=4, num_classes=10, freq_dim=64),
+    "digits": dict(input_size=8, in_channels=1, patch_size=2, depth=3, hidden_size=96,
+                   num_heads=3, num_classes=10, freq_dim=64),
 }
 
 
