@@ -4,12 +4,20 @@ Layout (B, H, N, D). With S = s·QKᵀ, P = softmax(S), O = PV (DESIGN.md §2):
 
     Ṡ = s·(Q̇Kᵀ + QK̇ᵀ),   Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)),   Ȯ = ṖV + PV̇
 
-This section holds the pure-torch reference; the Triton kernel follows it.
+The file runs in one order: the pure-torch references, the Triton kernels, their launchers (registered
+as ``torch.library`` custom ops ``meanflow_fast::attn_fwd``, ``::attn_fwd_jvp``, ``::attn_bwd`` so that
+torch.compile can call them), the autograd Functions, and the public functions:
+
+    o = attention(q, k, v, scale=None)                         # differentiable, forward-mode too
+    o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)     # fused dual stream; o_dot has no graph
 """
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 from ._ref_utils import compute_dtype
 
@@ -45,3 +53,655 @@ def attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot,
         p_dot = ps - p * ps.sum(-1, keepdim=True)
         o_dot = p_dot @ vf + p @ vd
     return o.to(q.dtype), o_dot.to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+# Conventions shared by every kernel below:
+# - tensors are (B, H, N, D) with unit stride on D (the launchers ensure it) and any other strides,
+#   so the q, k, v views that the DiT cuts out of its (B, N, 3, H, D) qkv projection need no copy;
+# - the grid is (row blocks, B·H); the (b, h) base offsets are int64 (B·H·N·D can pass 2³¹), offsets
+#   within one (b, h) stay int32;
+# - scores live in the log2 domain (S·log2 e) so the softmax uses exp2; LSE is stored in natural log,
+#   LSE = m + log l, fp32, contiguous (B, H, N);
+# - the head dim is padded to BLOCK_D = next power of 2 with masks, so D = 72 and 96 work (at the cost
+#   of computing on the padding: D = 72 runs 128-wide tiles);
+# - all accumulators, softmax statistics and reductions are fp32; P is rounded to the input dtype only
+#   as a tl.dot operand (as FlashAttention does), and fp32 inputs use IEEE dots, not TF32.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+def _configs(gpu_configs, interp_block_m: int, interp_block_n: int):
+    """Autotune candidates on a GPU; one fixed config in the interpreter (one config skips benchmarking,
+    which needs a GPU). The interpreter blocks differ (32 × 16) so the tests cover BLOCK_M ≠ BLOCK_N and
+    several key blocks with a masked tail at N = 33 and 100."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": interp_block_m, "BLOCK_N": interp_block_n}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_configs]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Not swept on a GPU yet: FlashAttention-2-sized tiles, with
+# smaller key blocks for the tangent variant (three fp32 (BLOCK_M, BLOCK_D) accumulators are live).
+_FWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)]
+_BWD_DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
+_BWD_DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+
+
+@triton.jit
+def _attn_fwd_jvp_block(
+    acc_o, acc_d,                  # (BLOCK_M, BLOCK_D) fp32: Σ P̃V and Σ P̃(Ṡ − c)V + P̃V̇
+    m_i, l_i, r_i, c_i,            # (BLOCK_M,) fp32: running max (log2), Σ P̃, Σ P̃(Ṡ − c), shift c
+    q, qd,                         # (BLOCK_M, BLOCK_D) query tile and its tangent
+    k_base, v_base,                # K, V of this (b, h)
+    kd_base, vd_base,              # K̇, V̇ of this (b, h)
+    stride_kn, stride_vn,          # row strides
+    stride_kdn, stride_vdn,
+    start_n,                       # first key of this block
+    N,                             # sequence length
+    sm_scale, qk_scale,            # s and s·log2 e
+    offs_d, mask_d,                # head-dim offsets and their mask (d < HEAD_DIM)
+    BLOCK_N: tl.constexpr,
+    FIRST: tl.constexpr,           # first key block: fixes the per-row tangent shift c
+    HAS_TANGENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key block of the online softmax, primal and tangent (DESIGN.md §2), all state rescaled by α."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    tile_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=tile_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=tile_mask, other=0.0)
+
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+    s = tl.where(mask_n[None, :], s, float("-inf"))                        # keys beyond N
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])                                        # P̃ (0 on masked keys)
+    p_sum = tl.sum(p, 1)
+    l_i = l_i * alpha + p_sum
+    acc_o = acc_o * alpha[:, None]
+    acc_o = tl.dot(p.to(v.dtype), v, acc_o, input_precision=DOT_PRECISION)
+
+    if HAS_TANGENT:
+        kd = tl.load(kd_base + offs_n[:, None] * stride_kdn + offs_d[None, :], mask=tile_mask, other=0.0)
+        vd = tl.load(vd_base + offs_n[:, None] * stride_vdn + offs_d[None, :], mask=tile_mask, other=0.0)
+        s_dot = tl.dot(qd, tl.trans(k), input_precision=DOT_PRECISION)
+        s_dot = tl.dot(q, tl.trans(kd), s_dot, input_precision=DOT_PRECISION)
+        s_dot = s_dot * sm_scale                                           # Ṡ = s·(Q̇Kᵀ + QK̇ᵀ)
+        if FIRST:
+            # Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)) does not change when a per-row constant c is taken off Ṡ.
+            # Taking c = the P-weighted mean of Ṡ over the first key block keeps P̃ ⊙ (Ṡ − c) small
+            # before it is rounded to the input dtype for the dot, and the final Ȯ = acc_d/l − (r/l)·O
+            # from cancelling: keys with a shared offset k̄ give Ṡ a row-constant part s·q̇·k̄ that
+            # would otherwise dominate (at N ≤ BLOCK_N, r ends up ≈ 0 and Ȯ is torch's formula in fp32).
+            c_i = tl.sum(p * s_dot, 1) / p_sum
+        ps = p * (s_dot - c_i[:, None])
+        r_i = r_i * alpha + tl.sum(ps, 1)
+        acc_d = acc_d * alpha[:, None]
+        acc_d = tl.dot(ps.to(v.dtype), v, acc_d, input_precision=DOT_PRECISION)
+        acc_d = tl.dot(p.to(vd.dtype), vd, acc_d, input_precision=DOT_PRECISION)
+    return acc_o, acc_d, m_new, l_i, r_i, c_i
+
+
+@triton.autotune(configs=_configs(_FWD_CONFIGS, 32, 16), key=["N", "HEAD_DIM", "HAS_TANGENT"])
+@triton.jit
+def _attn_fwd_jvp_kernel(
+    Q, K, V,                       # (B, H, N, D) primals
+    QD, KD, VD,                    # (B, H, N, D) tangents (not read when HAS_TANGENT is False)
+    O, OD,                         # (B, H, N, D) out: O and Ȯ (OD not written when HAS_TANGENT is False)
+    LSE,                           # (B, H, N) fp32 out, contiguous: m + log l
+    stride_qb, stride_qh, stride_qn,      # strides of Q over (B, H, N); D has stride 1
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_qdb, stride_qdh, stride_qdn,
+    stride_kdb, stride_kdh, stride_kdn,
+    stride_vdb, stride_vdh, stride_vdn,
+    stride_ob, stride_oh, stride_on,
+    stride_odb, stride_odh, stride_odn,
+    H,                             # heads
+    N,                             # sequence length (queries = keys)
+    sm_scale,                      # softmax scale s
+    HEAD_DIM: tl.constexpr,        # D
+    BLOCK_D: tl.constexpr,         # next power of 2 ≥ D
+    HAS_TANGENT: tl.constexpr,     # False: primal forward only (O, LSE)
+    DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 inputs, "tf32" (unused) for fp16/bf16
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """O, LSE and Ȯ for BLOCK_M queries of one (b, h), in one pass over the key blocks: each K, V, K̇, V̇
+    tile is loaded once. The state is (m, l, acc_o) of the online softmax plus, for the tangent,
+    r = Σ P̃ ⊙ (Ṡ − c) and acc_d = Σ (P̃ ⊙ (Ṡ − c))V + P̃V̇ (DESIGN.md's acc_g + acc_t: they are only ever
+    used as their sum, so one accumulator holds both). At the end O = acc_o/l, Ȯ = acc_d/l − (r/l)·O."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_d = offs_d < HEAD_DIM
+    row_mask = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_mask, other=0.0)
+    if HAS_TANGENT:
+        qd = tl.load(QD + off_b * stride_qdb + off_h * stride_qdh + offs_m[:, None] * stride_qdn
+                     + offs_d[None, :], mask=row_mask, other=0.0)
+    else:
+        qd = q
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    kd_base = KD + off_b * stride_kdb + off_h * stride_kdh
+    vd_base = VD + off_b * stride_vdb + off_h * stride_vdh
+    qk_scale = sm_scale * 1.4426950408889634  # log2 e
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_d = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # First key block peeled off: it also fixes the tangent shift c (every row has a valid key in it).
+    acc_o, acc_d, m_i, l_i, r_i, c_i = _attn_fwd_jvp_block(
+        acc_o, acc_d, m_i, l_i, r_i, c_i, q, qd, k_base, v_base, kd_base, vd_base,
+        stride_kn, stride_vn, stride_kdn, stride_vdn, 0, N, sm_scale, qk_scale, offs_d, mask_d,
+        BLOCK_N, True, HAS_TANGENT, DOT_PRECISION)
+    for start_n in range(BLOCK_N, N, BLOCK_N):
+        acc_o, acc_d, m_i, l_i, r_i, c_i = _attn_fwd_jvp_block(
+            acc_o, acc_d, m_i, l_i, r_i, c_i, q, qd, k_base, v_base, kd_base, vd_base,
+            stride_kn, stride_vn, stride_kdn, stride_vdn, start_n, N, sm_scale, qk_scale, offs_d, mask_d,
+            BLOCK_N, False, HAS_TANGENT, DOT_PRECISION)
+
+    inv_l = 1.0 / l_i
+    o = acc_o * inv_l[:, None]
+    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=row_mask)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln 2: back to natural log
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=mask_m)
+    if HAS_TANGENT:
+        od = acc_d * inv_l[:, None] - (r_i * inv_l)[:, None] * o   # O in fp32, before rounding
+        tl.store(OD + off_b * stride_odb + off_h * stride_odh + offs_m[:, None] * stride_odn
+                 + offs_d[None, :], od.to(OD.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO,                         # (B, H, N, D) output and its gradient
+    DELTA,                         # (B, H, N) fp32 out, contiguous: Δ = rowsum(dO ⊙ O)
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    H, N,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    row_mask = mask_m[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=row_mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=mask_m)
+
+
+@triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS, 16, 32), key=["N", "HEAD_DIM"])
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,                   # (B, H, N, D) inputs and dO
+    LSE, DELTA,                    # (B, H, N) fp32, contiguous
+    DK, DV,                        # (B, H, N, D) out
+    stride_qb, stride_qh, stride_qn,      # strides over (B, H, N); D has stride 1
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,         # queries per inner step
+    BLOCK_N: tl.constexpr,         # keys owned by this program
+):
+    """dK, dV for BLOCK_N keys of one (b, h), looping over all query blocks (FlashAttention-2, Alg. 2):
+    Pᵀ = exp(s·KQᵀ − LSE),  dV = Σ Pᵀ dO,  dSᵀ = Pᵀ ⊙ (V dOᵀ − Δ),  dK = s·Σ dSᵀ Q."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < HEAD_DIM
+    key_mask = mask_n[:, None] & mask_d[None, :]
+
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=key_mask, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=key_mask, other=0.0)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    stat_base = pid_bh.to(tl.int64) * N
+    qk_scale = sm_scale * 1.4426950408889634  # log2 e
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        row_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_mask, other=0.0)
+        lse = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stat_base + offs_m, mask=mask_m, other=0.0)
+
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = tl.where(mask_m[None, :], p_t, 0.0)                               # queries beyond N
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    dk = dk * sm_scale
+
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=key_mask)
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_mask)
+
+
+@triton.autotune(configs=_configs(_BWD_DQ_CONFIGS, 32, 16), key=["N", "HEAD_DIM"])
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,                   # (B, H, N, D) inputs and dO
+    LSE, DELTA,                    # (B, H, N) fp32, contiguous
+    DQ,                            # (B, H, N, D) out
+    stride_qb, stride_qh, stride_qn,      # strides over (B, H, N); D has stride 1
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,         # queries owned by this program
+    BLOCK_N: tl.constexpr,         # keys per inner step
+):
+    """dQ for BLOCK_M queries of one (b, h), looping over all key blocks:
+    P = exp(s·QKᵀ − LSE),  dS = P ⊙ (dO Vᵀ − Δ),  dQ = s·Σ dS K."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_d = offs_d < HEAD_DIM
+    row_mask = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :], mask=row_mask, other=0.0)
+    stat_base = pid_bh.to(tl.int64) * N
+    lse = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stat_base + offs_m, mask=mask_m, other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634  # log2 e
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        key_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=key_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=key_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)                                 # keys beyond N
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (32, 64, 72, 96, 128)
+_MAX_GRID_Y = 65535  # B·H rides grid axis 1: row blocks of one (b, h) run next to each other and share K, V in L2
+
+
+def _check_scale(scale) -> float:
+    try:
+        s = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a real number (or None for 1/sqrt(D)), got {scale!r}") from None
+    if not math.isfinite(s) or s == 0.0:
+        raise ValueError(f"scale must be finite and non-zero, got {s}")
+    return s
+
+
+def _resolve_scale(q: torch.Tensor, scale) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else _check_scale(scale)
+
+
+def _check_inputs(tensors, fake: bool = False) -> None:
+    """Validate (name, tensor) pairs: each 4-D (B, H, N, D), all alike in shape, dtype and device.
+    ``fake``: called on FakeTensors while tracing (torch.compile), where the device is not launched on."""
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D), got {t.dim()}-D with shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    ref_name, ref = tensors[0]
+    for name, t in tensors[1:]:
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}: "
+                             "all inputs must share one (B, H, N, D)")
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: all inputs must "
+                             "share one dtype")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all inputs must be "
+                             "on one device")
+    if not fake:
+        if ref.device.type == "cpu":
+            if not _INTERPRET:
+                raise ValueError(
+                    f"{ref_name} is a CPU tensor, but the Triton attention kernels run on the CPU only in "
+                    "Triton's interpreter: set TRITON_INTERPRET=1 before kernels.attention is imported, use "
+                    "CUDA tensors, or use the pure-torch attention_ref / attention_jvp_ref")
+        elif ref.device.type != "cuda":
+            raise ValueError(f"{ref_name} is on device {ref.device}; supported: cuda (cpu with TRITON_INTERPRET=1)")
+    B, H, N, D = ref.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D = {D} (last dim of {ref_name}) is not supported; supported: "
+                         f"{SUPPORTED_HEAD_DIMS}")
+    if min(B, H, N) < 1:
+        raise ValueError(f"{ref_name} has shape {tuple(ref.shape)}: B, H and N must be at least 1")
+    if B * H > _MAX_GRID_Y:
+        raise ValueError(f"{ref_name} has B·H = {B * H} > {_MAX_GRID_Y} (the CUDA grid's second axis, which "
+                         "runs over (b, h)); split the batch")
+
+
+def _unit_d(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any (B, H, N) strides but need stride 1 on D (coalesced, vectorised rows)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _empty_bnhd(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A (B, H, N, D) tensor stored as (B, N, H, D): the DiT's merge `o.transpose(1, 2).reshape(B, N, H·D)`
+    is then a free view instead of a copy (flash SDPA returns this layout too)."""
+    B, H, N, D = x.shape
+    return x.new_empty((B, N, H, D), dtype=dtype or x.dtype).transpose(1, 2)
+
+
+def _strides3(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: IEEE fp32 dots (TF32 would cost ~1e-3 relative error); fp16/bf16 ignore the option.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None,
+                  scale: Optional[float] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Launch the forward kernel. With the tangents (all three or none) it also computes Ȯ in the same pass.
+    Returns (O, Ȯ or None, LSE), O and Ȯ in the input dtype, LSE fp32 (B, H, N)."""
+    tangents = (q_dot, k_dot, v_dot)
+    has_tangent = q_dot is not None or k_dot is not None or v_dot is not None
+    if has_tangent and any(t is None for t in tangents):
+        raise ValueError("q_dot, k_dot, v_dot must be given together (use zeros for a constant input)")
+    named = [("q", q), ("k", k), ("v", v)]
+    if has_tangent:
+        named += [("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)]
+    _check_inputs(named)
+    sm_scale = _resolve_scale(q, scale)
+
+    q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
+    B, H, N, D = q.shape
+    o = _empty_bnhd(q)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if has_tangent:
+        qd, kd, vd = _unit_d(q_dot), _unit_d(k_dot), _unit_d(v_dot)
+        od = _empty_bnhd(q)
+    else:
+        qd, kd, vd, od = q, k, v, o  # never read or written (HAS_TANGENT=False)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    _attn_fwd_jvp_kernel[grid](
+        q, k, v, qd, kd, vd, o, od, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v),
+        *_strides3(qd), *_strides3(kd), *_strides3(vd),
+        *_strides3(o), *_strides3(od),
+        H, N, sm_scale,
+        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HAS_TANGENT=has_tangent,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return o, (od if has_tangent else None), lse
+
+
+def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None):
+    """FlashAttention-2 backward from (Q, K, V, O, LSE, dO): Δ = rowsum(dO ⊙ O) first, then one kernel
+    over key blocks for dK, dV and one over query blocks for dQ. Two passes recompute P twice (≈ 1.4× the
+    FLOPs of the atomic single-pass variant) but need no atomics, no zero-filled fp32 dQ buffer, and are
+    deterministic. Returns (dQ, dK, dV) in the input dtype."""
+    _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)])
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])} on {q.device}, got "
+                         f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
+    sm_scale = _resolve_scale(q, scale)
+    q, k, v, o, do = _unit_d(q), _unit_d(k), _unit_d(v), _unit_d(o), _unit_d(do)
+    lse = lse.contiguous()
+    B, H, N, D = q.shape
+    BLOCK_D = triton.next_power_of_2(D)
+    precision = _dot_precision(q.dtype)
+
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    pre_block_m = 32 if _INTERPRET else 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, pre_block_m), B * H)](
+        o, do, delta, *_strides3(o), *_strides3(do), H, N,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block_m,
+    )
+
+    dq, dk, dv = _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
+
+    def grid_kv(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), B * H)
+
+    _attn_bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, lse, delta, dk, dv,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
+        H, N, sm_scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, DOT_PRECISION=precision,
+    )
+
+    def grid_q(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    _attn_bwd_dq_kernel[grid_q](
+        q, k, v, do, lse, delta, dq,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
+        H, N, sm_scale,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, DOT_PRECISION=precision,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: the launchers as torch.library ops, opaque to torch.compile (which cannot trace into a
+# Triton launch under the interpreter, and need not on a GPU). The autograd Functions below call these.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("meanflow_fast::attn_fwd", mutates_args=())
+def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    o, _, lse = attention_fwd(q, k, v, scale=scale)
+    return o, lse
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, scale):
+    _check_inputs([("q", q), ("k", k), ("v", v)], fake=True)
+    return _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("meanflow_fast::attn_fwd_jvp", mutates_args=())
+def _attn_fwd_jvp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torch.Tensor,
+                     k_dot: torch.Tensor, v_dot: torch.Tensor,
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, q_dot, k_dot, v_dot, scale=scale)
+
+
+@_attn_fwd_jvp_op.register_fake
+def _(q, k, v, q_dot, k_dot, v_dot, scale):
+    _check_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)],
+                  fake=True)
+    return _empty_bnhd(q), _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("meanflow_fast::attn_bwd", mutates_args=())
+def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, o, lse, scale)
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, scale):
+    _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)], fake=True)
+    return _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
+
+
+# Reverse mode on the forward ops themselves (a compiled graph may call them directly). Backward runs
+# through the primal alone: LSE and Ȯ are marked non-differentiable (DESIGN.md §2).
+def _attn_fwd_setup_context(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    o, lse = output[0], output[-1]
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = inputs[-1]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _attn_fwd_backward(ctx, do, *_):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.meanflow_fast.attn_bwd(do, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+def _attn_fwd_jvp_backward(ctx, do, *_):
+    return _attn_fwd_backward(ctx, do)[:3] + (None, None, None, None)
+
+
+_attn_fwd_op.register_autograd(_attn_fwd_backward, setup_context=_attn_fwd_setup_context)
+_attn_fwd_jvp_op.register_autograd(_attn_fwd_jvp_backward, setup_context=_attn_fwd_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd Functions (torch.func form: forward without ctx, setup_context; functorch transforms such as
+# torch.func.grad over a training step need that form)
+# ---------------------------------------------------------------------------------------------
+class AttentionJVPFunction(torch.autograd.Function):
+    """(O, Ȯ, LSE) from (Q, K, V, Q̇, K̇, V̇) by the fused kernel. Saves Q, K, V, O, LSE only; backward is the
+    FlashAttention-2 primal backward. Ȯ and LSE are non-differentiable; LSE is an output only because
+    setup_context sees nothing else of forward (``attention_jvp`` drops it)."""
+
+    @staticmethod
+    def forward(q, k, v, q_dot, k_dot, v_dot, scale):
+        return torch.ops.meanflow_fast.attn_fwd_jvp(q, k, v, q_dot, k_dot, v_dot, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs[:3]
+        o, o_dot, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = inputs[-1]
+        ctx.mark_non_differentiable(o_dot, lse)
+
+    @staticmethod
+    def backward(ctx, do, _do_dot, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.meanflow_fast.attn_bwd(do, q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+class AttentionFunction(torch.autograd.Function):
+    """(O, LSE) = attention(Q, K, V) with reverse mode (FlashAttention-2 backward) and forward mode
+    (``jvp`` runs the fused kernel), so torch.func.jvp / torch.autograd.forward_ad over a model calling
+    ``attention`` use the fused kernel. LSE is non-differentiable (``attention`` drops it)."""
+
+    @staticmethod
+    def forward(q, k, v, scale):
+        return torch.ops.meanflow_fast.attn_fwd(q, k, v, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.meanflow_fast.attn_bwd(do, q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    @staticmethod
+    def jvp(ctx, q_t, k_t, v_t, _scale_t):
+        # ctx.saved_tensors holds what save_for_forward kept. O is recomputed with Ȯ (one fused pass,
+        # 4 of its 6 matmuls are the tangent's) rather than kept: forward does not see the tangents.
+        q, k, v = ctx.saved_tensors
+        q_t = torch.zeros_like(q) if q_t is None else q_t   # no tangent = a constant input
+        k_t = torch.zeros_like(k) if k_t is None else k_t
+        v_t = torch.zeros_like(v) if v_t is None else v_t
+        _, o_dot, _ = torch.ops.meanflow_fast.attn_fwd_jvp(q, k, v, q_t, k_t, v_t, ctx.scale)
+        return o_dot, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+def attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(scale·QKᵀ)·V for (B, H, N, D) inputs (fp32/fp16/bf16, D in SUPPORTED_HEAD_DIMS, any N ≥ 1,
+    any strides), scale defaulting to 1/sqrt(D). Differentiable in reverse and forward mode."""
+    _check_inputs([("q", q), ("k", k), ("v", v)])
+    s = _resolve_scale(q, scale)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace an autograd.Function that defines jvp (it gives up on the whole graph with
+        # fullgraph=True); the custom op carries the same backward through register_autograd.
+        o, _ = torch.ops.meanflow_fast.attn_fwd(q, k, v, s)
+    else:
+        o, _ = AttentionFunction.apply(q, k, v, s)
+    return o
+
+
+def attention_jvp(q, k, v, q_dot, k_dot, v_dot,
+                  scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(O, Ȯ) in one fused pass. O is differentiable in Q, K, V; Ȯ carries no autograd graph."""
+    _check_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)])
+    o, o_dot, _ = AttentionJVPFunction.apply(q, k, v, q_dot, k_dot, v_dot,
+                                             _resolve_scale(q, scale))
+    return o, o_dot

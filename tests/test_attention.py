@@ -1,0 +1,307 @@
+"""Attention with its tangent and the primal backward (kernels/attention.py).
+
+Every kernel output (O, Ȯ, dQ, dK, dV) is compared with a high-precision reference (fp64 on CPU, fp32 on a
+GPU): torch.func.jvp and autograd over `attention_ref`. The tolerance follows flash-attention's rule:
+the kernel's max abs error ≤ 2 × torch's own max abs error at the input precision (plain softmax(QKᵀ)V
+in that dtype, `_torch_attention`) + a small atol. On CPU the kernels run in Triton's interpreter
+(tests/conftest.py), at small shapes; bf16 and the large shapes run on a GPU only (the interpreter's bf16
+tl.dot is wrong, DESIGN.md §4).
+"""
+import math
+
+import pytest
+import torch
+
+import kernels.attention as attn_mod
+from kernels.attention import (
+    AttentionFunction,
+    AttentionJVPFunction,
+    attention,
+    attention_jvp,
+    attention_jvp_ref,
+    attention_ref,
+)
+from tests.helpers import HAS_CUDA, requires_cuda
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# atol added to 2 × torch's error. At N = 1 torch's error is exactly 0 (P = 1, O = V, dQ = dK = 0) and
+# atol alone bounds the kernel's (observed on CPU up to 7e-7 fp32, 2e-6 fp16, for dQ and dK); elsewhere
+# it is small beside 2 × torch's error (observed on CPU over the grid below: torch fp32 2e-7–1.1e-6,
+# fp16 6e-4–3.4e-3; the kernel's error at most 1.7× torch's, mostly below 1×).
+ATOL = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def _torch_attention(q, k, v, scale=None):
+    """softmax(s·QKᵀ)·V computed in the input dtype, no upcast: torch's own error at that precision."""
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.softmax((q @ k.transpose(-1, -2)) * s, dim=-1) @ v
+
+
+def _inputs(B, H, N, D, dtype, device=DEVICE, key_offset=0.0):
+    """Fresh N(0, 1) primals, tangents and an output cotangent. ``key_offset`` adds a per-head vector shared
+    by all keys (as real attention keys have), which gives Ṡ a large row-constant part."""
+    q, k, v, q_dot, k_dot, v_dot, g = (torch.randn(B, H, N, D, device=device) for _ in range(7))
+    if key_offset:
+        k = k + key_offset * torch.randn(1, H, 1, D, device=device)
+    return [t.to(dtype) for t in (q, k, v, q_dot, k_dot, v_dot, g)]
+
+
+def _jvp_and_grads(fn, q, k, v, q_dot, k_dot, v_dot, g, dtype=None):
+    """(O, Ȯ, dQ, dK, dV) of ``fn`` by torch.func.jvp and autograd, with every input cast to ``dtype``."""
+    cast = (lambda t: t.detach().to(dtype)) if dtype is not None else (lambda t: t.detach())
+    prim = [cast(t) for t in (q, k, v)]
+    o, o_dot = torch.func.jvp(fn, tuple(prim), tuple(cast(t) for t in (q_dot, k_dot, v_dot)))
+    prim = [t.requires_grad_() for t in prim]
+    grads = torch.autograd.grad(fn(*prim), prim, cast(g))
+    return (o, o_dot, *grads)
+
+
+def _kernel_outputs(q, k, v, q_dot, k_dot, v_dot, g, scale=None):
+    prim = [t.detach().requires_grad_() for t in (q, k, v)]
+    o, o_dot = attention_jvp(*prim, q_dot, k_dot, v_dot, scale)
+    return (o, o_dot, *torch.autograd.grad(o, prim, g))
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+NAMES = ("O", "O_dot", "dQ", "dK", "dV")
+
+
+def _check_against_torch(xs, ref_dtype, scale=None):
+    """Kernel vs reference, bounded by 2 × torch's error at the input precision + atol. Returns the errors."""
+    dtype = xs[0].dtype
+    ref = _jvp_and_grads(lambda q, k, v: attention_ref(q, k, v, scale), *xs, dtype=ref_dtype)
+    low = _jvp_and_grads(lambda q, k, v: _torch_attention(q, k, v, scale), *xs)
+    ours = _kernel_outputs(*xs, scale=scale)
+    errors = {}
+    for name, a, t, r in zip(NAMES, ours, low, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert torch.isfinite(a).all(), name
+        err, err_torch = _max_err(a, r), _max_err(t, r)
+        errors[name] = (err, err_torch)
+        assert err <= 2 * err_torch + ATOL[dtype], (
+            f"{name}: kernel error {err:.3e} > 2 × torch {dtype} error {err_torch:.3e} + {ATOL[dtype]:.0e}")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure-torch references
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 17, 16), (1, 2, 64, 72)])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_jvp_ref_matches_func_jvp_fp64(shape, scale):
+    xs = [torch.randn(*shape, dtype=torch.float64) for _ in range(6)]
+    o, o_dot = attention_jvp_ref(*xs, scale=scale)
+    o_ref, o_dot_ref = torch.func.jvp(lambda q, k, v: attention_ref(q, k, v, scale), tuple(xs[:3]),
+                                      tuple(xs[3:]))
+    assert _max_err(o, o_ref) <= 1e-10
+    assert _max_err(o_dot, o_dot_ref) <= 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels vs reference (interpreter on CPU; also runs on a GPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("D", [32, 64, 72])
+@pytest.mark.parametrize("N", [1, 7, 33, 64, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_attention_jvp_and_grads(dtype, N, D):
+    _check_against_torch(_inputs(2, 2, N, D, dtype), torch.float64)
+
+
+@pytest.mark.parametrize("D", [96, 128])
+def test_wide_head_dims(D):
+    _check_against_torch(_inputs(1, 2, 20, D, torch.float32), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_explicit_scale(dtype):
+    _check_against_torch(_inputs(1, 2, 33, 64, dtype), torch.float64, scale=0.37)
+
+
+@pytest.mark.parametrize("N", [1, 7, 40])
+def test_keys_with_shared_offset_fp16(N):
+    """Keys sharing a large per-head vector make Ṡ's row-constant part s·q̇·k̄ dominate. The kernel takes
+    the first key block's P-weighted mean of Ṡ off before rounding P̃ ⊙ Ṡ; without that shift its Ȯ
+    error was ~2× larger here (1.7e-3 vs 6.8e-4 at N = 100) and non-zero at N = 1 where torch's is 0."""
+    _check_against_torch(_inputs(2, 2, N, 64, torch.float16, key_offset=4.0), torch.float64)
+
+
+def test_func_jvp_over_attention_runs_the_fused_kernel():
+    q, k, v, q_dot, k_dot, v_dot, g = _inputs(2, 2, 33, 72, torch.float32)
+    o, o_dot = torch.func.jvp(attention, (q, k, v), (q_dot, k_dot, v_dot))
+    o_f, o_dot_f = attention_jvp(q, k, v, q_dot, k_dot, v_dot)
+    assert torch.equal(o, o_f) and torch.equal(o_dot, o_dot_f)
+
+    # torch.autograd.forward_ad takes the same path
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        out = attention(*(fwAD.make_dual(p, t) for p, t in ((q, q_dot), (k, k_dot), (v, v_dot))))
+        o_ad, o_dot_ad = fwAD.unpack_dual(out)
+    assert torch.equal(o_ad, o_f) and torch.equal(o_dot_ad, o_dot_f)
+
+    # a tangent left out (None in the Function's jvp) is a constant input: zeros
+    _, o_dot_q = torch.func.jvp(lambda a: attention(a, k, v), (q,), (q_dot,))
+    _, o_dot_z = attention_jvp(q, k, v, q_dot, torch.zeros_like(k), torch.zeros_like(v))
+    assert torch.equal(o_dot_q, o_dot_z)
+
+    # reverse mode through attention() uses the same backward as attention_jvp
+    prim = [t.clone().requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(attention(*prim), prim, g)
+    assert all(torch.equal(a, b) for a, b in zip(grads, _kernel_outputs(q, k, v, q_dot, k_dot, v_dot, g)[2:]))
+
+
+def test_o_dot_has_no_graph():
+    q, k, v, q_dot, k_dot, v_dot, _ = _inputs(1, 2, 7, 32, torch.float32)
+    q.requires_grad_()
+    o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)
+    assert o.requires_grad and not o_dot.requires_grad and o_dot.grad_fn is None
+
+
+def test_non_contiguous_views_from_qkv():
+    """q, k, v cut from a (B, N, 3, H, D) projection as meanflow_fast/model.py does (strided, no copy), and
+    a view with a non-unit stride on D (copied by the launcher): same results as contiguous inputs."""
+    B, N, H, D = 2, 33, 2, 72
+    qkv = torch.randn(B, N, 3, H, D, device=DEVICE)
+    qkv_dot = torch.randn(B, N, 3, H, D, device=DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q_dot, k_dot, v_dot = qkv_dot.permute(2, 0, 3, 1, 4).unbind(0)
+    v_dot = torch.randn(B, H, N, 2 * D, device=DEVICE)[..., ::2]  # stride 2 on D
+    assert not q.is_contiguous() and v_dot.stride(-1) == 2
+    g = torch.randn(B, H, N, D, device=DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+    strided = _kernel_outputs(q, k, v, q_dot, k_dot, v_dot, g)
+    dense = _kernel_outputs(*(t.contiguous() for t in (q, k, v, q_dot, k_dot, v_dot, g)))
+    for name, a, b in zip(NAMES, strided, dense):
+        assert torch.equal(a, b), name
+    # the output is stored (B, N, H, D): the DiT's head merge is a view
+    o = strided[0]
+    assert o.transpose(1, 2).is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops and torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_custom_ops_registered_and_eager():
+    ops = torch.ops.meanflow_fast
+    q, k, v, q_dot, k_dot, v_dot, g = _inputs(1, 1, 17, 32, torch.float32)
+    s = 1.0 / math.sqrt(32)
+    o, lse = ops.attn_fwd(q, k, v, s)
+    o2, o_dot, lse2 = ops.attn_fwd_jvp(q, k, v, q_dot, k_dot, v_dot, s)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2) and lse.dtype == torch.float32
+    assert torch.equal(o_dot, attention_jvp(q, k, v, q_dot, k_dot, v_dot)[1])
+    lse_ref = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * s, dim=-1)
+    assert _max_err(lse, lse_ref) <= 1e-5
+    dq, dk, dv = ops.attn_bwd(g, q, k, v, o, lse, s)
+    prim = [t.clone().requires_grad_() for t in (q, k, v)]
+    for a, b in zip((dq, dk, dv), torch.autograd.grad(attention(*prim), prim, g)):
+        assert torch.equal(a, b)
+    # the ops' own autograd (register_autograd): reverse mode through attn_fwd, LSE/Ȯ non-differentiable
+    qg = q.clone().requires_grad_()
+    o3, lse3 = ops.attn_fwd(qg, k, v, s)
+    assert not lse3.requires_grad
+    assert torch.equal(torch.autograd.grad(o3, qg, g)[0], dq)
+    _, o_dot3, _ = ops.attn_fwd_jvp(qg, k, v, q_dot, k_dot, v_dot, s)
+    assert not o_dot3.requires_grad
+
+
+def test_custom_ops_opcheck():
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the three ops."""
+    q, k, v, q_dot, k_dot, v_dot, g = _inputs(1, 1, 9, 32, torch.float32)
+    ops = torch.ops.meanflow_fast
+    o, lse = ops.attn_fwd(q, k, v, 0.2)
+    for op, args in ((ops.attn_fwd, (q.requires_grad_(), k, v, 0.2)),
+                     (ops.attn_fwd_jvp, (q, k, v, q_dot, k_dot, v_dot, 0.2)),
+                     (ops.attn_bwd, (g, q.detach(), k, v, o, lse, 0.2))):
+        torch.library.opcheck(op, args)
+
+
+def _compile_check(backend):
+    B, N, H, D = 2, 40, 2, 64
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    qkv = torch.randn(B, N, 3, H, D, device=DEVICE, dtype=dtype)
+    q_dot, k_dot, v_dot = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype) for _ in range(3))
+
+    def f(qkv):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o = attention(q, k, v)
+        return (o.transpose(1, 2).reshape(B, N, H * D).float() ** 2).sum()
+
+    def f_jvp(qkv):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)
+        return (o.float() * o_dot.float()).sum(), o_dot
+
+    torch._dynamo.reset()
+    for fn in (f, f_jvp):
+        compiled = torch.compile(fn, backend=backend, fullgraph=True)
+        x_e, x_c = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+        y_e, y_c = fn(x_e), compiled(x_c)
+        if fn is f_jvp:
+            assert torch.equal(y_e[1], y_c[1])
+            y_e, y_c = y_e[0], y_c[0]
+        torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+        g_e, = torch.autograd.grad(y_e, x_e)
+        g_c, = torch.autograd.grad(y_c, x_c)
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_aot_eager_fullgraph():
+    """The custom ops trace under torch.compile (fake impls, register_autograd) without graph breaks."""
+    _compile_check("aot_eager")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+def test_value_errors(monkeypatch):
+    q, k, v, q_dot, k_dot, v_dot, _ = _inputs(1, 2, 8, 32, torch.float32)
+    cases = [
+        (lambda: attention(q.double(), k.double(), v.double()), "dtype torch.float64"),
+        (lambda: attention(q.long(), k, v), "supported: float32, float16, bfloat16"),
+        (lambda: attention(q, k.half(), v), "k has dtype torch.float16 but q has torch.float32"),
+        (lambda: attention(q, k[:, :, :5], v), "k has shape (1, 2, 5, 32)"),
+        (lambda: attention(q[0], k[0], v[0]), "q must be 4-D (B, H, N, D)"),
+        (lambda: attention(q, k, v.to("meta")), "v is on meta but q is on"),
+        (lambda: attention(*(torch.randn(1, 2, 8, 48, device=DEVICE) for _ in range(3))), "head dim D = 48"),
+        (lambda: attention(q[:, :, :0], k[:, :, :0], v[:, :, :0]), "B, H and N must be at least 1"),
+        (lambda: attention(*(torch.empty(1, 65536, 1, 32, device=DEVICE) for _ in range(3))), "B·H = 65536"),
+        (lambda: attention(q, k, v, scale=0.0), "scale must be finite and non-zero"),
+        (lambda: attention(q, k, v, scale="big"), "scale must be a real number"),
+        (lambda: attention(q, [1], v), "k must be a torch.Tensor"),
+        (lambda: attention_jvp(q, k, v, q_dot[..., :16], k_dot, v_dot), "q_dot has shape"),
+        (lambda: attention_jvp(q, k, v, q_dot, k_dot.half(), v_dot), "k_dot has dtype"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+            fn()
+    # CPU tensors are rejected unless Triton's interpreter is on
+    monkeypatch.setattr(attn_mod, "_INTERPRET", False)
+    cpu = [t.cpu() for t in (q, k, v)]
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        attention(*cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16, realistic sizes, torch.compile with inductor
+# ---------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("N,D", [(256, 64), (256, 72), (1024, 64), (1024, 72), (257, 96), (255, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_low_precision(dtype, N, D):
+    _check_against_torch(_inputs(2, 4, N, D, dtype), torch.float32)
+
+
+@requires_cuda
+def test_gpu_fp32_uses_ieee_dots():
+    # TF32 dots would be ~1e-3 off; IEEE fp32 stays within 2 × torch's fp32 error (TF32 off by default).
+    _check_against_torch(_inputs(2, 4, 256, 64, torch.float32), torch.float64)
+
+
+@requires_cuda
+def test_gpu_compile_inductor():
+    _compile_check("inductor")
