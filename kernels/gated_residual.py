@@ -1,10 +1,18 @@
 """Gated residual x' = x + g ⊙ f with its tangent ẋ' = ẋ + ġ ⊙ f + g ⊙ ḟ (DESIGN.md §2).
 
 x, f and their tangents: (B, N, D); the gate g and ġ: (B, D), broadcast over the N tokens.
+
+The Triton path is one elementwise kernel for both streams (five (B, N, D) reads, two writes, math in
+fp32) and one backward kernel for the primal stream: df = g ⊙ dy and per-block partial sums of
+dg = Σ_N dy ⊙ f in one pass (dx = dy needs no kernel).
 """
 from typing import Tuple
 
 import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import check_shape, check_tensors, next_pow2, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -20,3 +28,203 @@ def gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot) -> Tuple[torch.Te
     with torch.no_grad():
         y_dot = x_dot + gate_dot.unsqueeze(1) * f + gate.unsqueeze(1) * f_dot
     return y, y_dot
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _gated_residual_fwd_kernel(
+    X,              # (M, D) residual stream rows (M = B·N), any strides
+    G,              # (B, D) gate, any strides
+    F,              # (M, D) branch output f, any strides
+    XD,             # (M, D) tangent of x
+    GD,             # (B, D) tangent of the gate
+    FD,             # (M, D) tangent of f
+    Y,              # (M, D) out: x + g ⊙ f, contiguous
+    YD,             # (M, D) out: ẋ + ġ ⊙ f + g ⊙ ḟ, contiguous
+    n_rows,         # M
+    D,              # features per row
+    N_TOK,          # tokens per batch element: row r uses the gate of batch r // N_TOK
+    stride_xm, stride_xd,        # strides of X
+    stride_gb, stride_gd,        # strides of G
+    stride_fm, stride_fd,        # strides of F
+    stride_xdm, stride_xdd,      # strides of XD
+    stride_gdb, stride_gdd,      # strides of GD
+    stride_fdm, stride_fdd,      # strides of FD
+    BLOCK_R: tl.constexpr,       # rows per program
+    BLOCK_D: tl.constexpr,       # features per program
+):
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    col = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    mask = (row < n_rows)[:, None] & (col < D)[None, :]
+    b = row // N_TOK
+    x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + b[:, None] * stride_gb + col[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(F + row[:, None] * stride_fm + col[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)
+    xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
+    gd = tl.load(GD + b[:, None] * stride_gdb + col[None, :] * stride_gdd, mask=mask, other=0.0).to(tl.float32)
+    fd = tl.load(FD + row[:, None] * stride_fdm + col[None, :] * stride_fdd, mask=mask, other=0.0).to(tl.float32)
+    out = row[:, None] * D + col[None, :]
+    tl.store(Y + out, (x + g * f).to(Y.dtype.element_ty), mask=mask)
+    tl.store(YD + out, (xd + gd * f + g * fd).to(YD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(
+    DY,             # (M, D) gradient of y, any strides
+    G,              # (B, D) gate, any strides
+    F,              # (M, D) saved branch output f, any strides
+    DF,             # (M, D) out: g ⊙ dy, contiguous
+    DG_PART,        # (B, P, D) out, fp32: Σ dy ⊙ f over this program's tokens
+    D,              # features per row
+    N_TOK,          # tokens per batch element
+    P,              # token blocks per batch element = cdiv(N_TOK, ROWS_PER_PROG)
+    stride_dym, stride_dyd,      # strides of DY
+    stride_gb, stride_gd,        # strides of G
+    stride_fm, stride_fd,        # strides of F
+    ROWS_PER_PROG: tl.constexpr, # tokens per program (a multiple of BLOCK_R)
+    BLOCK_R: tl.constexpr,       # rows per step of the token loop
+    BLOCK_D: tl.constexpr,       # features per program
+):
+    # Grid (B, P, cdiv(D, BLOCK_D)): a program stays inside one batch element, so its partial sum of
+    # dg fills one (b, p) slot: a deterministic two-stage reduction, no atomics.
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    col = (tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    c_mask = col < D
+    g = tl.load(G + b * stride_gb + col * stride_gd, mask=c_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        tok = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        row = b * N_TOK + tok
+        mask = (tok < N_TOK)[:, None] & c_mask[None, :]
+        dy = tl.load(DY + row[:, None] * stride_dym + col[None, :] * stride_dyd, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(F + row[:, None] * stride_fm + col[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(dy * f, axis=0)
+        tl.store(DF + row[:, None] * D + col[None, :], (g[None, :] * dy).to(DF.dtype.element_ty), mask=mask)
+    tl.store(DG_PART + (b * P + p) * D + col, acc, mask=c_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+# Tiles (not swept: no GPU when written): elementwise and memory-bound, so any tile that keeps the
+# loads coalesced and ≥ 2 programs per SM will do; BLOCK_D ≤ 256 columns × 8 rows = 2048 elements,
+# 8 values per thread and tensor at 8 warps. At DiT-B/2 batch 128 (M = 32768, D = 768) that is
+# 4096 × 3 programs. The interpreter prefers few, large programs (BLOCK_D = whole row, 16+ rows).
+def _tiles(D: int, cuda: bool) -> Tuple[int, int]:
+    block_d = min(next_pow2(D), 256 if cuda else 1024)
+    return max(1, 2048 // block_d), block_d
+
+
+def _check_gated_residual(x, gate, f, x_dot, gate_dot, f_dot) -> None:
+    op = "gated_residual_jvp"
+    check_tensors(op, {"x": x, "gate": gate, "f": f, "x_dot": x_dot, "gate_dot": gate_dot, "f_dot": f_dot})
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be 3-D (B, N, D), got shape {tuple(x.shape)}")
+    B, _, D = x.shape
+    check_shape(op, "f", f, x.shape, "the branch output has x's shape")
+    check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
+    check_shape(op, "f_dot", f_dot, x.shape, "the tangent of f has x's shape")
+    check_shape(op, "gate", gate, (B, D), "(B, D) of x = (B, N, D), broadcast over the N tokens")
+    check_shape(op, "gate_dot", gate_dot, (B, D), "the tangent of gate has gate's shape")
+
+
+def gated_residual_fwd(x, gate, f, x_dot, gate_dot, f_dot):
+    """Launch the forward kernel; returns (y, ẏ), (B, N, D) in x's dtype, contiguous. Inputs are read
+    in place through their strides (the gate is typically a non-contiguous ``chunk`` view)."""
+    _check_gated_residual(x, gate, f, x_dot, gate_dot, f_dot)
+    B, N, D = x.shape
+    x2, f2, xd2, fd2 = (rows(t, D) for t in (x, f, x_dot, f_dot))
+    M = x2.shape[0]
+    y = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
+    y_dot = torch.empty_like(y)
+    if M == 0 or D == 0:
+        return y, y_dot
+    block_r, block_d = _tiles(D, x.is_cuda)
+    grid = (triton.cdiv(M, block_r), triton.cdiv(D, block_d))
+    _gated_residual_fwd_kernel[grid](
+        x2, gate, f2, xd2, gate_dot, fd2, y, y_dot, M, D, N,
+        x2.stride(0), x2.stride(1), gate.stride(0), gate.stride(1), f2.stride(0), f2.stride(1),
+        xd2.stride(0), xd2.stride(1), gate_dot.stride(0), gate_dot.stride(1), fd2.stride(0), fd2.stride(1),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=8 if block_r * block_d >= 2048 else 4)
+    return y, y_dot
+
+
+def gated_residual_bwd(dy, gate, f):
+    """Launch the backward kernel; returns (df, dgate): df = g ⊙ dy in f's dtype, dgate = Σ_N dy ⊙ f
+    in the gate's dtype (fp32 partial sums per (batch, token block), then one torch sum)."""
+    B, N, D = f.shape
+    dy2, f2 = rows(dy, D), rows(f, D)
+    df = torch.empty(B, N, D, dtype=f.dtype, device=f.device)
+    block_r, block_d = _tiles(D, f.is_cuda)
+    rows_per_prog = max(block_r, min(64, next_pow2(triton.cdiv(B * N, 1024))))  # as ln_modulate_bwd
+    P = triton.cdiv(N, rows_per_prog) if N else 0
+    dg_part = torch.empty(B, P, D, dtype=torch.float32, device=f.device)
+    if B * N > 0 and D > 0:
+        _gated_residual_bwd_kernel[(B, P, triton.cdiv(D, block_d))](
+            dy2, gate, f2, df, dg_part, D, N, P,
+            dy2.stride(0), dy2.stride(1), gate.stride(0), gate.stride(1), f2.stride(0), f2.stride(1),
+            ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=8 if block_r * block_d >= 2048 else 4)
+    return df, dg_part.sum(1).to(gate.dtype)
+
+
+# torch.library custom ops: one opaque node each for torch.compile; register_fake gives the shapes.
+@torch.library.custom_op("meanflow_fast::gated_residual_fwd", mutates_args=())
+def gated_residual_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, x_dot: torch.Tensor,
+                          gate_dot: torch.Tensor, f_dot: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_fwd(x, gate, f, x_dot, gate_dot, f_dot)
+
+
+@gated_residual_fwd_op.register_fake
+def _(x, gate, f, x_dot, gate_dot, f_dot):
+    _check_gated_residual(x, gate, f, x_dot, gate_dot, f_dot)
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("meanflow_fast::gated_residual_bwd", mutates_args=())
+def gated_residual_bwd_op(dy: torch.Tensor, gate: torch.Tensor, f: torch.Tensor
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_bwd(dy, gate, f)
+
+
+@gated_residual_bwd_op.register_fake
+def _(dy, gate, f):
+    return f.new_empty(f.shape), gate.new_empty(gate.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function
+# ---------------------------------------------------------------------------------------------
+class GatedResidualJvpFunction(torch.autograd.Function):
+    """(x, g, f, ẋ, ġ, ḟ) → (x + g ⊙ f, ẋ + ġ ⊙ f + g ⊙ ḟ). Saves g and f (what torch's own g ⊙ f
+    saves); nothing of the tangent stream. Backward: dx = dy (no kernel), df and dg in one Triton pass
+    (torch would need a g ⊙ dy pass plus a dy ⊙ f temporary and a reduction over it)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, f, x_dot, gate_dot, f_dot):
+        y, y_dot = gated_residual_fwd_op(x, gate, f, x_dot, gate_dot, f_dot)
+        ctx.save_for_backward(gate, f)
+        ctx.mark_non_differentiable(y_dot)
+        return y, y_dot
+
+    @staticmethod
+    def backward(ctx, dy, _dy_dot):
+        gate, f = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        df = dgate = None
+        if need[1] or need[2]:
+            df, dgate = gated_residual_bwd_op(dy, gate, f)
+        return (dy if need[0] else None, dgate if need[1] else None, df if need[2] else None,
+                None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, ẏ) = (x + g ⊙ f, ẋ + ġ ⊙ f + g ⊙ ḟ) in one Triton kernel; y is differentiable, ẏ carries no
+    autograd graph. Same signature and contract as ``gated_residual_jvp_ref``."""
+    return GatedResidualJvpFunction.apply(x, gate, f, x_dot, gate_dot, f_dot)

@@ -4,13 +4,20 @@
     ẏ = (ẋ − mean(ẋ) − y·mean(y ⊙ ẋ))/σ,   ṁ = ẏ·(1 + scale) + y·scalė + shifṫ    (DESIGN.md §2)
 
 x: (B, N, D); shift, scale and their tangents: (B, D), broadcast over the N tokens.
+
+The Triton path is one row-wise kernel for both streams (x and ẋ read once, m and ṁ written once,
+statistics in fp32) and one backward kernel for the primal stream (dx, and per-block partial sums of
+dshift and dscale).
 """
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from ._ref_utils import compute_dtype
+from ._triton_utils import check_shape, check_tensors, next_pow2, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,3 +43,266 @@ def ln_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot,
         y_dot = (xd - xd.mean(-1, keepdim=True) - y * (y * xd).mean(-1, keepdim=True)) * rstd
         m_dot = y_dot * (1 + sc) + y * scale_dot.to(dt).unsqueeze(1) + shift_dot.to(dt).unsqueeze(1)
     return m.to(x.dtype), m_dot.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _ln_modulate_fwd_kernel(
+    X,              # (M, D) primal rows (M = B·N), any strides
+    XD,             # (M, D) tangent rows, any strides
+    SHIFT,          # (B, D) shift, any strides
+    SCALE,          # (B, D) scale
+    SHIFT_D,        # (B, D) tangent of shift
+    SCALE_D,        # (B, D) tangent of scale
+    OUT,            # (M, D) out: m = y·(1 + scale) + shift, contiguous
+    OUT_D,          # (M, D) out: ṁ, contiguous
+    MEAN,           # (M,) out, fp32: row mean μ (for the backward)
+    RSTD,           # (M,) out, fp32: 1/σ = 1/√(var + eps)
+    n_rows,         # M
+    D,              # features per row
+    N_TOK,          # tokens per batch element: row r uses the modulation of batch r // N_TOK
+    eps,            # LayerNorm epsilon
+    stride_xm, stride_xd,        # strides of X
+    stride_xdm, stride_xdd,      # strides of XD
+    stride_shb, stride_shd,      # strides of SHIFT
+    stride_scb, stride_scd,      # strides of SCALE
+    stride_shdb, stride_shdd,    # strides of SHIFT_D
+    stride_scdb, stride_scdd,    # strides of SCALE_D
+    BLOCK_R: tl.constexpr,       # rows per program
+    BLOCK_D: tl.constexpr,       # next power of two ≥ D (a whole row per tile: the statistics need it)
+):
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    col = tl.arange(0, BLOCK_D).to(tl.int64)
+    r_mask = row < n_rows
+    c_mask = col < D
+    mask = r_mask[:, None] & c_mask[None, :]
+
+    # Statistics in fp32 (two-pass variance on the registers: no cancellation).
+    x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    y = xc * rstd[:, None]                                          # 0 outside the row
+
+    # ẏ = (ẋ − mean ẋ − y·mean(y ⊙ ẋ))·rstd   (DESIGN.md §2)
+    xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
+    xd_mean = tl.sum(xd, axis=1) / D
+    yxd_mean = tl.sum(y * xd, axis=1) / D
+    yd = (xd - xd_mean[:, None] - y * yxd_mean[:, None]) * rstd[:, None]
+
+    # Modulation of each row's batch element (B·D values, served from L2 to the N rows that share them).
+    b = row // N_TOK
+    sh = tl.load(SHIFT + b[:, None] * stride_shb + col[None, :] * stride_shd, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(SCALE + b[:, None] * stride_scb + col[None, :] * stride_scd, mask=mask, other=0.0).to(tl.float32)
+    shd = tl.load(SHIFT_D + b[:, None] * stride_shdb + col[None, :] * stride_shdd, mask=mask, other=0.0).to(tl.float32)
+    scd = tl.load(SCALE_D + b[:, None] * stride_scdb + col[None, :] * stride_scdd, mask=mask, other=0.0).to(tl.float32)
+    m = y * (1.0 + sc) + sh
+    md = yd * (1.0 + sc) + y * scd + shd   # ṁ = ẏ·(1 + scale) + y·scalė + shifṫ
+
+    out = row[:, None] * D + col[None, :]
+    tl.store(OUT + out, m.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT_D + out, md.to(OUT_D.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean, mask=r_mask)
+    tl.store(RSTD + row, rstd, mask=r_mask)
+
+
+@triton.jit
+def _ln_modulate_bwd_kernel(
+    DM,             # (M, D) gradient of m, any strides
+    X,              # (M, D) saved primal input, any strides
+    SCALE,          # (B, D) scale, any strides
+    MEAN,           # (M,) fp32 saved μ
+    RSTD,           # (M,) fp32 saved 1/σ
+    DX,             # (M, D) out: dx, contiguous
+    DSHIFT_PART,    # (B, P, D) out, fp32: Σ dm over this program's tokens
+    DSCALE_PART,    # (B, P, D) out, fp32: Σ dm ⊙ y over this program's tokens
+    D,              # features per row
+    N_TOK,          # tokens per batch element
+    P,              # programs per batch element = cdiv(N_TOK, ROWS_PER_PROG)
+    stride_dmm, stride_dmd,     # strides of DM
+    stride_xm, stride_xd,       # strides of X
+    stride_scb, stride_scd,     # strides of SCALE
+    ROWS_PER_PROG: tl.constexpr,  # tokens per program (a multiple of BLOCK_R)
+    BLOCK_R: tl.constexpr,        # rows per step of the token loop
+    BLOCK_D: tl.constexpr,        # next power of two ≥ D
+):
+    # Grid (B, P): every program stays inside one batch element, so its partial sums of dshift and
+    # dscale belong to one (b, p) slot: a deterministic two-stage reduction, no atomics.
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    col = tl.arange(0, BLOCK_D).to(tl.int64)
+    c_mask = col < D
+    sc1 = 1.0 + tl.load(SCALE + b * stride_scb + col * stride_scd, mask=c_mask, other=0.0).to(tl.float32)
+    acc_dshift = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_dscale = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        tok = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        r_mask = tok < N_TOK
+        row = b * N_TOK + tok
+        mask = r_mask[:, None] & c_mask[None, :]
+        x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        dm = tl.load(DM + row[:, None] * stride_dmm + col[None, :] * stride_dmd, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row, mask=r_mask, other=0.0)
+        rstd = tl.load(RSTD + row, mask=r_mask, other=0.0)
+        y = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        acc_dshift += tl.sum(dm, axis=0)
+        acc_dscale += tl.sum(dm * y, axis=0)
+        # LayerNorm backward: dx = (dy − mean(dy) − y·mean(dy ⊙ y))·rstd, dy = dm·(1 + scale)
+        dy = dm * sc1[None, :]
+        dy_mean = tl.sum(dy, axis=1) / D
+        dyy_mean = tl.sum(dy * y, axis=1) / D
+        dx = (dy - dy_mean[:, None] - y * dyy_mean[:, None]) * rstd[:, None]
+        tl.store(DX + row[:, None] * D + col[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    part = (b * P + p) * D + col
+    tl.store(DSHIFT_PART + part, acc_dshift, mask=c_mask)
+    tl.store(DSCALE_PART + part, acc_dscale, mask=c_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+# Tile heuristic (not swept: no GPU when written). A program holds BLOCK_R whole rows (the statistics
+# need the row); ~2048 fp32 values per tile and stream keeps the ~8 live tiles of the forward at
+# 8 values/thread/tile over 8 warps (no spills), and at DiT-B/2 (D = 768 → BLOCK_D = 1024) gives
+# 2 rows per program, M/2 = 16384 programs at batch 128. The interpreter prefers few, large programs.
+_CUDA_TILE = 2048
+_CPU_TILE = 2048
+
+
+def _tile_rows(block_d: int, cuda: bool) -> int:
+    return max(1, (_CUDA_TILE if cuda else _CPU_TILE) // block_d)
+
+
+def _num_warps(block_d: int, block_r: int) -> int:
+    return 8 if block_d * block_r >= 2048 else 4
+
+
+def _check_ln_modulate(x, shift, scale, x_dot, shift_dot, scale_dot, eps) -> None:
+    op = "ln_modulate_jvp"
+    check_tensors(op, {"x": x, "shift": shift, "scale": scale, "x_dot": x_dot,
+                       "shift_dot": shift_dot, "scale_dot": scale_dot})
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be 3-D (B, N, D), got shape {tuple(x.shape)}")
+    B, _, D = x.shape
+    if D == 0:
+        raise ValueError(f"{op}: x has D = 0 features; LayerNorm needs D ≥ 1")
+    check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
+    for name, t in (("shift", shift), ("scale", scale), ("shift_dot", shift_dot), ("scale_dot", scale_dot)):
+        check_shape(op, name, t, (B, D), "(B, D) of x = (B, N, D), broadcast over the N tokens")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
+
+
+def ln_modulate_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps: float = 1e-6):
+    """Launch the forward kernel; returns (m, ṁ, mean, rstd): m and ṁ (B, N, D) in x's dtype, mean and
+    rstd (B·N,) in fp32. Every input is read in place through its strides (the (B, D) modulation is
+    typically a non-contiguous ``chunk`` of the adaLN output); outputs are contiguous."""
+    _check_ln_modulate(x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+    B, N, D = x.shape
+    x2, xd2 = rows(x, D), rows(x_dot, D)
+    M = x2.shape[0]
+    out = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
+    out_d = torch.empty_like(out)
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out, out_d, mean, rstd
+    block_d = next_pow2(D)
+    block_r = _tile_rows(block_d, x.is_cuda)
+    grid = (triton.cdiv(M, block_r),)
+    _ln_modulate_fwd_kernel[grid](
+        x2, xd2, shift, scale, shift_dot, scale_dot, out, out_d, mean, rstd,
+        M, D, N, float(eps),
+        x2.stride(0), x2.stride(1), xd2.stride(0), xd2.stride(1),
+        shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
+        shift_dot.stride(0), shift_dot.stride(1), scale_dot.stride(0), scale_dot.stride(1),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d, block_r))
+    return out, out_d, mean, rstd
+
+
+def ln_modulate_bwd(dm, x, scale, mean, rstd):
+    """Launch the backward kernel; returns (dx, dshift, dscale) in the dtypes of x and scale.
+    dshift = Σ_N dm and dscale = Σ_N dm ⊙ y are reduced in two stages: fp32 partial sums per
+    (batch, token block) in the kernel, then one torch sum over the blocks (deterministic)."""
+    B, N, D = x.shape
+    x2, dm2 = rows(x, D), rows(dm, D)
+    dx = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
+    block_d = next_pow2(D)
+    block_r = _tile_rows(block_d, x.is_cuda)
+    # Tokens per program: enough programs to fill the GPU (≥ ~1024 at B·N ≥ 32k) without a large
+    # partial-sum buffer: (B, P, D) fp32 with P = N / rows_per_prog.
+    rows_per_prog = max(block_r, min(64, next_pow2(triton.cdiv(B * N, 1024))))
+    P = triton.cdiv(N, rows_per_prog) if N else 0
+    dshift_part = torch.empty(B, P, D, dtype=torch.float32, device=x.device)
+    dscale_part = torch.empty(B, P, D, dtype=torch.float32, device=x.device)
+    if B * N > 0:
+        _ln_modulate_bwd_kernel[(B, P)](
+            dm2, x2, scale, mean, rstd, dx, dshift_part, dscale_part,
+            D, N, P,
+            dm2.stride(0), dm2.stride(1), x2.stride(0), x2.stride(1), scale.stride(0), scale.stride(1),
+            ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=_num_warps(block_d, block_r))
+    return dx, dshift_part.sum(1).to(scale.dtype), dscale_part.sum(1).to(scale.dtype)
+
+
+# torch.library custom ops: one opaque node each for torch.compile; register_fake gives the shapes.
+@torch.library.custom_op("meanflow_fast::ln_modulate_fwd", mutates_args=())
+def ln_modulate_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x_dot: torch.Tensor,
+                       shift_dot: torch.Tensor, scale_dot: torch.Tensor, eps: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return ln_modulate_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+
+
+@ln_modulate_fwd_op.register_fake
+def _(x, shift, scale, x_dot, shift_dot, scale_dot, eps):
+    _check_ln_modulate(x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+    B, N, D = x.shape
+    stat = x.new_empty(B * N, dtype=torch.float32)
+    return x.new_empty(B, N, D), x.new_empty(B, N, D), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("meanflow_fast::ln_modulate_bwd", mutates_args=())
+def ln_modulate_bwd_op(dm: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                       rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return ln_modulate_bwd(dm, x, scale, mean, rstd)
+
+
+@ln_modulate_bwd_op.register_fake
+def _(dm, x, scale, mean, rstd):
+    return x.new_empty(x.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function
+# ---------------------------------------------------------------------------------------------
+class LnModulateJvpFunction(torch.autograd.Function):
+    """(x, shift, scale, ẋ, shifṫ, scalė) → (m, ṁ). Saves x, scale and the fp32 row statistics (8 bytes
+    a row); nothing of the tangent stream. The backward is a Triton kernel: in torch it would take
+    ~6 elementwise passes and (M, D) fp32 temporaries for y, dy and the two reductions."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, x_dot, shift_dot, scale_dot, eps):
+        m, m_dot, mean, rstd = ln_modulate_fwd_op(x, shift, scale, x_dot, shift_dot, scale_dot, float(eps))
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.mark_non_differentiable(m_dot)
+        return m, m_dot
+
+    @staticmethod
+    def backward(ctx, dm, _dm_dot):
+        x, scale, mean, rstd = ctx.saved_tensors
+        dx, dshift, dscale = ln_modulate_bwd_op(dm, x, scale, mean, rstd)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None,
+                None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def ln_modulate_jvp(x, shift, scale, x_dot, shift_dot, scale_dot,
+                    eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(m, ṁ) of LayerNorm (no affine) + modulate in one Triton kernel; m is differentiable, ṁ carries
+    no autograd graph. Same signature and contract as ``ln_modulate_jvp_ref``."""
+    return LnModulateJvpFunction.apply(x, shift, scale, x_dot, shift_dot, scale_dot, eps)

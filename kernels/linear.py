@@ -3,6 +3,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._triton_utils import check_shape, check_tensors, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -18,3 +22,250 @@ def linear_jvp_ref(x, weight, bias, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         y_dot = F.linear(x_dot, weight)
     return y, y_dot
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel: dual-stream matmul (o = x Wᵀ + b, ȯ = ẋ Wᵀ), optional GELU (tanh) epilogue
+# ---------------------------------------------------------------------------------------------
+# Why one kernel for both streams: the two products share the weight. Each program loads a
+# (BLOCK_K, BLOCK_N) tile of Wᵀ once and feeds it to two tl.dot calls, one per stream, each with its
+# own fp32 accumulator. Per weight tile the kernel does the work of a (2·BLOCK_M) × BLOCK_N tile of a
+# single matmul, so a 64-row dual tile has the arithmetic intensity of a 128-row plain one, and the
+# weight is read from HBM/L2 half as often as by two separate matmuls.
+#
+# The GELU epilogue (used by kernels/mlp.py for fc1) applies DESIGN.md §2's rule in fp32:
+#   h = gelu(a) = a·σ(2u),   ḣ = gelu'(a)·ȧ,   u = √(2/π)·(a + 0.044715·a³)
+# with 0.5·(1 + tanh u) = σ(2u) and 1 − tanh²u = 4σ(2u)(1 − σ(2u)), so
+#   gelu'(a) = σ(2u) + 2a·σ(2u)(1 − σ(2u))·√(2/π)·(1 + 3·0.044715·a²).
+# σ is written with tl.exp; its argument is clamped at 80 (exp(80) ≈ 5.5e34 < fp32 max), so a very
+# negative a gives σ ≈ 1.8e-35 instead of an inf intermediate (same result, no overflow warning in the
+# interpreter); exp(−2u) → 0 gives σ = 1.
+@triton.jit
+def _gelu_tanh_and_grad(a):
+    """(gelu(a), gelu'(a)) in fp32 for fp32 a."""
+    inner = a * (1.0 + 0.044715 * a * a)
+    s = 1.0 / (1.0 + tl.exp(tl.minimum(-2.0 * 0.7978845608028654 * inner, 80.0)))  # σ(2u), √(2/π) = 0.79788…
+    grad = s + 2.0 * a * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
+    return a * s, grad
+
+
+@triton.jit
+def _dual_linear_fwd_kernel(
+    X,              # (M, K) primal rows, any strides
+    XD,             # (M, K) tangent rows, any strides
+    W,              # (N, K) weight, any strides; one tile serves both streams
+    BIAS,           # (N,) bias, primal stream only; not read when HAS_BIAS is False
+    Y,              # (M, N) out: primal (gelu(a) when GELU), contiguous
+    YD,             # (M, N) out: tangent (gelu'(a)·ȧ when GELU), contiguous
+    PRE,            # (M, N) out: pre-activation a = x Wᵀ + b for the backward; written iff STORE_PRE
+    M, N, K,        # problem size: rows, output features, input features
+    stride_xm, stride_xk,    # strides of X
+    stride_xdm, stride_xdk,  # strides of XD
+    stride_wn, stride_wk,    # strides of W
+    stride_bn,               # stride of BIAS
+    HAS_BIAS: tl.constexpr,         # add BIAS to the primal stream
+    GELU: tl.constexpr,             # apply the GELU (tanh) epilogue to both streams
+    STORE_PRE: tl.constexpr,        # write PRE (only when GELU and a backward will need it)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 inputs: "ieee" or "tf32"
+    BLOCK_M: tl.constexpr,          # rows per program (per stream)
+    BLOCK_N: tl.constexpr,          # output features per program
+    BLOCK_K: tl.constexpr,          # reduction step
+    GROUP_M: tl.constexpr,          # row-blocks per group in the L2-friendly program order
+):
+    # Program order: walk GROUP_M row-blocks down one column of output tiles before moving right, so
+    # the weight tiles of a column stay in L2 while GROUP_M row-blocks use them.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    group_first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(grid_m - group_first_m, GROUP_M)
+    pid_m = group_first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M·K may exceed 2³¹
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    m_mask = rm < M
+    n_mask = rn < N
+
+    x_ptrs = X + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    xd_ptrs = XD + rm[:, None] * stride_xdm + rk[None, :] * stride_xdk
+    w_ptrs = W + rn[None, :] * stride_wn + rk[:, None] * stride_wk  # a (BLOCK_K, BLOCK_N) tile of Wᵀ
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (rk + k0) < K
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        xd = tl.load(xd_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        acc_d = tl.dot(xd, w, acc_d, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        xd_ptrs += BLOCK_K * stride_xdk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        b = tl.load(BIAS + rn * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
+        acc += b[None, :]
+
+    out_offs = rm[:, None] * N + rn[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if GELU:
+        if STORE_PRE:
+            tl.store(PRE + out_offs, acc.to(PRE.dtype.element_ty), mask=out_mask)
+        h, dh = _gelu_tanh_and_grad(acc)
+        acc_d = dh * acc_d
+        acc = h
+    tl.store(Y + out_offs, acc.to(Y.dtype.element_ty), mask=out_mask)
+    tl.store(YD + out_offs, acc_d.to(YD.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+# Block sizes. CUDA: autotuned over the short list below, keyed on (M, N, K) (Triton adds the
+# dtypes to the key). The list is not the result of a sweep — no GPU was available when it was
+# written — but sized for two fp32 accumulators: a 128×128 dual tile holds 2·128·128 fp32 values,
+# 128 registers/thread over 8 warps; 64-row dual tiles match the intensity of 128-row plain tiles.
+# Configs that run out of shared memory (fp32 with BLOCK_K = 64 and 4 stages) are skipped by the
+# autotuner (it times an OutOfResources config as infinitely slow).
+# CPU interpreter: one fixed config; program instances run one after another, so fewer, larger
+# programs are faster (a 64×128×64 problem: 0.19 s with 16³ blocks, 0.017 s with 32×64×32).
+_CUDA_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+]
+_CPU_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
+_tuned_kernel = None  # built on first CUDA use, so the CPU path never touches the autotuner
+
+
+def _cuda_kernel():
+    global _tuned_kernel
+    if _tuned_kernel is None:
+        _tuned_kernel = triton.autotune(configs=_CUDA_CONFIGS, key=["M", "N", "K"])(_dual_linear_fwd_kernel)
+    return _tuned_kernel
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's matmul setting: TF32 only where torch would use it too
+    (torch.set_float32_matmul_precision("high"/"medium")); fp16/bf16 ignore the flag."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _check_dual_linear(op: str, x, weight, bias, x_dot) -> None:
+    dtype = check_tensors(op, {"x": x, "weight": weight, "bias": bias, "x_dot": x_dot})
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: x must have shape (..., in_features={weight.shape[1]}) to match weight "
+                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+    check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
+    if bias is not None:
+        check_shape(op, "bias", bias, (weight.shape[0],), "out_features of weight")
+    if dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise ValueError(f"{op}: bfloat16 is not supported in Triton's CPU interpreter (its bf16 tl.dot "
+                         f"returns garbage, triton issue #11584); use float32/float16 on the CPU or bf16 on CUDA")
+
+
+def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], x_dot: torch.Tensor,
+                    gelu: bool = False, store_pre: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the dual-stream matmul; returns (y, y_dot, pre), all (..., out_features) in x's dtype.
+
+    Without ``gelu``: y = x Wᵀ + b, y_dot = ẋ Wᵀ. With ``gelu``: y = gelu(a), y_dot = gelu'(a)·ȧ for
+    a = x Wᵀ + b, and ``pre`` = a when ``store_pre`` (an empty tensor otherwise). Inputs of any strides
+    are read in place; (..., K) is viewed as rows with ``reshape`` (a copy only if the leading dims
+    cannot be merged). Outputs are contiguous.
+    """
+    op = "linear_jvp" if not gelu else "mlp_jvp (fc1)"
+    _check_dual_linear(op, x, weight, bias, x_dot)
+    n_out, k = weight.shape
+    lead = x.shape[:-1]
+    x2, xd2 = rows(x, k), rows(x_dot, k)
+    m = x2.shape[0]
+    y = torch.empty(*lead, n_out, dtype=x.dtype, device=x.device)
+    y_dot = torch.empty_like(y)
+    pre = torch.empty_like(y) if (gelu and store_pre) else x.new_empty(0)
+    if m == 0 or n_out == 0:
+        return y, y_dot, pre
+    # (K = 0 needs no special case: the reduction loop runs zero times and the products are zero.)
+    args = (x2, xd2, weight, bias if bias is not None else x2, y, y_dot, pre if pre.numel() else y,
+            m, n_out, k,
+            x2.stride(0), x2.stride(1), xd2.stride(0), xd2.stride(1), weight.stride(0), weight.stride(1),
+            bias.stride(0) if bias is not None else 0)
+    flags = dict(HAS_BIAS=bias is not None, GELU=bool(gelu), STORE_PRE=bool(gelu and store_pre),
+                 INPUT_PRECISION=_input_precision(x.dtype))
+    if x.is_cuda:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
+        with torch.cuda.device(x.device):
+            _cuda_kernel()[grid](*args, **flags)
+    else:
+        c = _CPU_CONFIG
+        grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n_out, c["BLOCK_N"]),)
+        _dual_linear_fwd_kernel[grid](*args, **flags, **c)
+    return y, y_dot, pre
+
+
+# torch.library custom op: torch.compile treats the launch as one opaque node (it cannot trace into a
+# Triton launch that runs in the interpreter, and need not on CUDA); register_fake gives it shapes.
+@torch.library.custom_op("meanflow_fast::dual_linear_fwd", mutates_args=())
+def dual_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], x_dot: torch.Tensor,
+                       gelu: bool, store_pre: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dual_linear_fwd(x, weight, bias, x_dot, gelu, store_pre)
+
+
+@dual_linear_fwd_op.register_fake
+def _(x, weight, bias, x_dot, gelu, store_pre):
+    _check_dual_linear("linear_jvp" if not gelu else "mlp_jvp (fc1)", x, weight, bias, x_dot)
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    return y, torch.empty_like(y), (torch.empty_like(y) if (gelu and store_pre) else x.new_empty(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function
+# ---------------------------------------------------------------------------------------------
+class LinearJvpFunction(torch.autograd.Function):
+    """(x, W, b, ẋ) → (x Wᵀ + b, ẋ Wᵀ). Backward runs through the primal only (DESIGN.md §2): the
+    tangent output is marked non-differentiable and nothing of the tangent stream is saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_dot):
+        y, y_dot, _ = dual_linear_fwd_op(x, weight, bias, x_dot, False, False)
+        ctx.save_for_backward(x, weight)  # x itself, not its row view: a reshape copy must not live on
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(y_dot)
+        return y, y_dot
+
+    @staticmethod
+    def backward(ctx, dy, _dy_dot):
+        # The backward is the plain linear backward, three GEMMs with nothing to fuse (no tangent stream,
+        # no epilogue): torch/cuBLAS runs them at the roofline already, and a hand-written Triton GEMM
+        # would only have to match it.
+        x, weight = ctx.saved_tensors
+        n_out, k = weight.shape
+        dy2 = rows(dy, n_out)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy2 @ weight).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t() @ rows(x, k)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def linear_jvp(x, weight, bias, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o, ȯ) = (x Wᵀ + b, ẋ Wᵀ) in one Triton kernel; o is differentiable, ȯ carries no autograd graph.
+    Same signature and contract as ``linear_jvp_ref``; fp32/fp16/bf16, CUDA or the CPU interpreter."""
+    return LinearJvpFunction.apply(x, weight, bias, x_dot)

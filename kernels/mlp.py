@@ -2,12 +2,19 @@
 
     a = x W1ᵀ + b1,  h = gelu(a),  y = h W2ᵀ + b2
     ȧ = ẋ W1ᵀ,       ḣ = gelu'(a)·ȧ,  ẏ = ḣ W2ᵀ
+
+The Triton path is two launches of the dual-stream matmul of ``kernels/linear.py`` (one weight tile
+serves both streams): fc1 with the GELU epilogue (h and ḣ computed from the fp32 accumulators, and a
+written for the backward), then fc2 with the bias on the primal stream only.
 """
 import math
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ._triton_utils import check_shape, check_tensors, rows
+from .linear import dual_linear_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
@@ -38,3 +45,93 @@ def mlp_jvp_ref(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
         h_dot = gelu_tanh_grad(a) * F.linear(x_dot, w1)
         y_dot = F.linear(h_dot, w2)
     return y, y_dot
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels: the dual-stream matmul of kernels/linear.py (``_dual_linear_fwd_kernel``), launched
+# with GELU=True for fc1 (the GELU and its derivative, `_gelu_tanh_and_grad`, sit in its epilogue) and
+# GELU=False for fc2. Both launches go through the torch.library op ``meanflow_fast::dual_linear_fwd``.
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+def _check_mlp(x, w1, b1, w2, b2, x_dot) -> None:
+    op = "mlp_jvp"
+    check_tensors(op, {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "x_dot": x_dot})
+    for name, w in (("w1", w1), ("w2", w2)):
+        if w.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    hidden, dim = w1.shape
+    if x.dim() < 1 or x.shape[-1] != dim:
+        raise ValueError(f"{op}: x must have shape (..., {dim}) to match w1 {tuple(w1.shape)}, got {tuple(x.shape)}")
+    check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
+    if w2.shape[1] != hidden:
+        raise ValueError(f"{op}: w2 must have shape (out_features, {hidden}) to take fc1's {hidden} hidden "
+                         f"features, got {tuple(w2.shape)}")
+    if b1 is not None:
+        check_shape(op, "b1", b1, (hidden,), "fc1's out_features")
+    if b2 is not None:
+        check_shape(op, "b2", b2, (w2.shape[0],), "fc2's out_features")
+
+
+def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre: bool = False):
+    """(y, ẏ, a): the MLP and its tangent; a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else empty.
+    The hidden activations h and ḣ are written once by fc1 and read once by fc2."""
+    _check_mlp(x, w1, b1, w2, b2, x_dot)
+    h, h_dot, a = dual_linear_fwd_op(x, w1, b1, x_dot, True, store_pre)
+    y, y_dot, _ = dual_linear_fwd_op(h, w2, b2, h_dot, False, False)
+    return y, y_dot, a
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function
+# ---------------------------------------------------------------------------------------------
+class MlpJvpFunction(torch.autograd.Function):
+    """(x, W1, b1, W2, b2, ẋ) → (y, ẏ). Saves x and the pre-activation a (h = gelu(a) is recomputed in
+    the backward, one elementwise pass instead of a second (M, hidden) tensor kept alive); nothing of
+    the tangent stream is saved, ẏ is marked non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, x_dot, need_backward: bool):
+        y, y_dot, a = mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre=need_backward)
+        if need_backward:
+            ctx.save_for_backward(x, a, w1, w2)
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.mark_non_differentiable(y_dot)
+        return y, y_dot
+
+    @staticmethod
+    def backward(ctx, dy, _dy_dot):
+        # The plain MLP backward: five GEMMs (torch/cuBLAS, at the roofline; nothing of the tangent
+        # stream to fuse in) and one elementwise GELU backward (aten.gelu_backward, one fused pass).
+        x, a, w1, w2 = ctx.saved_tensors
+        hidden, dim = w1.shape
+        need = ctx.needs_input_grad
+        dy2, a2 = rows(dy, w2.shape[0]), rows(a, hidden)
+        dx = dw1 = db1 = dw2 = db2 = None
+        if need[3]:
+            dw2 = dy2.t() @ F.gelu(a2, approximate="tanh")
+        if ctx.has_b2 and need[4]:
+            db2 = dy2.sum(0)
+        if need[0] or need[1] or need[2]:
+            da = torch.ops.aten.gelu_backward(dy2 @ w2, a2, approximate="tanh")
+            if need[0]:
+                dx = (da @ w1).reshape(x.shape)
+            if need[1]:
+                dw1 = da.t() @ rows(x, dim)
+            if ctx.has_b1 and need[2]:
+                db1 = da.sum(0)
+        return dx, dw1, db1, dw2, db2, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def mlp_jvp(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, ẏ) of fc1 → GELU (tanh) → fc2 in two dual-stream Triton matmuls; y is differentiable, ẏ
+    carries no autograd graph. Same signature and contract as ``mlp_jvp_ref``."""
+    need_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    return MlpJvpFunction.apply(x, w1, b1, w2, b2, x_dot, need_backward)

@@ -1,0 +1,187 @@
+"""Dual-stream ops at DiT-B/2 batch 128 (rows 128·256 = 32768, D 768, MLP hidden 3072), bf16.
+
+    pytest benchmarks/bench_dual_ops.py --benchmark-only
+
+One factory per op, parametrized by provider and by eager / torch.compile (STYLE.md §8):
+
+    triton     our fused kernel (forward + tangent in one pass)
+    torch_jvp  torch.func.jvp over the pure-torch `<op>_ref` (tangent through the activations only)
+    jvp_ref    the explicit pure-torch rules, `<op>_jvp_ref` (the DiT's `torch` backend)
+    ref_fwd    `<op>_ref` forward alone: the primal cost, the floor a fused op is measured against
+
+As in training, primal inputs and parameters require grad (the MLP kernel then also writes the
+pre-activation for the backward). Each benchmark records in ``extra_info`` its median time, its
+throughput from the formula next to the op (TFLOP/s for the MLP, GB/s of compulsory traffic for the
+memory-bound ops) and its ratio to the eager ``ref_fwd`` of the same op.
+"""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (benchmarks time GPU kernels)", allow_module_level=True)
+
+from kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref  # noqa: E402
+from kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref  # noqa: E402
+from kernels.mlp import mlp_jvp, mlp_jvp_ref, mlp_ref  # noqa: E402
+
+B, N, D, HIDDEN = 128, 256, 768, 3072   # DiT-B/2, batch 128, 32×32 latents / patch 2 → 256 tokens
+M = B * N
+DTYPE = torch.bfloat16
+ITERS = 10                             # launches per timed round (one sync per round)
+PROVIDERS = ["triton", "torch_jvp", "jvp_ref", "ref_fwd"]
+ELEM = torch.finfo(DTYPE).bits // 8
+
+# Work formulas -----------------------------------------------------------------------------------
+# MLP: each of fc1 and fc2 is 2·M·D·H FLOPs per stream; the tangent doubles it (ref_fwd: primal only).
+MLP_FLOPS = {"fwd+tangent": 2 * 2 * 2 * M * D * HIDDEN, "fwd": 2 * 2 * M * D * HIDDEN}
+# LN-modulate: read x, ẋ; write m, ṁ (+ fp32 mean and rstd for the backward); the (B, D) modulation
+# tensors are negligible (4·B·D elements). ref_fwd: read x, write m.
+LN_BYTES = {"fwd+tangent": 4 * M * D * ELEM + 2 * M * 4, "fwd": 2 * M * D * ELEM}
+# Gated residual: read x, f, ẋ, ḟ; write y, ẏ (the (B, D) gates are negligible). ref_fwd: 2 reads, 1 write.
+GATED_BYTES = {"fwd+tangent": 6 * M * D * ELEM, "fwd": 3 * M * D * ELEM}
+
+
+def _rand(*shape, scale=1.0, grad=False):
+    return (torch.randn(*shape, device="cuda") * scale).to(DTYPE).requires_grad_(grad)
+
+
+def _time_ms(fn) -> float:
+    """Median ms of one call (CUDA events around ITERS calls, 10 rounds)."""
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(ITERS):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / ITERS)
+    return sorted(times)[len(times) // 2]
+
+
+def _run(benchmark, fn, compiled, work, unit, baseline):
+    """Warm up (compiling if asked), time with pytest-benchmark, and record throughput and ratio."""
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn)
+    try:
+        fn()
+    except Exception as e:  # a provider torch.compile cannot handle is reported, not fatal
+        pytest.skip(f"{'compiled ' if compiled else ''}provider failed to run: {type(e).__name__}: {e}"[:300])
+    torch.cuda.synchronize()
+
+    def rounds():
+        for _ in range(ITERS):
+            fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(rounds, rounds=10, warmup_rounds=2)
+    ms = benchmark.stats.stats.median * 1e3 / ITERS
+    rate = work / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
+    benchmark.extra_info.update({"ms": round(ms, 4), unit: round(rate, 1),
+                                 "x_eager_ref_fwd": round(ms / baseline, 3),
+                                 "shape": f"rows {M}, D {D}" + (f", hidden {HIDDEN}" if unit == "TFLOP/s" else "")})
+
+
+# =================================================================================================
+#                                               MLP
+# =================================================================================================
+@pytest.fixture(scope="module")
+def mlp_inputs():
+    x, xd = _rand(B, N, D, grad=True), _rand(B, N, D)
+    w1, b1 = _rand(HIDDEN, D, scale=D ** -0.5, grad=True), _rand(HIDDEN, grad=True)
+    w2, b2 = _rand(D, HIDDEN, scale=HIDDEN ** -0.5, grad=True), _rand(D, grad=True)
+    return x, w1, b1, w2, b2, xd
+
+
+def _mlp_fn(provider, x, w1, b1, w2, b2, xd):
+    if provider == "triton":
+        return lambda: mlp_jvp(x, w1, b1, w2, b2, xd)
+    if provider == "torch_jvp":
+        return lambda: torch.func.jvp(lambda x_: mlp_ref(x_, w1, b1, w2, b2), (x,), (xd,))
+    if provider == "jvp_ref":
+        return lambda: mlp_jvp_ref(x, w1, b1, w2, b2, xd)
+    return lambda: mlp_ref(x, w1, b1, w2, b2)
+
+
+@pytest.fixture(scope="module")
+def mlp_baseline(mlp_inputs):
+    return _time_ms(_mlp_fn("ref_fwd", *mlp_inputs))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_mlp_fwd_tangent(benchmark, provider, compiled, mlp_inputs, mlp_baseline):
+    benchmark.group = "mlp fwd+tangent, DiT-B/2 b128 bf16"
+    work = MLP_FLOPS["fwd" if provider == "ref_fwd" else "fwd+tangent"]
+    _run(benchmark, _mlp_fn(provider, *mlp_inputs), compiled, work, "TFLOP/s", mlp_baseline)
+
+
+# =================================================================================================
+#                                          LN-modulate
+# =================================================================================================
+@pytest.fixture(scope="module")
+def ln_inputs():
+    x, xd = _rand(B, N, D, grad=True), _rand(B, N, D)
+    mod, mod_dot = _rand(B, 6 * D, grad=True), _rand(B, 6 * D)  # chunk views, as in DiTBlock
+    shift, scale = mod.chunk(6, dim=1)[:2]
+    shift_d, scale_d = mod_dot.chunk(6, dim=1)[:2]
+    return x, shift, scale, xd, shift_d, scale_d
+
+
+def _ln_fn(provider, x, shift, scale, xd, shift_d, scale_d):
+    eps = 1e-6
+    if provider == "triton":
+        return lambda: ln_modulate_jvp(x, shift, scale, xd, shift_d, scale_d, eps)
+    if provider == "torch_jvp":
+        return lambda: torch.func.jvp(lambda *p: ln_modulate_ref(*p, eps), (x, shift, scale), (xd, shift_d, scale_d))
+    if provider == "jvp_ref":
+        return lambda: ln_modulate_jvp_ref(x, shift, scale, xd, shift_d, scale_d, eps)
+    return lambda: ln_modulate_ref(x, shift, scale, eps)
+
+
+@pytest.fixture(scope="module")
+def ln_baseline(ln_inputs):
+    return _time_ms(_ln_fn("ref_fwd", *ln_inputs))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_ln_modulate_fwd_tangent(benchmark, provider, compiled, ln_inputs, ln_baseline):
+    benchmark.group = "ln_modulate fwd+tangent, DiT-B/2 b128 bf16"
+    work = LN_BYTES["fwd" if provider == "ref_fwd" else "fwd+tangent"]
+    _run(benchmark, _ln_fn(provider, *ln_inputs), compiled, work, "GB/s", ln_baseline)
+
+
+# =================================================================================================
+#                                         Gated residual
+# =================================================================================================
+@pytest.fixture(scope="module")
+def gated_inputs():
+    x, f, xd, fd = _rand(B, N, D, grad=True), _rand(B, N, D, grad=True), _rand(B, N, D), _rand(B, N, D)
+    gate = _rand(B, 6 * D, grad=True).chunk(6, dim=1)[2]
+    gate_d = _rand(B, 6 * D).chunk(6, dim=1)[2]
+    return x, gate, f, xd, gate_d, fd
+
+
+def _gated_fn(provider, x, gate, f, xd, gate_d, fd):
+    if provider == "triton":
+        return lambda: gated_residual_jvp(x, gate, f, xd, gate_d, fd)
+    if provider == "torch_jvp":
+        return lambda: torch.func.jvp(gated_residual_ref, (x, gate, f), (xd, gate_d, fd))
+    if provider == "jvp_ref":
+        return lambda: gated_residual_jvp_ref(x, gate, f, xd, gate_d, fd)
+    return lambda: gated_residual_ref(x, gate, f)
+
+
+@pytest.fixture(scope="module")
+def gated_baseline(gated_inputs):
+    return _time_ms(_gated_fn("ref_fwd", *gated_inputs))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_gated_residual_fwd_tangent(benchmark, provider, compiled, gated_inputs, gated_baseline):
+    benchmark.group = "gated_residual fwd+tangent, DiT-B/2 b128 bf16"
+    work = GATED_BYTES["fwd" if provider == "ref_fwd" else "fwd+tangent"]
+    _run(benchmark, _gated_fn(provider, *gated_inputs), compiled, work, "GB/s", gated_baseline)

@@ -1,0 +1,72 @@
+"""Launcher helpers shared by the dual-stream (primal + tangent) Triton kernels.
+
+Every launcher validates its inputs here before a kernel is launched, so that an unsupported call
+ends in a ``ValueError`` that names the argument and lists what is allowed, never in a Triton compile
+error or a silently wrong answer (STYLE.md §5).
+"""
+import math
+import os
+from typing import Dict, Optional, Sequence
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = "float32, float16 or bfloat16"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton reads the variable when a ``@triton.jit`` function is *defined*: it must be set before
+    ``kernels`` is imported (``tests/conftest.py`` does so on machines without CUDA)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def check_tensors(op: str, tensors: Dict[str, Optional[torch.Tensor]]) -> torch.dtype:
+    """All given tensors (None entries are skipped) must be floating tensors of one supported dtype on
+    one device: CUDA, or the CPU under the interpreter. Returns the common dtype."""
+    dtype = device = first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not torch.is_tensor(t):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}; supported dtypes are {_DTYPE_NAMES}")
+        if dtype is None:
+            dtype, device, first = t.dtype, t.device, name
+            continue
+        if t.dtype != dtype:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first} has {dtype}; all inputs "
+                             f"(primals, tangents and parameters) must share one dtype")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first} is on {device}; all inputs "
+                             f"must be on one device")
+    if device is not None:
+        if device.type == "cpu":
+            if not interpreting():
+                raise ValueError(
+                    f"{op}: the inputs are CPU tensors but Triton's interpreter is off; set "
+                    f"TRITON_INTERPRET=1 before importing kernels, move the inputs to a CUDA device, or "
+                    f"use the pure-torch reference ({op}_ref / backend='torch')")
+        elif device.type not in ("cuda", "meta"):
+            raise ValueError(f"{op}: inputs are on {device}; supported devices are CUDA and the CPU "
+                             f"(with TRITON_INTERPRET=1)")
+    return dtype
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}{hint}, got {tuple(t.shape)}")
+
+
+def rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """View (..., width) as (M, width) rows. ``reshape`` returns a view whenever the leading dims can be
+    merged (any strides otherwise, the kernels take both strides) and copies only when they cannot."""
+    return t.reshape(math.prod(t.shape[:-1]), width)  # not -1: that is ambiguous for width 0
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
