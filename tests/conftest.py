@@ -19,3 +19,13 @@ def seed(request):
     s = sum(map(ord, request.node.nodeid)) % (2**31)
     torch.manual_seed(s)
     return s
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tag every test skipped for lack of CUDA (tests.helpers.requires_cuda) with the ``gpu`` marker,
+    so that a GPU machine runs exactly those with ``pytest tests/ -m gpu``."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            if mark.kwargs.get("reason") == "needs a CUDA GPU":
+                item.add_marker(pytest.mark.gpu)
+                break

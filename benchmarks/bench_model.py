@@ -1,0 +1,70 @@
+"""Whole-model benchmarks (GPU, bf16): the JVP (u, du/dt), the MeanFlow vs flow-matching train step,
+and the sampler. Run: ``pytest benchmarks/ --benchmark-only``; ``python -m benchmarks.report`` prints
+the ratio table of the same cases and writes it as JSON."""
+import pytest
+import torch
+
+from benchmarks.common import (CASES, build_model, dit_forward_flops, dit_jvp_flops, forward_fn,
+                               forward_jvp_fn, func_jvp_fn, model_inputs, train_step_fn)
+
+
+def _run(benchmark, fn, flops=None, rounds=10):
+    fn()  # warm-up (compilation, autotuning) outside the timed rounds
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=2)
+    mean_s = benchmark.stats.stats.mean
+    if flops:
+        benchmark.extra_info["tflops"] = round(flops / mean_s / 1e12, 1)
+    benchmark.extra_info["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+
+
+@pytest.mark.parametrize("preset,batch", CASES)
+@pytest.mark.parametrize("provider", ["forward_eager", "forward_compiled", "torch_jvp", "torch_jvp_compiled",
+                                      "ours_torch", "ours_triton"])
+def test_model_jvp(benchmark, preset, batch, provider):
+    model = build_model(preset)
+    inp = model_inputs(model, batch)
+    benchmark.group = f"model {preset} b{batch}"
+    if provider.startswith("forward"):
+        m = torch.compile(model) if provider.endswith("compiled") else model
+        fn, flops = forward_fn(m, inp), dit_forward_flops(preset, batch)
+    elif provider.startswith("torch_jvp"):
+        fn = func_jvp_fn(model, inp)
+        fn = torch.compile(fn) if provider.endswith("compiled") else fn
+        flops = dit_jvp_flops(preset, batch)
+    else:
+        fn, flops = forward_jvp_fn(model, inp, provider.split("_")[1]), dit_jvp_flops(preset, batch)
+    _run(benchmark, fn, flops)
+
+
+@pytest.mark.parametrize("preset,batch", CASES)
+@pytest.mark.parametrize("provider", ["fm_eager", "fm_compiled", "meanflow_triton", "meanflow_torch"])
+def test_train_step(benchmark, preset, batch, provider):
+    kind, mode = provider.split("_")
+    model = build_model(preset, dtype=torch.float32, backend="triton" if mode == "triton" else "torch")
+    fn = train_step_fn(model, batch, meanflow=(kind == "meanflow"), compiled=(mode == "compiled"))
+    benchmark.group = f"train step {preset} b{batch}"
+    _run(benchmark, fn, rounds=5)
+
+
+@pytest.mark.parametrize("batch", [1, 256])
+@pytest.mark.parametrize("provider", ["eager", "compiled", "graph"])
+def test_sampler(benchmark, batch, provider):
+    from meanflow_fast import sample
+    from meanflow_fast.graph_sampler import GraphSampler
+    model = build_model("B/2", dtype=torch.bfloat16, backend="triton").eval()
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    noise = torch.randn(batch, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
+    if provider == "graph":
+        sampler = GraphSampler(model)
+        fn = lambda: sampler(y, noise)  # noqa: E731
+    else:
+        m = torch.compile(model) if provider == "compiled" else model
+        fn = lambda: sample(m, y, noise=noise)  # noqa: E731
+    benchmark.group = f"sampler 1-NFE B/2 b{batch}"
+    _run(benchmark, fn, dit_forward_flops("B/2", batch))
+    benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.mean, 1)

@@ -1,0 +1,142 @@
+"""Shared pieces of the GPU benchmarks: FLOP formulas, timing, and the model/step builders that both
+the pytest-benchmark cases and ``benchmarks/report.py`` use."""
+import time
+from typing import Callable, Dict
+
+import torch
+
+from meanflow_fast import MeanFlowLoss, meanflow_dit
+
+# DiT shapes of the must-show cases: (preset, batch).
+CASES = [("B/2", 128), ("XL/2", 64)]
+
+
+# ------------------------------------------------------------------------------------ FLOP counts
+def dit_forward_flops(preset: str, batch: int) -> float:
+    """Matmul FLOPs of one forward: per block 24·B·N·D² (qkv 6, proj 2, fc1 8, fc2 8) + 4·B·N²·D
+    (QKᵀ and PV); the embedders and the final layer are < 1% and left out."""
+    cfg = _config(preset)
+    N = (cfg.input_size // cfg.patch_size) ** 2
+    D = cfg.hidden_size
+    return cfg.depth * (24 * batch * N * D * D + 4 * batch * N * N * D)
+
+
+def dit_jvp_flops(preset: str, batch: int) -> float:
+    """Primal + tangent: the linears run twice (48·B·N·D²); attention adds Q̇Kᵀ, QK̇ᵀ, ṖV, PV̇
+    (12·B·N²·D in all)."""
+    cfg = _config(preset)
+    N = (cfg.input_size // cfg.patch_size) ** 2
+    D = cfg.hidden_size
+    return cfg.depth * (48 * batch * N * D * D + 12 * batch * N * N * D)
+
+
+def _config(preset: str):
+    with torch.device("meta"):
+        return meanflow_dit(preset).config
+
+
+# ------------------------------------------------------------------------------------ timing
+def cuda_time_ms(fn: Callable, warmup: int = 3, iters: int = 10) -> float:
+    """Median wall time of ``fn()`` in ms, measured with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory_mb(fn: Callable) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def timed_first_call(fn: Callable) -> float:
+    """Seconds of the first call (compilation / autotuning included)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------ builders
+def build_model(preset: str, dtype=torch.bfloat16, backend: str = "torch", seed: int = 0):
+    """A model with random (non-zero) adaLN and output weights, on CUDA, in ``dtype``."""
+    torch.manual_seed(seed)
+    model = meanflow_dit(preset)
+    model.backend = backend
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer" in name:
+                p.normal_(0, 0.02)
+    return model.to("cuda", dtype)
+
+
+def model_inputs(model, batch: int, dtype=torch.bfloat16, seed: int = 0) -> Dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cfg = model.config
+    z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda", dtype=dtype, generator=g)
+    t = torch.rand(batch, device="cuda", generator=g)
+    r = t * torch.rand(batch, device="cuda", generator=g)
+    y = torch.randint(0, cfg.num_classes, (batch,), device="cuda", generator=g)
+    return dict(z=z, r=r, t=t, y=y, dz=torch.randn_like(z))
+
+
+def func_jvp_fn(model, inp):
+    """torch.func.jvp over the plain forward (PyTorch falls back to math SDPA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    y = inp["y"]
+
+    def run():
+        with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+            return torch.func.jvp(lambda z, r, t: model(z, r, t, y), (inp["z"], inp["r"], inp["t"]),
+                                  (inp["dz"], torch.zeros_like(inp["r"]), torch.ones_like(inp["t"])))
+    return run
+
+
+def forward_fn(model, inp):
+    def run():
+        with torch.no_grad():
+            return model(inp["z"], inp["r"], inp["t"], inp["y"])
+    return run
+
+
+def forward_jvp_fn(model, inp, backend: str):
+    def run():
+        with torch.no_grad():
+            return model.forward_jvp(inp["z"], inp["r"], inp["t"], inp["y"], inp["dz"], backend=backend)
+    return run
+
+
+def train_step_fn(model, batch: int, *, meanflow: bool, compiled: bool = False):
+    """One optimisation step under bf16 autocast with fp32 master weights (``model`` in fp32).
+
+    MeanFlow: the paper's loss through ``model.forward_jvp`` (the model's backend decides the path).
+    Flow matching: the same loss with ratio_r_neq_t = 0 (one plain forward, flash SDPA).
+    """
+    cfg = model.config
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    loss_fn = MeanFlowLoss(ratio_r_neq_t=0.25 if meanflow else 0.0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda", generator=g)
+    y = torch.randint(0, cfg.num_classes, (batch,), device="cuda", generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = loss_fn(model, x, y, generator=g)
+        loss.backward()
+        opt.step()
+
+    return torch.compile(step) if compiled else step

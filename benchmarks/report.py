@@ -1,0 +1,101 @@
+"""Print the ratio table of the must-show cases (one run, one GPU) and write it as JSON.
+
+    PYTHONPATH=. python -m benchmarks.report --out results.json [--quick]
+
+Every ratio is measured in this run on this GPU against the baselines of the same model and batch:
+eager PyTorch (flash SDPA) and torch.compile'd PyTorch.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from benchmarks.common import (CASES, build_model, cuda_time_ms, dit_forward_flops, dit_jvp_flops, forward_fn,
+                               forward_jvp_fn, func_jvp_fn, model_inputs, peak_memory_mb, timed_first_call,
+                               train_step_fn)
+
+
+def _measure(name, fn, rows, flops=None, iters=10):
+    try:
+        first_s = timed_first_call(fn)
+        ms = cuda_time_ms(fn, warmup=2, iters=iters)
+        mem = peak_memory_mb(fn)
+    except Exception as e:  # a baseline that cannot run (e.g. OOM) is reported, not fatal
+        print(f"  {name:<28} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+        rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        return None
+    row = {"ms": round(ms, 2), "peak_mb": round(mem), "first_call_s": round(first_s, 1)}
+    if flops:
+        row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 1)
+    rows[name] = row
+    print(f"  {name:<28} {ms:9.2f} ms  {row.get('tflops', ''):>7} TFLOP/s  {mem:8.0f} MB  "
+          f"first call {first_s:6.1f} s", flush=True)
+    return ms
+
+
+def model_table(preset, batch, quick):
+    print(f"\n== {preset} batch {batch} (bf16) ==", flush=True)
+    rows = {}
+    model = build_model(preset)
+    inp = model_inputs(model, batch)
+    fwd, jvp = dit_forward_flops(preset, batch), dit_jvp_flops(preset, batch)
+    base = _measure("forward eager", forward_fn(model, inp), rows, fwd)
+    comp = _measure("forward compiled", forward_fn(torch.compile(model), inp), rows, fwd)
+    if not quick:
+        _measure("torch.func.jvp eager", func_jvp_fn(model, inp), rows, jvp)
+    ours = _measure("forward_jvp triton", forward_jvp_fn(model, inp, "triton"), rows, jvp)
+    _measure("forward_jvp torch", forward_jvp_fn(model, inp, "torch"), rows, jvp)
+    if ours and base:
+        rows["jvp_over_eager_forward"] = round(ours / base, 3)
+    if ours and comp:
+        rows["jvp_over_compiled_forward"] = round(ours / comp, 3)
+    del model
+    print(f"  -- train step (fp32 master weights, bf16 autocast) --", flush=True)
+    fm = build_model(preset, dtype=torch.float32)
+    fm_eager = _measure("FM step eager", train_step_fn(fm, batch, meanflow=False), rows, iters=5)
+    fm_comp_fn = train_step_fn(fm, batch, meanflow=False, compiled=True)
+    fm_comp = _measure("FM step compiled", fm_comp_fn, rows, iters=5)
+    del fm, fm_comp_fn
+    mf = build_model(preset, dtype=torch.float32, backend="triton")
+    mf_ms = _measure("MeanFlow step triton", train_step_fn(mf, batch, meanflow=True), rows, iters=5)
+    if mf_ms and fm_comp:
+        rows["mf_step_over_compiled_fm"] = round(mf_ms / fm_comp, 3)
+        rows["mf_mem_over_compiled_fm"] = round(rows["MeanFlow step triton"]["peak_mb"]
+                                                / rows["FM step compiled"]["peak_mb"], 3)
+    if mf_ms and fm_eager:
+        rows["mf_step_over_eager_fm"] = round(mf_ms / fm_eager, 3)
+    for k in ("jvp_over_eager_forward", "jvp_over_compiled_forward", "mf_step_over_compiled_fm",
+              "mf_mem_over_compiled_fm", "mf_step_over_eager_fm"):
+        if k in rows:
+            print(f"  {k:<28} {rows[k]:.3f}×", flush=True)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmark_results.json")
+    p.add_argument("--quick", action="store_true", help="skip the slow eager torch.func.jvp baseline")
+    p.add_argument("--presets", nargs="*", default=[c[0] for c in CASES])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/report.py needs a CUDA GPU; none found", file=sys.stderr)
+        return 2
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    for preset, batch in CASES:
+        if preset in args.presets:
+            out[f"{preset} b{batch}"] = model_table(preset, batch, args.quick)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
