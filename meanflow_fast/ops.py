@@ -8,8 +8,11 @@ implementation of each op:
 
 Every op returns ``(y, y_dot)``: ``y`` differentiable, ``y_dot`` without an autograd graph.
 """
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict
+
+import torch
 
 import kernels
 
@@ -36,15 +39,29 @@ _TORCH = DualOps(
 _CACHE: Dict[str, DualOps] = {"torch": _TORCH}
 
 
+def _autocast_inputs(fn: Callable) -> Callable:
+    """Custom Triton ops are invisible to autocast: under CUDA autocast, cast the floating-point
+    tensor arguments (fp32 master weights included) to the autocast dtype, as autocast would for a
+    matmul, and run the kernel outside autocast. Gradients flow back through the casts."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+        if not torch.is_autocast_enabled("cuda"):
+            return fn(*args)
+        dt = torch.get_autocast_dtype("cuda")
+        args = tuple(a.to(dt) if torch.is_tensor(a) and a.is_floating_point() and a.is_cuda else a for a in args)
+        with torch.autocast("cuda", enabled=False):
+            return fn(*args)
+    return wrapped
+
+
 def _triton_ops() -> DualOps:
-    # Imported lazily: the kernel modules only need Triton once this backend is asked for.
     from kernels.attention import attention_jvp
     from kernels.gated_residual import gated_residual_jvp
     from kernels.layernorm_modulate import ln_modulate_jvp
     from kernels.linear import linear_jvp
     from kernels.mlp import mlp_jvp
-    return DualOps(linear=linear_jvp, ln_modulate=ln_modulate_jvp, attention=attention_jvp,
-                   mlp=mlp_jvp, gated_residual=gated_residual_jvp)
+    return DualOps(*(_autocast_inputs(f) for f in (linear_jvp, ln_modulate_jvp, attention_jvp, mlp_jvp,
+                                                    gated_residual_jvp)))
 
 
 def get_dual_ops(backend: str) -> DualOps:
