@@ -73,6 +73,27 @@ def model_table(preset, batch, quick):
     return rows
 
 
+def sampler_table():
+    """1-NFE DiT-B/2 sampling (bf16): batch-1 latency and batch-256 throughput, graph vs eager vs compiled."""
+    from meanflow_fast import sample
+    from meanflow_fast.graph_sampler import GraphSampler
+    print("\n== sampler 1-NFE, B/2 (bf16) ==", flush=True)
+    rows = {}
+    model = build_model("B/2").eval()
+    compiled = torch.compile(model)
+    for batch in (1, 256):
+        y = torch.randint(0, 1000, (batch,), device="cuda")
+        noise = torch.randn(batch, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
+        graph = GraphSampler(model)
+        eager = _measure(f"b{batch} eager", lambda: sample(model, y, noise=noise), rows)
+        _measure(f"b{batch} compiled", lambda: sample(compiled, y, noise=noise), rows)
+        g = _measure(f"b{batch} cuda graph", lambda: graph(y, noise), rows)
+        if eager and g:
+            rows[f"b{batch}_graph_over_eager"] = round(g / eager, 3)
+            print(f"  b{batch} graph / eager time       {g / eager:.3f}×  (throughput {eager / g:.2f}×)", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmark_results.json")
@@ -91,6 +112,7 @@ def main(argv=None):
     for preset, batch in CASES:
         if preset in args.presets:
             out[f"{preset} b{batch}"] = model_table(preset, batch, args.quick)
+    out["sampler"] = sampler_table()
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"\nwrote {args.out}")
