@@ -18,11 +18,16 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-learn", "pillow"],
-        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "pillow"],
+        "imagenet": ["diffusers>=0.27", "pillow"],  # SD-VAE (AutoencoderKL); no torchvision needed
+        "dev": ["pytest", "pytest-benchmark", "scikit-learn", "pillow", "diffusers>=0.27"],
     },
     entry_points={
         "console_scripts": [
             "meanflow-demo=meanflow_fast.demo:cli",
+            "meanflow-extract=meanflow_fast.imagenet.extract:cli",
+            "meanflow-train=meanflow_fast.imagenet.train:cli",
+            "meanflow-sample=meanflow_fast.imagenet.sample:cli",
+            "meanflow-fid=meanflow_fast.imagenet.fid:cli",
         ],
     },
 )

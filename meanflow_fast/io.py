@@ -1,21 +1,36 @@
-"""Atomic file writes: a crash or a kill mid-write never leaves a truncated file under the final name."""
+"""Atomic file writes: a crash or a kill mid-write never leaves a truncated file under the final name.
+
+Every writer goes through ``atomic_write``: write to a temporary file in the target's folder, fsync it,
+rename it onto the final name (atomic on POSIX), fsync the folder. A reader therefore sees the old file
+or the new one, never half of one; a killed writer leaves at most a ``.tmp-*`` file behind, which
+``remove_stale_tmp`` cleans up.
+"""
+import glob
 import json
 import os
 import tempfile
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["atomic_write", "save_safetensors", "save_json"]
+__all__ = ["atomic_write", "save_safetensors", "save_json", "load_json", "save_npz", "remove_stale_tmp",
+           "TMP_PREFIX"]
+
+TMP_PREFIX = ".tmp-"
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, fsync the file, then rename it onto ``path`` (atomic on POSIX)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"path must be a non-empty str or os.PathLike, got {path!r}")
     path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"path must name a file, but {path} is a directory")
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + ".", dir=d)
     os.close(fd)
     try:
         write(tmp)
@@ -44,3 +59,34 @@ def save_json(obj, path: str) -> None:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
     atomic_write(path, write)
+
+
+def load_json(path: str, what: str = "JSON file"):
+    """Read a JSON file; a missing or malformed file raises an error that names the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is malformed (not valid JSON: {e})") from e
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    """``np.savez`` through ``atomic_write`` (written through a file object, so no '.npz' is appended)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
+
+
+def remove_stale_tmp(folder: str, pattern: Optional[str] = None) -> int:
+    """Delete the ``.tmp-*`` files a killed writer left in ``folder``; returns how many."""
+    n = 0
+    for p in glob.glob(os.path.join(folder, TMP_PREFIX + (pattern or "*"))):
+        try:
+            os.remove(p)
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n

@@ -1,0 +1,415 @@
+"""meanflow-train: MeanFlow on ImageNet-256 SD-VAE latents, torchrun + DDP (or one process).
+
+    torchrun --nproc_per_node 8 -m meanflow_fast.imagenet.train \\
+        --data-path /data/imagenet-latents --results-dir runs/xl2 --preset XL/2 --vae /models/sd-vae-ft-ema
+
+Every hyper-parameter flag left out takes the preset's value from ``config.TRAIN_PRESETS`` (the paper's:
+global batch 256, Adam (0.9, 0.95), lr 1e−4, EMA 0.9999, 240 epochs, ω, κ and the guidance interval per
+preset). One process per GPU; nccl on CUDA, gloo on CPU; without torchrun it runs as one process.
+
+Determinism and resumption: the data order is a function of (--global-seed, epoch) only
+(DistributedSampler); each rank's loss generator is seeded with global_seed · world_size + rank; a
+checkpoint stores the model, EMA, optimizer, step, data position and every RNG state of every rank, so
+``--resume latest`` continues exactly where the run stopped (bit-for-bit on CPU, same world size).
+"""
+import argparse
+import math
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from ..io import atomic_write, remove_stale_tmp
+from ..loss import MeanFlowLoss
+from ..model import DiTConfig, MeanFlowDiT
+from ..sampling import sample
+from ..training import EMA, BadStepCounter, MeanFlowObjective, NonFiniteTrainingError, train_step
+from .checkpoint import (capture_rng, checkpoint_path, load_checkpoint, optimizer_from_tensors, prefixed,
+                         resolve_checkpoint, restore_rng, save_checkpoint)
+from .common import (UsageError, barrier, cleanup_distributed, get_logger, init_distributed, nonneg_int,
+                     positive_float, positive_int, resolve_backend, run_cli)
+from .config import TRAIN_PRESETS
+from .data import LatentShards, ResumableDistributedSampler
+
+__all__ = ["main", "build_parser", "check_args", "cli", "HYPER_FLAGS", "MUST_MATCH_ON_RESUME"]
+
+# Flags whose default (None) is filled from TRAIN_PRESETS[--preset].
+HYPER_FLAGS = ("depth", "hidden_size", "num_heads", "global_batch_size", "lr", "adam_betas", "weight_decay",
+               "ema_decay", "epochs", "omega", "kappa", "guidance_interval", "class_dropout", "time_mu",
+               "time_sigma", "ratio_r_neq_t", "adaptive_p", "adaptive_c")
+# A resumed run must agree with its checkpoint on these (they define the model and the data order).
+MUST_MATCH_ON_RESUME = ("preset", "depth", "hidden_size", "num_heads", "global_batch_size", "global_seed")
+
+
+# =================================================================================================
+#                                            Helpers
+# =================================================================================================
+def _parse_steps(spec: str):
+    """'3,5-7' → {3, 5, 6, 7} (the hidden --debug-nan-steps flag)."""
+    out = set()
+    for part in filter(None, spec.split(",")):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+def _gather_objects(obj, env):
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _mean_over_ranks(values, env):
+    t = torch.tensor(values, dtype=torch.float64, device=env.device if dist.is_initialized() and
+                     dist.get_backend() == "nccl" else "cpu")
+    if env.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _grid_png(images_uint8: np.ndarray, path: str, nrow: int) -> None:
+    """(n, h, w, 3) uint8 → one PNG, written atomically."""
+    from PIL import Image
+    n, h, w, _ = images_uint8.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = images_uint8[i]
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+
+def latents_to_uint8(z: torch.Tensor) -> np.ndarray:
+    """Without a VAE: the first 3 latent channels, min-max scaled over the batch, as (n, h, w, 3)."""
+    z = z[:, :3].float()
+    if z.shape[1] < 3:
+        z = torch.cat([z, z[:, :1].expand(-1, 3 - z.shape[1], -1, -1)], 1)
+    z = (z - z.amin()) / (z.amax() - z.amin()).clamp_min(1e-8)
+    return (z * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# =================================================================================================
+#                                              Main
+# =================================================================================================
+def main(args):
+    env = init_distributed(args.device)
+    device = env.device
+    ckpt_dir = os.path.join(args.results_dir, "checkpoints")
+    if env.is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
+        remove_stale_tmp(ckpt_dir)
+    barrier()
+    log = get_logger("train", env.is_main, os.path.join(args.results_dir, "log.txt"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    backend = resolve_backend(args.backend, device)
+    amp = torch.bfloat16 if (device.type == "cuda" and args.precision == "bf16") else None
+
+    # ------------------------------------------------------------------- data
+    data = LatentShards(args.data_path)
+    local_batch = args.global_batch_size // env.world_size
+    sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                          seed=args.global_seed, drop_last=True)
+    steps_per_epoch = sampler.num_samples // local_batch  # sampler epochs: every image and its flip once
+    if steps_per_epoch == 0:
+        raise UsageError(f"--global-batch-size {args.global_batch_size} is larger than the data allows: "
+                         f"{len(data)} latents (with flips) over {env.world_size} rank(s)")
+    # --epochs counts passes over the images (the paper's 240); the flips double the items per sampler epoch.
+    max_steps = args.max_steps or math.ceil(args.epochs * data.num_images / args.global_batch_size)
+
+    # ------------------------------------------------------------------- model, EMA, optimizer
+    C, h, w = data.latent_shape
+    if h != w:
+        raise UsageError(f"--data-path: latents must be square, got {h}×{w}")
+    config = DiTConfig(input_size=h, patch_size=2, in_channels=C, hidden_size=args.hidden_size,
+                       depth=args.depth, num_heads=args.num_heads, num_classes=data.num_classes)
+    torch.manual_seed(args.global_seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    model = MeanFlowDiT(config, backend=backend).to(device)
+    ema = EMA(model, decay=args.ema_decay)
+    loss_fn = MeanFlowLoss(num_classes=data.num_classes, time_mu=args.time_mu, time_sigma=args.time_sigma,
+                           ratio_r_neq_t=args.ratio_r_neq_t, omega=args.omega, kappa=args.kappa,
+                           guidance_interval=tuple(args.guidance_interval), class_dropout=args.class_dropout,
+                           adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c)
+    # DDP wraps model + loss together: its forward runs the whole loss (forward_jvp included), so its
+    # backward hooks all-reduce every gradient (see meanflow_fast.training).
+    objective = MeanFlowObjective(model, loss_fn)
+    if env.distributed:
+        objective = DDP(objective, device_ids=[env.local_rank] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
+                           weight_decay=args.weight_decay, fused=device.type == "cuda")
+    ema.update(model, decay=0.0)  # EMA starts as a copy of the (broadcast) weights
+    seed = args.global_seed * env.world_size + env.rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    loss_gen = torch.Generator(device=device).manual_seed(seed)
+
+    step, epoch, pos, skipped_total = 0, 0, 0, 0
+    if args.resume:
+        jpath = resolve_checkpoint(args.resume, args.results_dir)
+        meta, tensors = load_checkpoint(jpath, map_location=device)
+        saved = meta.get("args", {})
+        diff = {k: (saved.get(k), getattr(args, k)) for k in MUST_MATCH_ON_RESUME
+                if k in saved and _norm(saved.get(k)) != _norm(getattr(args, k))}
+        if meta["model_config"] != vars_config(config):
+            diff["model_config"] = (meta["model_config"], vars_config(config))
+        if diff:
+            raise UsageError(f"--resume {jpath}: the checkpoint does not match this run: " +
+                             "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+        model.load_state_dict(prefixed(tensors, "model"))
+        ema.load_state_dict(prefixed(tensors, "ema"))
+        optimizer_from_tensors(opt, tensors, meta["optimizer_param_groups"])
+        step, epoch, pos = int(meta["step"]), int(meta["epoch"]), int(meta["epoch_pos"])
+        skipped_total = int(meta.get("skipped_total", 0))
+        if int(meta.get("world_size", -1)) == env.world_size:
+            restore_rng(prefixed(tensors, f"rng.{env.rank}"), meta["rng"][env.rank], loss_gen)
+        else:
+            log.warning(f"warning: checkpoint written with world size {meta.get('world_size')}, now "
+                        f"{env.world_size}: RNG streams are reseeded (the run continues, not bit-for-bit)")
+            loss_gen.manual_seed(seed + 7919 * step)
+        del tensors
+        log.info(f"resumed from {jpath}: step {step}, epoch {epoch}, batch {pos} of {steps_per_epoch}")
+
+    vae = None
+    if env.is_main and args.vae and args.sample_every:
+        from .vae import load_vae
+        vae = load_vae(args.vae, device)
+    g = torch.Generator().manual_seed(args.global_seed + 1)
+    n_grid = min(args.sample_count, 64)
+    grid_y = (torch.arange(n_grid) * max(1, data.num_classes // max(1, n_grid))) % data.num_classes
+    grid_noise = torch.randn((n_grid, C, h, w), generator=g)
+
+    loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(f"MeanFlow {args.preset}: {n_params / 1e6:.1f}M parameters, latents {C}×{h}×{w}, "
+             f"{data.num_classes} classes, {data.num_images} images (+ flips); {env.world_size} rank(s) × batch "
+             f"{local_batch}; {steps_per_epoch} steps per (image + flip) epoch; {max_steps} steps; backend "
+             f"{backend}, {'bf16 autocast' if amp else 'fp32'} on {device.type}")
+    log.info("hyper-parameters: " + ", ".join(f"{k}={getattr(args, k)}" for k in HYPER_FLAGS))
+
+    nan_steps = _parse_steps(args.debug_nan_steps or "")
+    bad = BadStepCounter(args.max_bad_steps)
+    bad.total = skipped_total
+    acc = [0.0, 0.0, 0.0, 0.0]  # loss, raw_loss, finite steps, steps
+    t_log, step_log = time.time(), step
+
+    def save(step_now: int):
+        rt, rj = capture_rng(loss_gen)
+        all_rt, all_rj = _gather_objects(rt, env), _gather_objects(rj, env)
+        if env.is_main:
+            crash = None
+            if args.debug_crash_in_checkpoint == step_now:
+                crash = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731 - tests only
+            state = {"epoch": epoch, "epoch_pos": pos, "steps_per_epoch": steps_per_epoch, "world_size": env.world_size,
+                     "model_config": vars_config(config), "args": _jsonable(vars(args)), "skipped_total": bad.total,
+                     "backend": backend}
+            path = save_checkpoint(ckpt_dir, step_now, model=model, ema_model=ema.model, optimizer=opt, state=state,
+                                   rng_tensors=[{k: v.cpu() for k, v in d.items()} for d in all_rt], rng_json=all_rj,
+                                   keep_last=args.keep_last, crash_hook=crash)
+            log.info(f"saved checkpoint {path}")
+        barrier()
+
+    def sample_grid(step_now: int):
+        if not env.is_main:
+            return
+        with torch.no_grad(), torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+            z = sample(ema.model, grid_y.to(device), noise=grid_noise.to(device)).float()
+        if vae is not None:
+            from .vae import decode_to_uint8
+            imgs = decode_to_uint8(vae, z).cpu().numpy()
+        else:
+            imgs = latents_to_uint8(z)
+        path = os.path.join(args.results_dir, "samples", f"{step_now:07d}.png")
+        _grid_png(imgs, path, nrow=int(math.ceil(math.sqrt(n_grid))))
+        log.info(f"wrote sample grid {path}")
+
+    objective.train()
+    try:
+        while step < max_steps:
+            sampler.set_position(epoch, pos * local_batch)
+            for x, y in loader:
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                if step + 1 in nan_steps:  # hidden test flag: poison this step's batch
+                    x = x.clone()
+                    x[0] = float("nan")
+                stats = train_step(objective, None, opt, x, y, ema=ema, generator=loss_gen,
+                                   autocast_dtype=amp, max_grad_norm=args.max_grad_norm)
+                step += 1
+                pos += 1
+                if pos == steps_per_epoch:
+                    epoch, pos = epoch + 1, 0
+                if stats["skipped"]:
+                    log.warning(f"warning: step {step}: non-finite loss or gradient, step skipped "
+                                f"({bad.consecutive + 1} in a row, {bad.total + 1} in total)")
+                bad.observe(bool(stats["skipped"]), step)
+                if not stats["skipped"]:
+                    acc[0] += stats["loss"]
+                    acc[1] += stats["raw_loss"]
+                    acc[2] += 1
+                acc[3] += 1
+                if args.debug_step_delay:
+                    time.sleep(args.debug_step_delay)
+                if step % args.log_every == 0 or step == max_steps:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    loss_sum, raw_sum, n_ok, _ = _mean_over_ranks(acc, env)
+                    dt = time.time() - t_log
+                    ips = (step - step_log) * args.global_batch_size / max(dt, 1e-9)
+                    log.info(f"step {step:07d}/{max_steps} | loss {loss_sum / max(n_ok, 1):.4f} | raw loss "
+                             f"{raw_sum / max(n_ok, 1):.4f} | {ips:.1f} images/s | grad norm {stats['grad_norm']:.3g}"
+                             f" | skipped {bad.total} | epoch {epoch}")
+                    acc, t_log, step_log = [0.0, 0.0, 0.0, 0.0], time.time(), step
+                if args.sample_every and step % args.sample_every == 0:
+                    sample_grid(step)
+                if step % args.ckpt_every == 0 or step == max_steps:
+                    save(step)
+                if step >= max_steps:
+                    break
+    except NonFiniteTrainingError as e:
+        log.error(f"error: {e}")
+        cleanup_distributed()
+        raise SystemExit(f"meanflow-train: {e}")
+    log.info(f"done: {step} steps, {bad.total} skipped; checkpoints in {ckpt_dir}")
+    barrier()
+    cleanup_distributed()
+    return checkpoint_path(ckpt_dir, step)[1]
+
+
+def vars_config(config: DiTConfig) -> dict:
+    from dataclasses import asdict
+    return asdict(config)
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+# =================================================================================================
+#                                              CLI
+# =================================================================================================
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meanflow-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", required=True, help="folder of latent shards from meanflow-extract")
+    p.add_argument("--results-dir", required=True, help="run folder: checkpoints/, samples/, log.txt")
+    p.add_argument("--preset", choices=list(TRAIN_PRESETS), default="B/2", help="model and hyper-parameter preset")
+    p.add_argument("--resume", default=None, help="checkpoint (.json/.safetensors), run folder, or 'latest'")
+    g = p.add_argument_group("model (default: the preset's)")
+    g.add_argument("--depth", type=positive_int)
+    g.add_argument("--hidden-size", type=positive_int)
+    g.add_argument("--num-heads", type=positive_int)
+    g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="dual-stream ops: auto = fused Triton on CUDA if it imports, else torch")
+    g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on CUDA (CPU: fp32)")
+    g = p.add_argument_group("optimisation (default: the preset's)")
+    g.add_argument("--global-batch-size", type=positive_int)
+    g.add_argument("--lr", type=positive_float)
+    g.add_argument("--adam-betas", type=float, nargs=2, metavar=("BETA1", "BETA2"))
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--ema-decay", type=float)
+    g.add_argument("--epochs", type=positive_float, help="passes over the images (default 240)")
+    g.add_argument("--max-steps", type=positive_int, help="overrides --epochs")
+    g.add_argument("--max-grad-norm", type=positive_float, default=None, help="clip gradients (default: off)")
+    g = p.add_argument_group("MeanFlow loss (default: the preset's)")
+    g.add_argument("--omega", type=float, help="guidance ω")
+    g.add_argument("--kappa", type=float, help="guidance κ")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"))
+    g.add_argument("--class-dropout", type=float)
+    g.add_argument("--time-mu", type=float)
+    g.add_argument("--time-sigma", type=float)
+    g.add_argument("--ratio-r-neq-t", type=float)
+    g.add_argument("--adaptive-p", type=float)
+    g.add_argument("--adaptive-c", type=float)
+    g = p.add_argument_group("run")
+    g.add_argument("--global-seed", type=int, default=0)
+    g.add_argument("--num-workers", type=nonneg_int, default=4)
+    g.add_argument("--log-every", type=positive_int, default=100)
+    g.add_argument("--ckpt-every", type=positive_int, default=50_000)
+    g.add_argument("--keep-last", type=nonneg_int, default=0, help="keep only the newest N checkpoints (0: all)")
+    g.add_argument("--sample-every", type=nonneg_int, default=10_000, help="sample grid every N steps (0: never)")
+    g.add_argument("--sample-count", type=positive_int, default=16, help="images in the sample grid (≤ 64)")
+    g.add_argument("--vae", default=None, help="decode sample grids with this VAE (else: latent channels 0-2)")
+    g.add_argument("--max-bad-steps", type=positive_int, default=20,
+                   help="stop after this many consecutive steps with a non-finite loss or gradient")
+    g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    # Fault injection for the reliability tests (hidden).
+    p.add_argument("--debug-nan-steps", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-crash-in-checkpoint", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def fill_defaults(args) -> None:
+    """Fill every hyper-parameter flag left out from TRAIN_PRESETS[args.preset]."""
+    preset = TRAIN_PRESETS[args.preset]
+    for k in HYPER_FLAGS:
+        if getattr(args, k) is None:
+            v = preset[k]
+            setattr(args, k, list(v) if isinstance(v, tuple) else v)
+
+
+def check_args(args) -> None:
+    fill_defaults(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.global_batch_size % world:
+        raise UsageError(f"--global-batch-size ({args.global_batch_size}) must be divisible by the number of "
+                         f"processes ({world})")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    b1, b2 = args.adam_betas
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise UsageError(f"--adam-betas must both be in [0, 1), got {b1} {b2}")
+    if args.weight_decay < 0:
+        raise UsageError(f"--weight-decay must be ≥ 0, got {args.weight_decay}")
+    lo, hi = args.guidance_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise UsageError(f"--guidance-interval must satisfy 0 ≤ T_LO ≤ T_HI ≤ 1, got {lo} {hi}")
+    if not 0.0 <= args.class_dropout < 1.0:
+        raise UsageError(f"--class-dropout must be in [0, 1), got {args.class_dropout}")
+    if not 0.0 <= args.ratio_r_neq_t <= 1.0:
+        raise UsageError(f"--ratio-r-neq-t must be in [0, 1], got {args.ratio_r_neq_t}")
+    if args.time_sigma <= 0:
+        raise UsageError(f"--time-sigma must be > 0, got {args.time_sigma}")
+    if args.adaptive_c <= 0 or args.adaptive_p < 0:
+        raise UsageError(f"--adaptive-c must be > 0 and --adaptive-p ≥ 0, got {args.adaptive_c}, {args.adaptive_p}")
+    if args.hidden_size % args.num_heads:
+        raise UsageError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-heads ({args.num_heads})")
+    if not os.path.isdir(args.data_path):
+        raise UsageError(f"--data-path {args.data_path} does not exist or is not a directory (expected the "
+                         f"latent shards written by meanflow-extract)")
+    if os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
+        raise UsageError(f"--results-dir {args.results_dir} exists and is not a directory")
+    if args.resume:
+        resolve_checkpoint(args.resume, args.results_dir)
+    if args.vae and args.sample_every and os.path.sep in args.vae and not os.path.isdir(args.vae):
+        raise UsageError(f"--vae {args.vae} is not a directory")
+    if args.debug_nan_steps:
+        try:
+            _parse_steps(args.debug_nan_steps)
+        except ValueError:
+            raise UsageError(f"--debug-nan-steps must look like '3,5-7', got {args.debug_nan_steps!r}")
+
+
+def cli(argv=None):
+    return run_cli(build_parser(), check_args, main, argv)
+
+
+if __name__ == "__main__":
+    cli()
