@@ -10,6 +10,20 @@ from meanflow_fast import MeanFlowLoss, meanflow_dit
 # DiT shapes of the must-show cases: (preset, batch).
 CASES = [("B/2", 128), ("XL/2", 64)]
 
+# "cuda" for real measurements; "cpu" only for a dry run of the benchmark code itself
+# (TRITON_INTERPRET=1 python -m benchmarks.report --device cpu --cases tiny:4).
+DEVICE = "cuda"
+
+
+def set_device(device: str):
+    global DEVICE
+    DEVICE = device
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
 
 # ------------------------------------------------------------------------------------ FLOP counts
 def dit_forward_flops(preset: str, batch: int) -> float:
@@ -37,23 +51,33 @@ def _config(preset: str):
 
 # ------------------------------------------------------------------------------------ timing
 def cuda_time_ms(fn: Callable, warmup: int = 3, iters: int = 10) -> float:
-    """Median wall time of ``fn()`` in ms, measured with CUDA events after ``warmup`` calls."""
+    """Median wall time of ``fn()`` in ms, measured with CUDA events after ``warmup`` calls
+    (perf_counter in a CPU dry run)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
 
 
 def peak_memory_mb(fn: Callable) -> float:
+    """Peak CUDA memory of one call (0 in a CPU dry run)."""
+    if DEVICE != "cuda":
+        fn()
+        return 0.0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -63,10 +87,10 @@ def peak_memory_mb(fn: Callable) -> float:
 
 def timed_first_call(fn: Callable) -> float:
     """Seconds of the first call (compilation / autotuning included)."""
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - t0
 
 
@@ -80,16 +104,16 @@ def build_model(preset: str, dtype=torch.bfloat16, backend: str = "torch", seed:
         for name, p in model.named_parameters():
             if "adaLN_modulation" in name or "final_layer" in name:
                 p.normal_(0, 0.02)
-    return model.to("cuda", dtype)
+    return model.to(DEVICE, dtype)
 
 
 def model_inputs(model, batch: int, dtype=torch.bfloat16, seed: int = 0) -> Dict[str, torch.Tensor]:
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     cfg = model.config
-    z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda", dtype=dtype, generator=g)
-    t = torch.rand(batch, device="cuda", generator=g)
-    r = t * torch.rand(batch, device="cuda", generator=g)
-    y = torch.randint(0, cfg.num_classes, (batch,), device="cuda", generator=g)
+    z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=DEVICE, dtype=dtype, generator=g)
+    t = torch.rand(batch, device=DEVICE, generator=g)
+    r = t * torch.rand(batch, device=DEVICE, generator=g)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=DEVICE, generator=g)
     return dict(z=z, r=r, t=t, y=y, dz=torch.randn_like(z))
 
 
@@ -127,15 +151,17 @@ def train_step_fn(model, batch: int, *, meanflow: bool, compiled: bool = False):
     """
     cfg = model.config
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    loss_fn = MeanFlowLoss(ratio_r_neq_t=0.25 if meanflow else 0.0)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda", generator=g)
-    y = torch.randint(0, cfg.num_classes, (batch,), device="cuda", generator=g)
+    # validate=False: no value checks (device syncs, graph breaks under torch.compile) in the timed step;
+    # the draws come from the global RNG for the same reason.
+    loss_fn = MeanFlowLoss(ratio_r_neq_t=0.25 if meanflow else 0.0, validate=False)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=DEVICE, generator=g)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=DEVICE, generator=g)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = loss_fn(model, x, y, generator=g)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
+            loss, _ = loss_fn(model, x, y)
         loss.backward()
         opt.step()
 

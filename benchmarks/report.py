@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import (CASES, build_model, cuda_time_ms, dit_forward_flops, dit_jvp_flops, forward_fn,
                                forward_jvp_fn, func_jvp_fn, model_inputs, peak_memory_mb, timed_first_call,
                                train_step_fn)
@@ -34,11 +35,11 @@ def _measure(name, fn, rows, flops=None, iters=10):
     return ms
 
 
-def model_table(preset, batch, quick):
-    print(f"\n== {preset} batch {batch} (bf16) ==", flush=True)
+def model_table(preset, batch, quick, dtype):
+    print(f"\n== {preset} batch {batch} ({dtype}) ==", flush=True)
     rows = {}
-    model = build_model(preset)
-    inp = model_inputs(model, batch)
+    model = build_model(preset, dtype=dtype)
+    inp = model_inputs(model, batch, dtype=dtype)
     fwd, jvp = dit_forward_flops(preset, batch), dit_jvp_flops(preset, batch)
     base = _measure("forward eager", forward_fn(model, inp), rows, fwd)
     comp = _measure("forward compiled", forward_fn(torch.compile(model), inp), rows, fwd)
@@ -61,6 +62,7 @@ def model_table(preset, batch, quick):
     mf_ms = _measure("MeanFlow step triton", train_step_fn(mf, batch, meanflow=True), rows, iters=5)
     if mf_ms and fm_comp:
         rows["mf_step_over_compiled_fm"] = round(mf_ms / fm_comp, 3)
+    if mf_ms and fm_comp and rows["FM step compiled"]["peak_mb"] > 0:
         rows["mf_mem_over_compiled_fm"] = round(rows["MeanFlow step triton"]["peak_mb"]
                                                 / rows["FM step compiled"]["peak_mb"], 3)
     if mf_ms and fm_eager:
@@ -73,17 +75,18 @@ def model_table(preset, batch, quick):
     return rows
 
 
-def sampler_table():
+def sampler_table(dtype, preset="B/2", batches=(1, 256)):
     """1-NFE DiT-B/2 sampling (bf16): batch-1 latency and batch-256 throughput, graph vs eager vs compiled."""
     from meanflow_fast import sample
     from meanflow_fast.graph_sampler import GraphSampler
-    print("\n== sampler 1-NFE, B/2 (bf16) ==", flush=True)
+    print(f"\n== sampler 1-NFE, {preset} ({dtype}) ==", flush=True)
     rows = {}
-    model = build_model("B/2").eval()
+    model = build_model(preset, dtype=dtype).eval()
+    c = model.config
     compiled = torch.compile(model)
-    for batch in (1, 256):
-        y = torch.randint(0, 1000, (batch,), device="cuda")
-        noise = torch.randn(batch, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
+    for batch in batches:
+        y = torch.randint(0, c.num_classes, (batch,), device=common.DEVICE)
+        noise = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=common.DEVICE, dtype=dtype)
         graph = GraphSampler(model)
         eager = _measure(f"b{batch} eager", lambda: sample(model, y, noise=noise), rows)
         _measure(f"b{batch} compiled", lambda: sample(compiled, y, noise=noise), rows)
@@ -98,21 +101,30 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmark_results.json")
     p.add_argument("--quick", action="store_true", help="skip the slow eager torch.func.jvp baseline")
-    p.add_argument("--presets", nargs="*", default=[c[0] for c in CASES])
+    p.add_argument("--cases", nargs="*", default=[f"{c}:{b}" for c, b in CASES],
+                   help="preset:batch pairs (default: the must-show cases)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a dry run of this script only (fp32, TRITON_INTERPRET=1, tiny presets)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/report.py needs a CUDA GPU; none found", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/report.py needs a CUDA GPU; none found (--device cpu for a dry run)", file=sys.stderr)
         return 2
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    common.set_device(args.device)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run, timings meaningless)"
+    out = {"device": name, "torch": torch.__version__}
     try:
         import triton
         out["triton"] = triton.__version__
     except ImportError:
         pass
-    for preset, batch in CASES:
-        if preset in args.presets:
-            out[f"{preset} b{batch}"] = model_table(preset, batch, args.quick)
-    out["sampler"] = sampler_table()
+    cases = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cases]
+    for preset, batch in cases:
+        out[f"{preset} b{batch}"] = model_table(preset, batch, args.quick, dtype)
+    if args.device == "cuda":
+        out["sampler"] = sampler_table(dtype)
+    else:
+        out["sampler"] = sampler_table(dtype, preset=cases[0][0], batches=(1, 4))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"\nwrote {args.out}")

@@ -64,6 +64,8 @@ class MeanFlowLoss(nn.Module):
         adaptive_p, adaptive_c: adaptive weight w = 1/(L + c)^p (p = 0 gives the plain mean of L).
         jvp: "auto" (``model.forward_jvp`` if the model has it, else torch.func.jvp), "forward_jvp" or
             "func" (torch.func.jvp over ``model(z, r, t, y)`` for any callable).
+        validate: check the values of the inputs (labels in range, 0 ≤ r ≤ t ≤ 1), which costs a
+            device sync per call and a graph break under torch.compile; shapes are always checked.
 
     ``forward`` returns the scalar loss and a dict of detached tensors: ``loss`` (weighted),
     ``raw_loss`` (mean of L_i: the number to watch; the weighted loss sits near 1) and ``frac_r_neq_t``.
@@ -72,7 +74,8 @@ class MeanFlowLoss(nn.Module):
     def __init__(self, num_classes: Optional[int] = None, *, time_mu: float = -0.4, time_sigma: float = 1.0,
                  ratio_r_neq_t: float = 0.25, omega: float = 1.0, kappa: float = 0.0,
                  guidance_interval: Tuple[float, float] = (0.0, 1.0), class_dropout: float = 0.1,
-                 adaptive_p: float = 1.0, adaptive_c: float = 0.01, jvp: str = "auto"):
+                 adaptive_p: float = 1.0, adaptive_c: float = 0.01, jvp: str = "auto",
+                 validate: bool = True):
         super().__init__()
         if jvp not in ("auto", "forward_jvp", "func"):
             raise ValueError(f"jvp must be 'auto', 'forward_jvp' or 'func', got {jvp!r}")
@@ -89,6 +92,7 @@ class MeanFlowLoss(nn.Module):
         self.time_mu, self.time_sigma, self.ratio_r_neq_t = time_mu, time_sigma, ratio_r_neq_t
         self.omega, self.kappa, self.guidance_interval = omega, kappa, (float(lo), float(hi))
         self.class_dropout, self.adaptive_p, self.adaptive_c, self.jvp = class_dropout, adaptive_p, adaptive_c, jvp
+        self.validate = validate
 
     @property
     def guided(self) -> bool:
@@ -108,6 +112,8 @@ class MeanFlowLoss(nn.Module):
         num_classes = self._num_classes(model)
         B = self._check(x, y, t, r, noise, drop, num_classes)
         dev = x.device
+        # Flow matching (r = t everywhere, target v) needs no tangent: decided without looking at values.
+        flow_matching = self.ratio_r_neq_t == 0.0 and t is None
         if t is None:
             t, r = sample_t_r(B, mu=self.time_mu, sigma=self.time_sigma, ratio_r_neq_t=self.ratio_r_neq_t,
                               generator=generator, device=dev)
@@ -126,7 +132,11 @@ class MeanFlowLoss(nn.Module):
         v = noise - x
         v_tilde = self._guided_velocity(model, z, t, y, v, drop, num_classes) if self.guided else v
 
-        u, dudt = self._jvp(model, z, r, t, y_in, v_tilde)
+        if flow_matching:
+            u = model(z, r, t, y_in)
+            dudt = torch.zeros_like(u)
+        else:
+            u, dudt = self._jvp(model, z, r, t, y_in, v_tilde)
         with torch.no_grad():
             u_tgt = v_tilde - (t - r).clamp(0, 1).view(bshape).to(dudt.dtype) * dudt
         acc = torch.promote_types(u.dtype, torch.float32)  # fp32 sums for fp16/bf16, fp64 stays fp64
@@ -160,10 +170,6 @@ class MeanFlowLoss(nn.Module):
 
     def _jvp(self, model, z, r, t, y, v_tilde):
         """(u, du/dt) along (ṽ, 0, 1); du/dt is detached."""
-        if self.ratio_r_neq_t == 0.0 and bool((r == t).all()):
-            # Flow matching: the target ṽ − 0·du/dt needs no tangent.
-            u = model(z, r, t, y)
-            return u, torch.zeros_like(u).detach()
         mode = self.jvp
         if mode == "auto":
             mode = "forward_jvp" if hasattr(model, "forward_jvp") else "func"
@@ -188,7 +194,7 @@ class MeanFlowLoss(nn.Module):
             raise ValueError(f"y must be an integer tensor of shape ({B},), got {desc}")
         if y.device != x.device:
             raise ValueError(f"y is on {y.device} but x is on {x.device}")
-        if bool((y < 0).any() | (y >= num_classes).any()):
+        if self.validate and bool((y < 0).any() | (y >= num_classes).any()):
             raise ValueError(f"y must hold labels in [0, {num_classes}), got min {int(y.min())}, max {int(y.max())}")
         if (t is None) != (r is None):
             raise ValueError("pass t and r together (or neither)")
@@ -196,9 +202,9 @@ class MeanFlowLoss(nn.Module):
             for name, s in (("t", t), ("r", r)):
                 if not torch.is_tensor(s) or s.shape != (B,) or not s.is_floating_point():
                     raise ValueError(f"{name} must be a float tensor of shape ({B},)")
-                if bool(((s < 0) | (s > 1)).any()):
+                if self.validate and bool(((s < 0) | (s > 1)).any()):
                     raise ValueError(f"{name} must lie in [0, 1]")
-            if bool((r.to(t.device) > t).any()):
+            if self.validate and bool((r.to(t.device) > t).any()):
                 raise ValueError("r must be ≤ t for every sample (r > t found)")
         if noise is not None and (not torch.is_tensor(noise) or noise.shape != x.shape):
             raise ValueError(f"noise must have the shape of x {tuple(x.shape)}")
