@@ -16,7 +16,6 @@ import os
 import random
 import re
 import time
-import warnings
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -117,6 +116,7 @@ def capture_rng(loss_gen: Optional[torch.Generator]) -> Tuple[Dict[str, torch.Te
 
 
 def restore_rng(tensors: Dict[str, torch.Tensor], js: dict, loss_gen: Optional[torch.Generator]) -> None:
+    tensors = {k: v.cpu() for k, v in tensors.items()}  # RNG states are CPU ByteTensors, wherever loaded
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])

@@ -139,12 +139,15 @@ def main(args):
     loss_fn = MeanFlowLoss(num_classes=data.num_classes, time_mu=args.time_mu, time_sigma=args.time_sigma,
                            ratio_r_neq_t=args.ratio_r_neq_t, omega=args.omega, kappa=args.kappa,
                            guidance_interval=tuple(args.guidance_interval), class_dropout=args.class_dropout,
-                           adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c)
+                           adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c,
+                           validate=False)  # labels were range-checked when the shards were opened: no per-step sync
     # DDP wraps model + loss together: its forward runs the whole loss (forward_jvp included), so its
     # backward hooks all-reduce every gradient (see meanflow_fast.training).
     objective = MeanFlowObjective(model, loss_fn)
     if env.distributed:
-        objective = DDP(objective, device_ids=[env.local_rank] if device.type == "cuda" else None)
+        # static_graph=True breaks forward_jvp (DESIGN.md §4); the only buffer (pos_embed) is constant.
+        objective = DDP(objective, device_ids=[env.local_rank] if device.type == "cuda" else None,
+                        broadcast_buffers=False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
                            weight_decay=args.weight_decay, fused=device.type == "cuda")
     ema.update(model, decay=0.0)  # EMA starts as a copy of the (broadcast) weights
