@@ -13,7 +13,6 @@ counted (``skipped``), so n ≤ the shard size.
 import bisect
 import json
 import os
-import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,7 +25,7 @@ from ..io import save_safetensors
 from .common import UsageError
 
 __all__ = ["IMG_EXTENSIONS", "SHARD_FORMAT", "list_image_folder", "center_crop_arr", "ImageFolderImages",
-           "shard_name", "write_shard", "read_shard_meta", "list_shards", "LatentShards",
+           "collate_skip_bad", "shard_name", "write_shard", "read_shard_meta", "list_shards", "LatentShards",
            "ResumableDistributedSampler"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpe")

@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def _gather_objects(obj, env):
     return out
 
 
-def _mean_over_ranks(values, env):
+def _sum_over_ranks(values, env):
     t = torch.tensor(values, dtype=torch.float64, device=env.device if dist.is_initialized() and
                      dist.get_backend() == "nccl" else "cpu")
     if env.distributed:
@@ -181,6 +182,8 @@ def main(args):
                         f"{env.world_size}: RNG streams are reseeded (the run continues, not bit-for-bit)")
             loss_gen.manual_seed(seed + 7919 * step)
         del tensors
+        if pos >= steps_per_epoch:  # a different world size can shorten the epoch
+            epoch, pos = epoch + 1, 0
         log.info(f"resumed from {jpath}: step {step}, epoch {epoch}, batch {pos} of {steps_per_epoch}")
 
     vae = None
@@ -268,7 +271,7 @@ def main(args):
                 if step % args.log_every == 0 or step == max_steps:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    loss_sum, raw_sum, n_ok, _ = _mean_over_ranks(acc, env)
+                    loss_sum, raw_sum, n_ok, _ = _sum_over_ranks(acc, env)
                     dt = time.time() - t_log
                     ips = (step - step_log) * args.global_batch_size / max(dt, 1e-9)
                     log.info(f"step {step:07d}/{max_steps} | loss {loss_sum / max(n_ok, 1):.4f} | raw loss "
@@ -292,7 +295,6 @@ def main(args):
 
 
 def vars_config(config: DiTConfig) -> dict:
-    from dataclasses import asdict
     return asdict(config)
 
 

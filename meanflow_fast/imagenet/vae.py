@@ -45,7 +45,11 @@ def encode(vae, x: torch.Tensor, mode: str = "mean", generator=None, scale: floa
 
 
 @torch.no_grad()
-def decode_to_uint8(vae, z: torch.Tensor, scale: float = LATENT_SCALE) -> torch.Tensor:
-    """Latents × ``scale`` → uint8 images (B, H, W, 3)."""
-    x = vae.decode((z / scale).to(vae.dtype)).sample.float()
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+def decode_to_uint8(vae, z: torch.Tensor, scale: float = LATENT_SCALE, chunk: int = 32) -> torch.Tensor:
+    """Latents × ``scale`` → uint8 images (B, H, W, 3), decoded ``chunk`` at a time (the SD-VAE decoder's
+    activations at 256² are ~0.1 GB per image in fp32)."""
+    out = []
+    for zc in z.split(chunk):
+        x = vae.decode((zc / scale).to(vae.device, vae.dtype)).sample.float()
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(out)
