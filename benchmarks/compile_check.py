@@ -1,0 +1,661 @@
+"""Ahead-of-time compile check of every Triton kernel in ``kernels/``, on a machine without a GPU.
+
+    PYTHONPATH=. python benchmarks/compile_check.py                # bf16+fp16, all configs, sm_90 and sm_80
+    PYTHONPATH=. python benchmarks/compile_check.py --quick        # bf16, first config of each kernel (~30 s)
+    PYTHONPATH=. python benchmarks/compile_check.py --dtypes all   # + fp32 (slow: see --dtypes)
+
+Run it with the triton of the GPU machine (3.6: ``/work/venv36``) before a GPU session, and with the
+local one. Options: --targets 90,80, --kernel NAME, --jobs N, --timeout S, --json FILE.
+
+What it does. Each launcher (``attention_fwd``, ``attention_bwd``, ``dual_linear_fwd``,
+``ln_modulate_fwd``/``_bwd``, ``gated_residual_fwd``/``_bwd``) is called at DiT sizes on *fake* CUDA
+tensors (torch's FakeTensorMode: shapes, strides, dtypes, no memory, no GPU), with every
+``@triton.jit``/``@triton.autotune`` object of the ``kernels`` modules replaced by a recorder. The
+recorded launch (positional arguments, constexprs, num_warps) is then bound by Triton's own
+specialisation code (the binder a real launch uses: pointer dtypes, 16-divisibility of ints and of
+pointer offsets, ints equal to 1 turned into constants), once per autotune config of the CUDA config
+list, and compiled with ``triton.compile`` for a ``GPUTarget("cuda", 90, 32)`` (H100/H200) and
+``GPUTarget("cuda", 80, 32)`` (A100). The wheel's own ``ptxas`` produces the cubin, so a compile here
+runs the same front end, MLIR passes and ptxas as the first launch on the GPU machine with the same
+triton version. The signature therefore follows the launchers: a new argument or constexpr needs no
+change here; a new launcher or kernel module needs a scenario in ``scenarios()``.
+
+For each compiled kernel it prints registers/thread, spill stores/loads (ptxas ``-v``), the shared
+memory Triton requests at launch (``metadata.shared``) and the resident blocks per SM these allow.
+A row is
+  OK     compiled and fits the target;
+  SPILL  compiled, ptxas spilled registers to local memory (slow, but runs);
+  OOR    compiled, but needs more shared memory than one block may have (H100: 232448 B opt-in,
+         A100: 166912 B) or more than 65536 registers: the GPU would refuse it at launch
+         (the autotuner skips such a config at run time);
+  SLOW   the compile ran past --timeout and was killed (the autotuner compiles every config of its
+         list at the first launch on the GPU, so this is GPU-session time);
+  FAIL   did not compile (Triton front end, MLIR pass or ptxas error).
+Exit status 1 when a config FAILs or when a kernel has *no* config left that compiles and fits
+(every config OOR/FAIL: the autotuner would have nothing to run); 0 otherwise (SPILL, SLOW and OOR
+of single configs are warnings). The "compile s" column is this machine's compile time of the
+config (two compiles share its 2 cores), from the run that filled the cache.
+
+What it cannot check: numerics (tests/ run the kernels in the CPU interpreter for that, and
+tests/test_gpu_*.py on a GPU), speed, launch-time errors that depend on real pointers or grid sizes
+(e.g. an illegal address), run-time autotuner behaviour, or the driver's JIT of the PTX. Alignment is
+taken from the fake tensors' storage offsets assuming 16-byte aligned allocations (true of torch's
+CUDA caching allocator). Resource numbers are those of the triton/ptxas installed where it runs, so run
+it with the triton version of the GPU machine (3.6 at present) as well as the local one.
+
+TRITON_INTERPRET must be off: the interpreter replaces the jit functions when ``kernels`` is imported
+(this script unsets it before importing Triton). Compiles are cached in Triton's cache (with the
+ptxas numbers kept beside it in ``<triton cache dir>/../compile_check/``), so a second run is fast.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y"):
+    print("compile_check: unsetting TRITON_INTERPRET (the interpreter replaces jit functions)", file=sys.stderr)
+os.environ.pop("TRITON_INTERPRET", None)
+warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels.attention as attention_mod  # noqa: E402
+import kernels.gated_residual as gated_mod  # noqa: E402
+import kernels.layernorm_modulate as ln_mod  # noqa: E402
+import kernels.linear as linear_mod  # noqa: E402
+import kernels.mlp as mlp_mod  # noqa: E402,F401  (no kernel of its own: fc1/fc2 are dual_linear launches)
+
+KERNEL_MODULES = (attention_mod, linear_mod, mlp_mod, ln_mod, gated_mod)
+
+# Per-target limits (CUDA programming guide, compute capability tables).
+LIMITS = {
+    90: dict(name="sm_90", smem_block=232448, smem_sm=233472, regs_sm=65536, max_warps_sm=64, max_blocks_sm=32),
+    80: dict(name="sm_80", smem_block=166912, smem_sm=167936, regs_sm=65536, max_warps_sm=64, max_blocks_sm=32),
+}
+HEAVY_SPILL_BYTES = 1024  # spill stores above this are called out in the summary
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording the launchers' kernel launches on fake CUDA tensors
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    kernel: Any                 # the Autotuner or JITFunction the launcher indexed with [grid]
+    name: str                   # its function name
+    args: Tuple                 # positional arguments as the launcher passed them (fake tensors → stand-ins)
+    kwargs: Dict[str, Any]      # keyword arguments (constexprs, num_warps, ...)
+
+
+class TensorArg:
+    """What Triton's binder needs of a tensor argument: its dtype and its address (only the address's
+    alignment matters; the base allocation is taken as 256-byte aligned, the offset is the view's)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.dtype = t.dtype
+        self._ptr = 256 * 1024 + t.storage_offset() * t.element_size()
+
+    def data_ptr(self):
+        return self._ptr
+
+    @staticmethod
+    def ptr_range():
+        return 0  # within 32-bit offsets, as a real < 2 GiB tensor
+
+
+class _Recorder:
+    def __init__(self, kernel, sink: List[Launch]):
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            conv = tuple(TensorArg(a) if isinstance(a, torch.Tensor) else a for a in args)
+            kw = {k: (TensorArg(v) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+            self.sink.append(Launch(self.kernel, _base_fn(self.kernel).__name__, conv, kw))
+        return launch
+
+
+def _base_fn(kernel) -> JITFunction:
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+@contextlib.contextmanager
+def recording(sink: List[Launch]):
+    """Replace every jit/autotune object of the kernel modules by a recorder (restored on exit: the
+    jit helpers that kernels call must be the real ones again before anything is compiled)."""
+    linear_mod._cuda_kernel()  # build the lazily created autotuner of the dual linear so it is patched too
+    saved = []
+    for mod in KERNEL_MODULES:
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, (JITFunction, Autotuner)):
+                saved.append((mod, name, obj))
+                setattr(mod, name, _Recorder(obj, sink))
+    real_device = torch.cuda.device
+    torch.cuda.device = lambda *a, **k: contextlib.nullcontext()  # the CPU build has no CUDA device context
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        torch.cuda.device = real_device
+        for mod, name, obj in saved:
+            setattr(mod, name, obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios: the launchers at the DiT's sizes and layouts
+# ---------------------------------------------------------------------------------------------
+# (label, hidden size, heads): DiT-B/2 (head dim 64) and DiT-XL/2 (head dim 72, padded to BLOCK_D 128).
+MODELS = (("B/2", 768, 12), ("XL/2", 1152, 16))
+BATCH, TOKENS = 32, 256  # 256 px images: 32×32 latents, patch 2 → 256 tokens
+
+
+@dataclass
+class Scenario:
+    family: str                  # kernels this scenario launches, for the table
+    variant: str                 # dtype and shape flags
+    call: Callable[[], None]     # runs the launcher(s) under FakeTensorMode
+
+
+def _heads(qkv, heads):
+    """meanflow_fast.model.Attention._heads: (B, N, 3D) → 3 × (B, H, N, Dh) views."""
+    B, N, D3 = qkv.shape
+    return qkv.view(B, N, 3, heads, D3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _cuda(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+def scenarios(dtypes: List[str]) -> List[Scenario]:
+    out = []
+    for dt_name in dtypes:
+        dt = DTYPES[dt_name]
+        for model, hidden, heads in MODELS:
+            hd = hidden // heads
+
+            def attn_fwd(dt=dt, hidden=hidden, heads=heads, tangent=False):
+                q, k, v = _heads(_cuda(BATCH, TOKENS, 3 * hidden, dtype=dt), heads)
+                tans = _heads(_cuda(BATCH, TOKENS, 3 * hidden, dtype=dt), heads) if tangent else (None,) * 3
+                attention_mod.attention_fwd(q, k, v, *tans)
+
+            def attn_bwd(dt=dt, hidden=hidden, heads=heads):
+                q, k, v = _heads(_cuda(BATCH, TOKENS, 3 * hidden, dtype=dt), heads)
+                o = attention_mod._empty_bnhd(q)
+                do = attention_mod._empty_bnhd(q)  # grad of the (B, N, H·D) merge: the same layout as o
+                lse = _cuda(*q.shape[:3], dtype=torch.float32)
+                attention_mod.attention_bwd(do, q, k, v, o, lse)
+
+            for tangent in (False, True):
+                out.append(Scenario("attention fwd", f"{dt_name} D={hd}{' +tangent' if tangent else ''}",
+                                    lambda f=attn_fwd, t=tangent: f(tangent=t)))
+            out.append(Scenario("attention bwd", f"{dt_name} D={hd}", attn_bwd))
+
+            def ln(dt=dt, hidden=hidden):
+                x, xd = _cuda(BATCH, TOKENS, hidden, dtype=dt), _cuda(BATCH, TOKENS, hidden, dtype=dt)
+                mod, mod_d = _cuda(BATCH, 6 * hidden, dtype=dt), _cuda(BATCH, 6 * hidden, dtype=dt)
+                sh, sc = mod.chunk(6, dim=1)[:2]  # the adaLN chunks: non-contiguous (B, D) views
+                shd, scd = mod_d.chunk(6, dim=1)[:2]
+                m, _, mean, rstd = ln_mod.ln_modulate_fwd(x, sh, sc, xd, shd, scd, 1e-6)
+                ln_mod.ln_modulate_bwd(torch.empty_like(m), x, sc, mean, rstd)
+
+            def gated(dt=dt, hidden=hidden):
+                x, f, xd, fd = (_cuda(BATCH, TOKENS, hidden, dtype=dt) for _ in range(4))
+                g = _cuda(BATCH, 6 * hidden, dtype=dt).chunk(6, dim=1)[2]
+                gd = _cuda(BATCH, 6 * hidden, dtype=dt).chunk(6, dim=1)[2]
+                y, _ = gated_mod.gated_residual_fwd(x, g, f, xd, gd, fd)
+                gated_mod.gated_residual_bwd(torch.empty_like(y), g, f)
+
+            out.append(Scenario("ln_modulate fwd+bwd", f"{dt_name} D={hidden}", ln))
+            out.append(Scenario("gated_residual fwd+bwd", f"{dt_name} D={hidden}", gated))
+
+        # Dual linear at DiT-B/2: qkv (768 → 2304), proj (768 → 768), fc1 + GELU (768 → 3072, with and
+        # without the pre-activation for the backward), fc2 (3072 → 768). fp32 twice: IEEE dots (torch's
+        # default "highest" matmul precision) and TF32 ("high").
+        precisions = ("highest", "high") if dt == torch.float32 else ("highest",)
+        for prec in precisions:
+            tag = dt_name + ("/tf32" if prec == "high" else "")
+
+            def lin(dt=dt, prec=prec, n_out=2304, k=768, gelu=False, store_pre=False, merged=False):
+                old = torch.get_float32_matmul_precision()
+                torch.set_float32_matmul_precision(prec)
+                try:
+                    if merged:  # proj reads the attention output merged (B, N, H, Dh) → (B, N, D), a view
+                        x = _cuda(BATCH, TOKENS, 12, k // 12, dtype=dt).reshape(BATCH, TOKENS, k)
+                        xd = _cuda(BATCH, TOKENS, 12, k // 12, dtype=dt).reshape(BATCH, TOKENS, k)
+                    else:
+                        x, xd = _cuda(BATCH, TOKENS, k, dtype=dt), _cuda(BATCH, TOKENS, k, dtype=dt)
+                    w, b = _cuda(n_out, k, dtype=dt), _cuda(n_out, dtype=dt)
+                    linear_mod.dual_linear_fwd(x, w, b, xd, gelu=gelu, store_pre=store_pre)
+                finally:
+                    torch.set_float32_matmul_precision(old)
+
+            out.append(Scenario("dual_linear qkv 768→2304", tag, lin))
+            out.append(Scenario("dual_linear proj 768→768", tag, lambda f=lin: f(n_out=768, merged=True)))
+            out.append(Scenario("dual_linear fc1+gelu+pre 768→3072", tag,
+                                lambda f=lin: f(n_out=3072, gelu=True, store_pre=True)))
+            out.append(Scenario("dual_linear fc1+gelu 768→3072", tag, lambda f=lin: f(n_out=3072, gelu=True)))
+            out.append(Scenario("dual_linear fc2 3072→768", tag, lambda f=lin: f(n_out=768, k=3072)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile jobs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    kernel: str
+    variant: str
+    config: str
+    capability: int
+    src: Any = None                         # ASTSource
+    options: Dict[str, Any] = field(default_factory=dict)
+    group: Tuple = ()                       # (kernel, specialisation, target): its configs stand in for one another
+    also: List[str] = field(default_factory=list)
+    # results
+    status: str = "?"
+    regs: Optional[int] = None
+    spill_st: Optional[int] = None
+    spill_ld: Optional[int] = None
+    shared: Optional[int] = None
+    warps: Optional[int] = None
+    blocks_sm: Optional[int] = None
+    error: str = ""
+    seconds: float = 0.0
+
+
+def _config_label(cfg_kwargs: Dict[str, Any], options: Dict[str, Any]) -> str:
+    short = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK", "GROUP_M": "G", "BLOCK_R": "BR",
+             "BLOCK_D": "BD", "ROWS_PER_PROG": "RPP"}
+    parts = [f"{short.get(k, k)}{v}" for k, v in cfg_kwargs.items()]
+    parts.append(f"w{options['num_warps']} s{options['num_stages']}")
+    return " ".join(parts)
+
+
+def build_jobs(launches: List[Tuple[Scenario, Launch]], capabilities: List[int], quick: bool) -> List[Job]:
+    jobs: Dict[Tuple, Job] = {}
+    binders = {}
+    for cap in capabilities:
+        target = GPUTarget("cuda", cap, 32)
+        backend = make_backend(target)
+        for scen, ln in launches:
+            fn = _base_fn(ln.kernel)
+            if (id(fn), cap) not in binders:
+                binders[id(fn), cap] = create_function_from_signature(fn.signature, fn.params, backend)
+            binder = binders[id(fn), cap]
+            if isinstance(ln.kernel, Autotuner):
+                configs = [c.all_kwargs() for c in ln.kernel.configs]
+                tuned = [set(c.kwargs) for c in ln.kernel.configs]
+            else:
+                configs, tuned = [{}], [set()]
+            if quick:
+                configs, tuned = configs[:1], tuned[:1]
+            for cfg, tuned_keys in zip(configs, tuned):
+                kwargs = {**ln.kwargs, **cfg}
+                bound, spec, opts = binder(*ln.args, **kwargs)
+                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+                shown = {k: v for k, v in kwargs.items() if k in tuned_keys or
+                         (not tuned_keys and (k.startswith("BLOCK_") or k == "ROWS_PER_PROG"))}
+                label = _config_label(shown, options.__dict__)
+                spec_key = json.dumps([signature, sorted((str(k), repr(v)) for k, v in constexprs.items() if
+                                                         fn.arg_names[k[0]] not in tuned_keys),
+                                       sorted((str(k), repr(v)) for k, v in attrs.items())], sort_keys=True)
+                key = (fn.__name__, cap, spec_key, label)
+                variant = f"{scen.variant} [{scen.family}]" if scen.family.startswith("dual_linear") else scen.variant
+                if key in jobs:
+                    if variant not in jobs[key].also and variant != jobs[key].variant:
+                        jobs[key].also.append(variant)
+                    continue
+                jobs[key] = Job(fn.__name__, variant, label, cap, ASTSource(fn, signature, constexprs, attrs),
+                                options.__dict__, group=(fn.__name__, cap, spec_key))
+    return list(jobs.values())
+
+
+_LOG_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+_LOG_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_LOG_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _parse_ptxas(log: str) -> Optional[Dict[str, int]]:
+    """Registers and spills of the entry function from ptxas -v (device functions, if any were not
+    inlined, add their spills)."""
+    if not _LOG_ENTRY.search(log) or not _LOG_REGS.search(log):
+        return None
+    regs = max(int(r) for r in _LOG_REGS.findall(log))
+    spills = _LOG_SPILL.findall(log)
+    return dict(regs=regs, stack=sum(int(s[0]) for s in spills), spill_st=sum(int(s[1]) for s in spills),
+                spill_ld=sum(int(s[2]) for s in spills))
+
+
+@contextlib.contextmanager
+def _captured_fds():
+    """Capture fds 1 and 2 (Triton prints the ptxas log and the PTX of a failing kernel with print; MLIR
+    diagnostics go to fd 2 from C++)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        box = {}
+        try:
+            yield box
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            f.seek(0)
+            box["text"] = f.read().decode("utf-8", "replace")
+
+
+def _side_cache_dir() -> str:
+    d = os.path.join(os.path.dirname(os.path.abspath(knobs.cache.dir)), "compile_check")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _occupancy(job: Job) -> Optional[int]:
+    lim = LIMITS[job.capability]
+    if job.regs is None or job.warps is None:
+        return None
+    regs_per_warp = math.ceil(max(job.regs, 1) * 32 / 256) * 256
+    by_regs = (lim["regs_sm"] // regs_per_warp) // job.warps
+    by_warps = lim["max_warps_sm"] // job.warps
+    by_smem = lim["smem_sm"] // (job.shared + 1024) if job.shared else lim["max_blocks_sm"]
+    return min(by_regs, by_warps, by_smem, lim["max_blocks_sm"])
+
+
+def compile_job(job: Job) -> Job:
+    """Compile one job and fill in its resource use and status. Runs in a worker process."""
+    t0 = time.time()
+    target = GPUTarget("cuda", job.capability, 32)
+    knobs.nvidia.dump_ptxas_log = True
+    info, err, kernel = None, None, None
+    for attempt in range(2):
+        knobs.compilation.always_compile = attempt == 1  # a cache hit without our ptxas numbers: recompile
+        with _captured_fds() as out:
+            try:
+                kernel = triton.compile(job.src, target=target, options=job.options)
+            except Exception as e:  # noqa: BLE001 - any compile error is the finding
+                err = e
+                tb = traceback.format_exc()
+        if err is not None:
+            break
+        side = os.path.join(_side_cache_dir(), f"{kernel.hash}.json")
+        info = _parse_ptxas(out["text"])
+        if info is not None:
+            info["seconds"] = round(time.time() - t0, 2)
+            with open(side, "w") as f:
+                json.dump(info, f)
+            break
+        if os.path.exists(side):
+            with open(side) as f:
+                info = json.load(f)
+            break
+    knobs.compilation.always_compile = False
+    job.seconds = time.time() - t0
+    if info is not None and "seconds" in info:
+        job.seconds = info["seconds"]  # the time of the compile that filled the cache, not of the cache hit
+    if err is not None:
+        job.status = "FAIL"
+        msg = f"{type(err).__name__}: {err}".strip()
+        diag = [ln for ln in out["text"].splitlines() if "error" in ln.lower()][:5]
+        job.error = "\n".join([msg.splitlines()[0] if msg else type(err).__name__] +
+                              [m for m in msg.splitlines()[1:12]] + diag)
+        if not job.error.strip():
+            job.error = tb[-2000:]
+        return job
+    md = kernel.metadata
+    job.shared = int(md.shared)
+    job.warps = int(md.num_warps)
+    if info is not None:
+        job.regs, job.spill_st, job.spill_ld = info["regs"], info["spill_st"], info["spill_ld"]
+    job.blocks_sm = _occupancy(job)
+    lim = LIMITS[job.capability]
+    problems = []
+    if job.shared > lim["smem_block"]:
+        problems.append(f"shared {job.shared} B > {lim['smem_block']} B")
+    if job.regs is not None and job.regs * 32 * job.warps > lim["regs_sm"]:
+        problems.append(f"{job.regs} regs × {32 * job.warps} threads > {lim['regs_sm']}")
+    if job.warps * 32 > 1024:
+        problems.append(f"{job.warps * 32} threads > 1024")
+    if problems:
+        job.status, job.error = "OOR", "; ".join(problems)
+    elif job.spill_st:
+        job.status = "SPILL"
+    else:
+        job.status = "OK"
+    return job
+
+
+_JOBS: List[Job] = []
+_RESULT_FIELDS = ("status", "regs", "spill_st", "spill_ld", "shared", "warps", "blocks_sm", "error", "seconds")
+
+
+def run_jobs(n_parallel: int, timeout: float) -> List[Job]:
+    """Compile every job of _JOBS in forked children, at most n_parallel at a time. A child that runs past
+    ``timeout`` seconds is killed with its process group (its ptxas too) and its job marked SLOW."""
+    pending = list(range(len(_JOBS)))
+    running: Dict[int, Tuple[int, float, int]] = {}  # pid → (job index, start time, read end of its pipe)
+    while pending or running:
+        while pending and len(running) < n_parallel:
+            i = pending.pop(0)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child: compile, send the result fields back as JSON, exit without cleanup
+                code = 0
+                try:
+                    os.close(r)
+                    os.setpgid(0, 0)
+                    job = compile_job(_JOBS[i])
+                    job.error = job.error[:4000]
+                    data = json.dumps({k: getattr(job, k) for k in _RESULT_FIELDS}).encode()
+                except BaseException:  # noqa: BLE001
+                    data = json.dumps({"status": "FAIL", "error": traceback.format_exc()[-4000:]}).encode()
+                    code = 1
+                try:
+                    while data:
+                        data = data[os.write(w, data):]
+                finally:
+                    os._exit(code)
+            os.close(w)
+            running[pid] = (i, time.time(), r)
+        time.sleep(0.05)
+        for pid, (i, start, r) in list(running.items()):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            job = _JOBS[i]
+            if done == 0 and time.time() - start > timeout:
+                try:
+                    os.killpg(pid, 9)
+                except ProcessLookupError:
+                    pass
+                os.waitpid(pid, 0)
+                job.status, job.seconds = "SLOW", time.time() - start
+                job.error = f"compile killed after {timeout:.0f} s"
+            elif done == 0:
+                continue
+            else:
+                raw = b""
+                while True:
+                    chunk = os.read(r, 65536)
+                    if not chunk:
+                        break
+                    raw += chunk
+                try:
+                    for k, v in json.loads(raw.decode()).items():
+                        setattr(job, k, v)
+                except ValueError:
+                    job.status, job.error = "FAIL", f"compile process died (no result): {raw[-500:]!r}"
+            os.close(r)
+            del running[pid]
+            if job.status in ("FAIL", "SLOW"):
+                print(f"  {job.status}: {job.kernel} [{job.variant}] {job.config} {LIMITS[job.capability]['name']}",
+                      flush=True)
+    return _JOBS
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def print_table(jobs: List[Job]) -> None:
+    head = ("kernel", "variant", "config", "target", "regs", "spill st/ld", "shared B", "blk/SM", "compile s",
+            "status")
+    rows = []
+    for j in jobs:
+        variant = j.variant + (f" (+{len(j.also)} alike)" if j.also else "")
+        spill = "-" if j.spill_st is None else f"{j.spill_st}/{j.spill_ld}"
+        rows.append((j.kernel, variant, j.config, LIMITS[j.capability]["name"],
+                     "-" if j.regs is None else str(j.regs), spill, "-" if j.shared is None else str(j.shared),
+                     "-" if j.blocks_sm is None else str(j.blocks_sm), f"{j.seconds:.1f}", j.status))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)] if rows else [len(h) for h in head]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def summarize(jobs: List[Job], record_errors: List[str]) -> int:
+    print()
+    print(f"triton {triton.__version__}, torch {torch.__version__}: {len(jobs)} compiles "
+          f"({sum(j.seconds for j in jobs):.0f} s of compile time)")
+    counts = {s: sum(j.status == s for j in jobs) for s in ("OK", "SPILL", "OOR", "SLOW", "FAIL")}
+    print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    fatal = bool(record_errors)
+    for e in record_errors:
+        print(f"ERROR recording a launcher call: {e}")
+    for j in jobs:
+        if j.status == "FAIL":
+            fatal = True
+            print(f"\nFAIL {j.kernel} [{j.variant}] {j.config} {LIMITS[j.capability]['name']}:")
+            print("  " + j.error.replace("\n", "\n  "))
+    groups: Dict[Tuple, List[Job]] = {}
+    for j in jobs:
+        groups.setdefault(j.group, []).append(j)
+    for g, js in groups.items():
+        if all(j.status in ("FAIL", "OOR") for j in js):
+            fatal = True
+            print(f"\nERROR no usable config: {js[0].kernel} [{js[0].variant}] on {LIMITS[g[1]]['name']}: "
+                  + "; ".join(f"{j.config}: {j.status} {j.error.splitlines()[0] if j.error else ''}" for j in js))
+    slow = [j for j in jobs if j.status == "SLOW"]
+    if slow:
+        print("\nSLOW to compile (killed; on the GPU the autotuner compiles every config of a list at its first "
+              "launch, so these cost GPU-session time before anything runs):")
+        for j in slow:
+            print(f"  {j.kernel} [{j.variant}] {j.config} {LIMITS[j.capability]['name']}: {j.error}")
+    slowish = sorted((j for j in jobs if j.status != "SLOW" and j.seconds > 10), key=lambda j: -j.seconds)
+    if slowish:
+        print("\nCompiles over 10 s on this machine:")
+        for j in slowish[:12]:
+            print(f"  {j.seconds:6.1f} s  {j.kernel} [{j.variant}] {j.config} {LIMITS[j.capability]['name']}")
+    oor = [j for j in jobs if j.status == "OOR"]
+    if oor:
+        print("\nOut of resources (the autotuner skips these at run time; dead weight in the config list):")
+        for j in oor:
+            print(f"  {j.kernel} [{j.variant}] {j.config} {LIMITS[j.capability]['name']}: {j.error}")
+    spills = sorted((j for j in jobs if j.spill_st), key=lambda j: -j.spill_st)
+    if spills:
+        heavy = [j for j in spills if j.spill_st > HEAVY_SPILL_BYTES]
+        shown = heavy + [j for j in spills if j.spill_st <= HEAVY_SPILL_BYTES][:10]
+        print(f"\nRegister spills ({len(spills)} compiles, {len(heavy)} with over {HEAVY_SPILL_BYTES} B of spill "
+              f"stores, marked '!'):")
+        for j in shown:
+            mark = "!" if j.spill_st > HEAVY_SPILL_BYTES else " "
+            print(f" {mark} {j.kernel} [{j.variant}] {j.config} {LIMITS[j.capability]['name']}: "
+                  f"{j.regs} regs, {j.spill_st} B spill stores, {j.spill_ld} B spill loads")
+        if len(spills) > len(shown):
+            print(f"   ... and {len(spills) - len(shown)} more with at most {spills[len(shown)].spill_st} B "
+                  "(see the table)")
+    users: Dict[Tuple, List[str]] = {}
+    for j in sorted((j for j in jobs if j.shared is not None), key=lambda j: -j.shared):
+        users.setdefault((j.shared, j.kernel, j.config, j.capability, j.blocks_sm), []).append(j.variant)
+    if users:
+        print("\nLargest shared-memory users:")
+        for (shared, kernel, config, cap, blocks), variants in list(users.items())[:8]:
+            print(f"  {shared:>7} B  {kernel} {config} {LIMITS[cap]['name']} ({blocks} block(s)/SM): "
+                  + ", ".join(variants[:3]) + (f" +{len(variants) - 3}" if len(variants) > 3 else ""))
+    print("\nRESULT:", "FAILED (compile failure or a kernel without a usable config)" if fatal else
+          "all kernels compile, every kernel has a usable config")
+    return 1 if fatal else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="bf16 only, first autotune config of each kernel")
+    p.add_argument("--targets", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated subset of bf16,fp16,fp32, or 'all' (default bf16,fp16; --quick: bf16). fp32 "
+                        "is slow to compile: ~25 min more with triton 3.6 on 2 cores, mostly the attention forward")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds one compile may take before it is killed and reported SLOW (default 120)")
+    p.add_argument("--kernel", default=None, help="only kernels whose name contains this string")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles (default 2)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+
+    caps = [int(c) for c in a.targets.split(",") if c.strip()]
+    for c in caps:
+        if c not in LIMITS:
+            p.error(f"target {c} unknown; known: {sorted(LIMITS)}")
+    if a.dtypes == "all":
+        dtypes = list(DTYPES)
+    else:
+        dtypes = a.dtypes.split(",") if a.dtypes else (["bf16"] if a.quick else ["bf16", "fp16"])
+    for d in dtypes:
+        if d not in DTYPES:
+            p.error(f"dtype {d} unknown; known: {list(DTYPES)}")
+
+    launches, record_errors = [], []
+    for scen in scenarios(dtypes):
+        sink: List[Launch] = []
+        try:
+            with recording(sink):
+                scen.call()
+        except Exception as e:  # noqa: BLE001
+            record_errors.append(f"{scen.family} [{scen.variant}]: {type(e).__name__}: {e}")
+            continue
+        if not sink:
+            record_errors.append(f"{scen.family} [{scen.variant}]: the launcher launched no recorded kernel")
+        launches += [(scen, ln) for ln in sink if a.kernel is None or a.kernel in ln.name]
+
+    global _JOBS
+    _JOBS = build_jobs(launches, caps, a.quick)
+    print(f"compile_check: triton {triton.__version__}, {len(_JOBS)} compiles "
+          f"({len({j.kernel for j in _JOBS})} kernels, targets {', '.join(LIMITS[c]['name'] for c in caps)}, "
+          f"dtypes {', '.join(dtypes)}, {a.jobs} parallel)", flush=True)
+    t0 = time.time()
+    done = run_jobs(max(1, a.jobs), a.timeout)
+    print(f"compiled in {time.time() - t0:.0f} s wall\n")
+    print_table(done)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{k: v for k, v in vars(j).items() if k not in ("src", "options", "group")} for j in done],
+                      f, indent=1)
+    return summarize(done, record_errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
