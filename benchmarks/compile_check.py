@@ -14,7 +14,8 @@ tensors (torch's FakeTensorMode: shapes, strides, dtypes, no memory, no GPU), wi
 recorded launch (positional arguments, constexprs, num_warps) is then bound by Triton's own
 specialisation code (the binder a real launch uses: pointer dtypes, 16-divisibility of ints and of
 pointer offsets, ints equal to 1 turned into constants), once per autotune config of the CUDA config
-list, and compiled with ``triton.compile`` for a ``GPUTarget("cuda", 90, 32)`` (H100/H200) and
+list (after the autotuner's ``early_config_prune``, if it has one; a ``perf_model`` is not applied),
+and compiled with ``triton.compile`` for a ``GPUTarget("cuda", 90, 32)`` (H100/H200) and
 ``GPUTarget("cuda", 80, 32)`` (A100). The wheel's own ``ptxas`` produces the cubin, so a compile here
 runs the same front end, MLIR passes and ptxas as the first launch on the GPU machine with the same
 triton version. The signature therefore follows the launchers: a new argument or constexpr needs no
@@ -303,8 +304,12 @@ def build_jobs(launches: List[Tuple[Scenario, Launch]], capabilities: List[int],
                 binders[id(fn), cap] = create_function_from_signature(fn.signature, fn.params, backend)
             binder = binders[id(fn), cap]
             if isinstance(ln.kernel, Autotuner):
-                configs = [c.all_kwargs() for c in ln.kernel.configs]
-                tuned = [set(c.kwargs) for c in ln.kernel.configs]
+                cfgs = ln.kernel.configs
+                prune = getattr(ln.kernel, "early_config_prune", None)
+                if prune:  # as Autotuner.prune_configs: a per-launch subset (e.g. by dtype) is all that compiles
+                    cfgs = prune(cfgs, dict(zip(ln.kernel.arg_names, ln.args)), **ln.kwargs)
+                configs = [c.all_kwargs() for c in cfgs]
+                tuned = [set(c.kwargs) for c in cfgs]
             else:
                 configs, tuned = [{}], [set()]
             if quick:
@@ -420,10 +425,13 @@ def compile_job(job: Job) -> Job:
         job.seconds = info["seconds"]  # the time of the compile that filled the cache, not of the cache hit
     if err is not None:
         job.status = "FAIL"
-        msg = f"{type(err).__name__}: {err}".strip()
+        lines = f"{type(err).__name__}: {err}".strip().splitlines()
+        # A CompilationError reads "at L:C:", the source up to the failing line, then the reason (and its
+        # cause's); keep the head, the failing line and the reason.
+        if len(lines) > 14:
+            lines = lines[:2] + ["  ..."] + lines[-12:]
         diag = [ln for ln in out["text"].splitlines() if "error" in ln.lower()][:5]
-        job.error = "\n".join([msg.splitlines()[0] if msg else type(err).__name__] +
-                              [m for m in msg.splitlines()[1:12]] + diag)
+        job.error = "\n".join(lines + diag)
         if not job.error.strip():
             job.error = tb[-2000:]
         return job
@@ -537,6 +545,12 @@ def print_table(jobs: List[Job]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
+def _reason(job: Job) -> str:
+    """One line of a job's error: its last non-blank line (a compile error's reason comes last)."""
+    lines = [ln.strip() for ln in job.error.splitlines() if ln.strip() and ln.strip() != "^"]
+    return lines[-1][:200] if lines else ""
+
+
 def summarize(jobs: List[Job], record_errors: List[str]) -> int:
     print()
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(jobs)} compiles "
@@ -558,7 +572,7 @@ def summarize(jobs: List[Job], record_errors: List[str]) -> int:
         if all(j.status in ("FAIL", "OOR") for j in js):
             fatal = True
             print(f"\nERROR no usable config: {js[0].kernel} [{js[0].variant}] on {LIMITS[g[1]]['name']}: "
-                  + "; ".join(f"{j.config}: {j.status} {j.error.splitlines()[0] if j.error else ''}" for j in js))
+                  + "; ".join(f"{j.config}: {j.status} {_reason(j)}" for j in js))
     slow = [j for j in jobs if j.status == "SLOW"]
     if slow:
         print("\nSLOW to compile (killed; on the GPU the autotuner compiles every config of a list at its first "
@@ -608,7 +622,8 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated subset of bf16,fp16,fp32, or 'all' (default bf16,fp16; --quick: bf16). fp32 "
-                        "is slow to compile: ~25 min more with triton 3.6 on 2 cores, mostly the attention forward")
+                        "is slow to compile with the present attention configs (IEEE fp32 dots: ~15 more minutes "
+                        "with triton 3.6 on 2 cores, the attention forward with tangent at D=72 most of it)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds one compile may take before it is killed and reported SLOW (default 120)")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this string")
