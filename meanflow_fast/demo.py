@@ -92,7 +92,7 @@ def evaluate(clf: DigitClassifier, x, y, ref_stats) -> dict:
     x = x.clamp(-1, 1)
     acc = (clf(x).argmax(1) == y).float().mean().item()
     fd = frechet_distance(*feature_stats(clf.features(x).numpy()), *ref_stats)
-    return {"class_accuracy": round(acc, 4), "frechet_distance": round(fd, 4) + 0.0}  # no "-0.0"
+    return {"class_accuracy": round(acc, 4), "frechet_distance": round(fd, 4)}
 
 
 # =================================================================================================

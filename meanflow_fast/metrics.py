@@ -26,4 +26,5 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     root1 = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
     m = root1 @ s2 @ root1
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    return max(fd, 0.0)  # ≥ 0 in exact arithmetic; identical inputs give about −1e−12 in floating point

@@ -90,7 +90,7 @@ def main(args) -> float:
     if args.save_ref_stats:
         save_npz(args.save_ref_stats, mu=mu_r, sigma=sigma_r)
     mu_s, sigma_s = feature_stats(inception_features(net, samples, args.batch_size, device))
-    fid = max(0.0, frechet_distance(mu_s, sigma_s, mu_r, sigma_r))  # identical sets: −1e−12 → 0
+    fid = frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
     log.info(f"FID {fid:.4f} ({len(samples)} samples of {samples.shape[1]}×{samples.shape[2]} vs {args.ref})")
     if args.out:
         save_json({"fid": fid, "num_samples": int(len(samples)), "samples": args.samples, "ref": args.ref}, args.out)
