@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/compile_check.py                # bf16+fp16, all configs, sm_90 and sm_80
     PYTHONPATH=. python benchmarks/compile_check.py --quick        # bf16, first config of each kernel (~30 s)
-    PYTHONPATH=. python benchmarks/compile_check.py --dtypes all   # + fp32 (slow: see --dtypes)
+    PYTHONPATH=. python benchmarks/compile_check.py --dtypes all   # + fp32 (see --dtypes)
 
 Run it with the triton of the GPU machine (3.6: ``/work/venv36``) before a GPU session, and with the
 local one. Options: --targets 90,80, --kernel NAME, --jobs N, --timeout S, --json FILE.
@@ -622,8 +622,8 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated subset of bf16,fp16,fp32, or 'all' (default bf16,fp16; --quick: bf16). fp32 "
-                        "is slow to compile with the present attention configs (IEEE fp32 dots: ~15 more minutes "
-                        "with triton 3.6 on 2 cores, the attention forward with tangent at D=72 most of it)")
+                        "adds about a minute on 2 cores (the attention and dual-linear autotuners prune fp32 to "
+                        "small tiles; before that, IEEE fp32 dots took ~15 more minutes with triton 3.6)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds one compile may take before it is killed and reported SLOW (default 120)")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this string")

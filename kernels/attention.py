@@ -72,13 +72,30 @@ def attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot,
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
+def _tile_configs(tiles):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
 def _configs(gpu_configs, interp_block_m: int, interp_block_n: int):
     """Autotune candidates on a GPU; one fixed config in the interpreter (one config skips benchmarking,
     which needs a GPU). The interpreter blocks differ (32 × 16) so the tests cover BLOCK_M ≠ BLOCK_N and
     several key blocks with a masked tail at N = 33 and 100."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": interp_block_m, "BLOCK_N": interp_block_n}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_configs]
+    return _tile_configs(gpu_configs)
+
+
+def _fp32_prune(fp32_tiles):
+    """``early_config_prune`` for an autotuner below: fp32 inputs get ``fp32_tiles`` in place of the list,
+    fp16/bf16 the list unchanged. (The autotuner only prunes when it has more than one config, so the
+    interpreter's single config never gets here; it is left alone anyway.)"""
+    fp32_configs = _tile_configs(fp32_tiles)
+
+    def prune(configs, named_args, **kwargs):
+        if _INTERPRET or named_args["Q"].dtype != torch.float32:
+            return configs
+        return fp32_configs
+    return prune
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Not swept on a GPU yet: FlashAttention-2-sized tiles, with
@@ -86,6 +103,21 @@ def _configs(gpu_configs, interp_block_m: int, interp_block_n: int):
 _FWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)]
 _BWD_DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 _BWD_DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+# fp32 inputs: one small tile each. IEEE fp32 dots run on the FMA units, not the tensor cores, and keep
+# their operands in registers, so the lists above are far too big for fp32: benchmarks/compile_check.py
+# (triton 3.6, D = 64 and 72) found every fp32 config of them spilling (forward with tangent: 34-182 KiB
+# of spill stores), the forward with tangent at D = 72 over the shared-memory limit in all 5 configs on
+# sm_80 and 2 of 5 on sm_90, and compiles of 16-71 s per config at D = 64, up to 734 s at D = 72: minutes
+# of autotuning at the first fp32 launch on a GPU. The tiles below compile in 1-3 s (triton 3.6 and 3.9,
+# sm_90 and sm_80, every supported D) and use at most 67 KiB of shared memory. No spills, except in the
+# forward with tangent: 0.4 KiB of spill stores at D = 64, 2.4-11.5 KiB at D > 64 (BLOCK_D = 128), where
+# every tile tried spills (16-64 × 16-32, 2-16 warps: 1-25 KiB). (16, 16, 8, 2) spills least (none at
+# D = 64, 1.1 KiB at D = 72 on sm_90) but crashes triton 3.9's LLVM (an SLPVectorizer assertion, sm_90,
+# D = 72 with tangent), which would abort the process at the first launch. fp32 is the accuracy path
+# (tests, references), not the fast one.
+_FWD_CONFIGS_FP32 = [(32, 16, 8, 2)]
+_BWD_DKDV_CONFIGS_FP32 = [(16, 32, 4, 1)]
+_BWD_DQ_CONFIGS_FP32 = [(32, 16, 4, 1)]
 
 
 @triton.jit
@@ -144,7 +176,8 @@ def _attn_fwd_jvp_block(
     return acc_o, acc_d, m_new, l_i, r_i, c_i
 
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS, 32, 16), key=["N", "HEAD_DIM", "HAS_TANGENT"])
+@triton.autotune(configs=_configs(_FWD_CONFIGS, 32, 16), key=["N", "HEAD_DIM", "HAS_TANGENT"],
+                 prune_configs_by={"early_config_prune": _fp32_prune(_FWD_CONFIGS_FP32)})
 @triton.jit
 def _attn_fwd_jvp_kernel(
     Q, K, V,                       # (B, H, N, D) primals
@@ -253,7 +286,8 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=mask_m)
 
 
-@triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS, 16, 32), key=["N", "HEAD_DIM"])
+@triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS, 16, 32), key=["N", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _fp32_prune(_BWD_DKDV_CONFIGS_FP32)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,                   # (B, H, N, D) inputs and dO
@@ -320,7 +354,8 @@ def _attn_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=key_mask)
 
 
-@triton.autotune(configs=_configs(_BWD_DQ_CONFIGS, 32, 16), key=["N", "HEAD_DIM"])
+@triton.autotune(configs=_configs(_BWD_DQ_CONFIGS, 32, 16), key=["N", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _fp32_prune(_BWD_DQ_CONFIGS_FP32)})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,                   # (B, H, N, D) inputs and dO

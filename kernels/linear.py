@@ -125,12 +125,18 @@ def _dual_linear_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-# Block sizes. CUDA: autotuned over the short list below, keyed on (M, N, K) (Triton adds the
+# Block sizes. CUDA: autotuned over the short list below, keyed on (M, N, K, GELU) (Triton adds the
 # dtypes to the key). The list is not the result of a sweep — no GPU was available when it was
 # written — but sized for two fp32 accumulators: a 128×128 dual tile holds 2·128·128 fp32 values,
 # 128 registers/thread over 8 warps; 64-row dual tiles match the intensity of 128-row plain tiles.
-# Configs that run out of shared memory (fp32 with BLOCK_K = 64 and 4 stages) are skipped by the
-# autotuner (it times an OutOfResources config as infinitely slow).
+# The autotuner prunes the list per launch (_prune_configs), from benchmarks/compile_check.py with
+# triton 3.6 at the DiT-B/2 sizes:
+# - fp32 (IEEE or TF32 dots): only the BLOCK_M = BLOCK_N = 64 configs fit. The 128-wide ones ask for
+#   192-320 KiB of shared memory (a block may have 227 KiB on sm_90, 163 KiB on sm_80: all 4 are over
+#   on sm_80; on sm_90 all 4 with TF32, 1 with IEEE dots) and with IEEE dots spill 1-1.7 KiB besides;
+#   BM64 BN64 BK64 s4 needs 144-192 KiB (IEEE: spills 16-40 B), BM64 BN64 BK32 s3 48-72 KiB (no spills).
+# - GELU epilogue: BM128 BN128 spills for every dtype (bf16/fp16: 32-80 B on sm_90, 212-236 B on sm_80;
+#   fp32: see above); BM64 BN256 covers the same tile area without spills, so BM128 BN128 is dropped.
 # CPU interpreter: one fixed config; program instances run one after another, so fewer, larger
 # programs are faster (a 64×128×64 problem: 0.19 s with 16³ blocks, 0.017 s with 32×64×32).
 _CUDA_CONFIGS = [
@@ -145,10 +151,24 @@ _CPU_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
 _tuned_kernel = None  # built on first CUDA use, so the CPU path never touches the autotuner
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` of the CUDA autotuner: the subset of ``configs`` worth compiling for this
+    launch (see the comment above _CUDA_CONFIGS)."""
+    if named_args["X"].dtype == torch.float32:
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64]
+    if kwargs.get("GELU"):
+        configs = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 128)]
+    return configs
+
+
 def _cuda_kernel():
     global _tuned_kernel
     if _tuned_kernel is None:
-        _tuned_kernel = triton.autotune(configs=_CUDA_CONFIGS, key=["M", "N", "K"])(_dual_linear_fwd_kernel)
+        # GELU in the key: the pruned lists differ with it, so a GELU launch must not reuse the choice
+        # of a plain one of the same (M, N, K).
+        _tuned_kernel = triton.autotune(configs=_CUDA_CONFIGS, key=["M", "N", "K", "GELU"],
+                                        prune_configs_by={"early_config_prune": _prune_configs}
+                                        )(_dual_linear_fwd_kernel)
     return _tuned_kernel
 
 
