@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_check.sh            # GPU tests, then the B/2 ratio table (~8-9 min, cold caches)
 #   bash benchmarks/gpu_check.sh tests      # only the GPU tests (pytest -m gpu)
 #   bash benchmarks/gpu_check.sh bench      # only the ratio table; CASES="XL/2:64" picks other cases
+#   bash benchmarks/gpu_check.sh sampler    # only the sampler table (batch 1 and 256, graph/eager/compiled)
 # Full logs go under $OUT (or ./gpu_check_out when OUT is unset). Each phase has its own time limit, so
 # a slow phase cannot eat the other's budget. Before a session, on any CPU machine:
 #   PYTHONPATH=. python benchmarks/compile_check.py     # every kernel config compiles for sm_90/sm_80
@@ -28,6 +29,12 @@ fi
 if [[ $PHASE == all || $PHASE == bench ]]; then
     echo "== ratio table: $CASES =="
     # shellcheck disable=SC2086
-    timeout 240 python -m benchmarks.report --quick --cases $CASES --out "$OUT/benchmark_results.json" \
-        2>&1 | grep -v '^W[0-9]' | tee "$OUT/report.log"
+    timeout 240 python -m benchmarks.report --quick --sampler no --cases $CASES \
+        --out "$OUT/benchmark_results.json" 2>&1 | grep -v '^W[0-9]' | tee "$OUT/report.log"
+fi
+
+if [[ $PHASE == sampler ]]; then
+    echo "== sampler table =="
+    timeout 240 python -m benchmarks.report --sampler only --out "$OUT/sampler_results.json" \
+        2>&1 | grep -v '^W[0-9]' | tee "$OUT/sampler.log"
 fi

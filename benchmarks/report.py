@@ -103,6 +103,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="skip the slow eager torch.func.jvp baseline")
     p.add_argument("--cases", nargs="*", default=[f"{c}:{b}" for c, b in CASES],
                    help="preset:batch pairs (default: the must-show cases)")
+    p.add_argument("--sampler", choices=["yes", "no", "only"], default="yes",
+                   help="the 1-NFE sampler table: with the model tables, without it, or alone")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of this script only (fp32, TRITON_INTERPRET=1, tiny presets)")
     args = p.parse_args(argv)
@@ -119,9 +121,11 @@ def main(argv=None):
     except ImportError:
         pass
     cases = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cases]
-    for preset, batch in cases:
+    for preset, batch in (cases if args.sampler != "only" else []):
         out[f"{preset} b{batch}"] = model_table(preset, batch, args.quick, dtype)
-    if args.device == "cuda":
+    if args.sampler == "no":
+        pass
+    elif args.device == "cuda":
         out["sampler"] = sampler_table(dtype)
     else:
         out["sampler"] = sampler_table(dtype, preset=cases[0][0], batches=(1, 4))
