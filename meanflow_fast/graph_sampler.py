@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .sampling import sample_times
+from .sampling import initial_noise, time_grid
 
 __all__ = ["GraphSampler"]
 
@@ -36,9 +36,7 @@ class GraphSampler:
     def __init__(self, model: Callable, *, steps: int = 1, times: Optional[Sequence[float]] = None,
                  decode: Optional[Callable] = None, decode_in_graph: bool = False,
                  autocast_dtype: Optional[torch.dtype] = None, warmup: int = 2, use_graph: bool = True):
-        grid = tuple(float(s) for s in times) if times is not None else sample_times(steps)
-        if len(grid) < 2 or any(a <= b for a, b in zip(grid, grid[1:])) or not 0 <= grid[-1] < grid[0] <= 1:
-            raise ValueError(f"times must decrease strictly within [0, 1], got {grid}")
+        grid = time_grid(steps, times)
         if warmup < 1:
             raise ValueError(f"warmup must be ≥ 1 (autotuning must not run inside a capture), got {warmup}")
         self.model, self.grid, self.decode = model, grid, decode
@@ -80,20 +78,8 @@ class GraphSampler:
     def __call__(self, y: torch.Tensor, noise: Optional[torch.Tensor] = None, *,
                  generator: Optional[torch.Generator] = None, shape: Optional[Sequence[int]] = None,
                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        if not torch.is_tensor(y) or y.dim() != 1 or y.numel() == 0 or y.is_floating_point():
-            raise ValueError("y must be a non-empty 1-D integer tensor of labels")
+        noise = initial_noise(self.model, y, noise, generator=generator, shape=shape, dtype=dtype)
         B, device = y.shape[0], y.device
-        if noise is None:
-            if shape is None:
-                cfg = getattr(self.model, "config", None)
-                if cfg is None:
-                    raise ValueError("shape is required for a model without a .config (C, H, W)")
-                shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-            dtype = dtype or torch.float32
-            gdev = generator.device if generator is not None else device
-            noise = torch.randn((B, *shape), generator=generator, device=gdev, dtype=dtype).to(device)
-        if noise.shape[0] != B or noise.device != device:
-            raise ValueError(f"noise must be (B={B}, ...) on {device}, got {tuple(noise.shape)} on {noise.device}")
         if not (self.use_graph and device.type == "cuda"):
             out = self._run(noise, y, self._time_buffers(B, device))
         else:

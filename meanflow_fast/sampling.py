@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["sample", "sample_times"]
+__all__ = ["sample", "sample_times", "time_grid", "initial_noise"]
 
 
 def sample_times(steps: int) -> Tuple[float, ...]:
@@ -17,6 +17,41 @@ def sample_times(steps: int) -> Tuple[float, ...]:
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int ≥ 1, got {steps!r}")
     return tuple(1.0 - i / steps for i in range(steps + 1))
+
+
+def time_grid(steps: int = 1, times: Optional[Sequence[float]] = None) -> Tuple[float, ...]:
+    """``times`` (checked: strictly decreasing within [0, 1]) or the uniform grid of ``steps`` steps."""
+    grid = tuple(float(s) for s in times) if times is not None else sample_times(steps)
+    if len(grid) < 2 or any(a <= b for a, b in zip(grid, grid[1:])) or not 0 <= grid[-1] < grid[0] <= 1:
+        raise ValueError(f"times must decrease strictly within [0, 1], got {grid}")
+    return grid
+
+
+def initial_noise(model, y: torch.Tensor, noise: Optional[torch.Tensor] = None, *,
+                  generator: Optional[torch.Generator] = None, shape: Optional[Sequence[int]] = None,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Check the labels y (B,) and return the starting noise (B, *shape) on y's device: ``noise`` as
+    given (checked), else drawn from ``generator`` with ``shape`` (default: (C, H, W) from
+    ``model.config``) and ``dtype`` (default: the model's parameter dtype)."""
+    if not torch.is_tensor(y) or y.dim() != 1 or y.numel() == 0 or y.is_floating_point():
+        raise ValueError(f"y must be a non-empty 1-D integer tensor of labels, got "
+                         f"{(y.dtype, tuple(y.shape)) if torch.is_tensor(y) else type(y).__name__}")
+    B, device = y.shape[0], y.device
+    if noise is not None:
+        if not torch.is_tensor(noise) or noise.shape[0] != B or noise.device != device:
+            raise ValueError(f"noise must be (B={B}, ...) on {device} (len(y), y's device), got "
+                             f"{tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__}"
+                             f"{' on ' + str(noise.device) if torch.is_tensor(noise) else ''}")
+        return noise
+    if shape is None:
+        cfg = getattr(model, "config", None)
+        if cfg is None:
+            raise ValueError("shape is required for a model without a .config (C, H, W)")
+        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if dtype is None:
+        dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
+    gdev = generator.device if generator is not None else device
+    return torch.randn((B, *shape), generator=generator, device=gdev, dtype=dtype).to(device)
 
 
 @torch.no_grad()
@@ -30,25 +65,8 @@ def sample(model, y: torch.Tensor, *, steps: int = 1, noise: Optional[torch.Tens
     ``shape`` (default: the model's (C, H, W) from ``model.config``). ``times`` overrides the uniform
     grid of ``steps`` steps; it must decrease from 1 to 0.
     """
-    if not torch.is_tensor(y) or y.dim() != 1 or y.numel() == 0 or y.is_floating_point():
-        raise ValueError(f"y must be a non-empty 1-D integer tensor of labels, got "
-                         f"{(y.dtype, tuple(y.shape)) if torch.is_tensor(y) else type(y).__name__}")
-    grid = tuple(float(s) for s in times) if times is not None else sample_times(steps)
-    if len(grid) < 2 or any(a <= b for a, b in zip(grid, grid[1:])) or not 0 <= grid[-1] < grid[0] <= 1:
-        raise ValueError(f"times must decrease strictly within [0, 1], got {grid}")
-    B, device = y.shape[0], y.device
-    if noise is None:
-        if shape is None:
-            cfg = getattr(model, "config", None)
-            if cfg is None:
-                raise ValueError("shape is required for a model without a .config (C, H, W)")
-            shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-        if dtype is None:
-            dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
-        gdev = generator.device if generator is not None else device
-        noise = torch.randn((B, *shape), generator=generator, device=gdev, dtype=dtype).to(device)
-    elif noise.shape[0] != B:
-        raise ValueError(f"noise must have batch size {B} (len(y)), got {tuple(noise.shape)}")
+    grid = time_grid(steps, times)
+    noise = initial_noise(model, y, noise, generator=generator, shape=shape, dtype=dtype)
     z = noise
     for t, r in zip(grid, grid[1:]):
         z = z - (t - r) * model(z, r, t, y)

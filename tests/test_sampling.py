@@ -64,6 +64,8 @@ def test_sampler_bad_input():
         sample(model, torch.tensor([0]), times=[1.0, 0.5, 0.7, 0.0])
     with pytest.raises(ValueError, match="y must be a non-empty 1-D integer tensor"):
         sample(model, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match=r"noise must be \(B=2, \.\.\.\)"):
+        sample(model, torch.tensor([0, 1]), noise=torch.randn(3, 2, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="shape is required"):
         sample(lambda z, r, t, y: z, torch.tensor([0]))
     assert sample_times(4) == (1.0, 0.75, 0.5, 0.25, 0.0)
