@@ -290,6 +290,7 @@ def main(args):
         raise SystemExit(f"meanflow-train: {e}")
     log.info(f"done: {step} steps, {bad.total} skipped; checkpoints in {ckpt_dir}")
     barrier()
+    del objective  # DDP's reducer goes before the process group it holds
     cleanup_distributed()
     return checkpoint_path(ckpt_dir, step)[1]
 
