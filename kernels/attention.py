@@ -65,8 +65,12 @@ def attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot,
 #   within one (b, h) stay int32;
 # - scores live in the log2 domain (S·log2 e) so the softmax uses exp2; LSE is stored in natural log,
 #   LSE = m + log l, fp32, contiguous (B, H, N);
-# - the head dim is padded to BLOCK_D = next power of 2 with masks, so D = 72 and 96 work (at the cost
-#   of computing on the padding: D = 72 runs 128-wide tiles);
+# - Triton tiles are powers of 2 wide, so the head dim is cut into two column chunks: a low chunk
+#   [0, BLOCK_DLO), the largest power of 2 ≤ D (no column mask), and, when D is not a power of 2, a high
+#   chunk [BLOCK_DLO, BLOCK_DLO + BLOCK_DHI) masked at D: D = 72 runs 64 + 16 columns, D = 96 64 + 32.
+#   Every dot over D is then two dots, and every (rows, D) accumulator two. Padding D = 72 to one
+#   128-wide tile instead computed 78% more than needed and, in the forward with tangent, held four
+#   128-wide fp32/bf16 row tiles live: 255 registers and spills in every config (compile_check, sm_90);
 # - all accumulators, softmax statistics and reductions are fp32; P is rounded to the input dtype only
 #   as a tl.dot operand (as FlashAttention does), and fp32 inputs use IEEE dots, not TF32.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
@@ -99,8 +103,11 @@ def _fp32_prune(fp32_tiles):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Not swept on a GPU yet: FlashAttention-2-sized tiles, with
-# smaller key blocks for the tangent variant (three fp32 (BLOCK_M, BLOCK_D) accumulators are live).
-_FWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)]
+# smaller key blocks for the tangent variant (two fp32 (BLOCK_M, D) accumulators and Q, Q̇ are live).
+# The last two are there for D = 72 with tangent, the only case that still spills (compile_check,
+# triton 3.6, sm_90): they compile without spills (254 registers at 64 × 32 × 8 warps); the first four
+# spill 8-164 B there and none at D = 64.
+_FWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 8, 3), (64, 16, 4, 3)]
 _BWD_DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 _BWD_DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
 # fp32 inputs: one small tile each. IEEE fp32 dots run on the FMA units, not the tensor cores, and keep
@@ -121,10 +128,33 @@ _BWD_DQ_CONFIGS_FP32 = [(32, 16, 4, 1)]
 
 
 @triton.jit
+def _load_rows(base, offs_r, stride_r, mask_r, offs_d, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr):
+    """The (rows, columns) tile base[r, d] for r in offs_r (rows beyond mask_r read 0) and d in offs_d
+    (with MASK_D, columns ≥ HEAD_DIM read 0; the low chunk needs no column mask)."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :]
+    if MASK_D:
+        mask = mask_r[:, None] & (offs_d < HEAD_DIM)[None, :]
+    else:
+        mask = mask_r[:, None]  # broadcast over the columns by tl.load
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, offs_r, stride_r, mask_r, offs_d, value, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr):
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :]
+    if MASK_D:
+        mask = mask_r[:, None] & (offs_d < HEAD_DIM)[None, :]
+    else:
+        mask = mask_r[:, None]
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _attn_fwd_jvp_block(
-    acc_o, acc_d,                  # (BLOCK_M, BLOCK_D) fp32: Σ P̃V and Σ P̃(Ṡ − c)V + P̃V̇
+    acc_o0, acc_o1,                # (BLOCK_M, chunk) fp32: Σ P̃V, low and high head-dim chunk
+    acc_d0, acc_d1,                # (BLOCK_M, chunk) fp32: Σ P̃(Ṡ − c)V + P̃V̇, low and high chunk
     m_i, l_i, r_i, c_i,            # (BLOCK_M,) fp32: running max (log2), Σ P̃, Σ P̃(Ṡ − c), shift c
-    q, qd,                         # (BLOCK_M, BLOCK_D) query tile and its tangent
+    q0, q1, qd0, qd1,              # query tile and its tangent, low and high chunk
     k_base, v_base,                # K, V of this (b, h)
     kd_base, vd_base,              # K̇, V̇ of this (b, h)
     stride_kn, stride_vn,          # row strides
@@ -132,34 +162,45 @@ def _attn_fwd_jvp_block(
     start_n,                       # first key of this block
     N,                             # sequence length
     sm_scale, qk_scale,            # s and s·log2 e
-    offs_d, mask_d,                # head-dim offsets and their mask (d < HEAD_DIM)
+    offs_lo, offs_hi,              # head-dim offsets of the two chunks
+    HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr,           # first key block: fixes the per-row tangent shift c
     HAS_TANGENT: tl.constexpr,
+    SPLIT: tl.constexpr,           # the high chunk exists (else its arguments are unused stand-ins)
     DOT_PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax, primal and tangent (DESIGN.md §2), all state rescaled by α."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    tile_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=tile_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=tile_mask, other=0.0)
-
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+    k0 = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_lo, HEAD_DIM, False)
+    v0 = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_lo, HEAD_DIM, False)
+    s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+    if SPLIT:
+        k1 = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_hi, HEAD_DIM, True)
+        v1 = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_hi, HEAD_DIM, True)
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
+    s = s * qk_scale                                                       # (BLOCK_M, BLOCK_N), log2 domain
     s = tl.where(mask_n[None, :], s, float("-inf"))                        # keys beyond N
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])                                        # P̃ (0 on masked keys)
     p_sum = tl.sum(p, 1)
     l_i = l_i * alpha + p_sum
-    acc_o = acc_o * alpha[:, None]
-    acc_o = tl.dot(p.to(v.dtype), v, acc_o, input_precision=DOT_PRECISION)
+    acc_o0 = tl.dot(p.to(v0.dtype), v0, acc_o0 * alpha[:, None], input_precision=DOT_PRECISION)
+    if SPLIT:
+        acc_o1 = tl.dot(p.to(v1.dtype), v1, acc_o1 * alpha[:, None], input_precision=DOT_PRECISION)
 
     if HAS_TANGENT:
-        kd = tl.load(kd_base + offs_n[:, None] * stride_kdn + offs_d[None, :], mask=tile_mask, other=0.0)
-        vd = tl.load(vd_base + offs_n[:, None] * stride_vdn + offs_d[None, :], mask=tile_mask, other=0.0)
-        s_dot = tl.dot(qd, tl.trans(k), input_precision=DOT_PRECISION)
-        s_dot = tl.dot(q, tl.trans(kd), s_dot, input_precision=DOT_PRECISION)
+        kd0 = _load_rows(kd_base, offs_n, stride_kdn, mask_n, offs_lo, HEAD_DIM, False)
+        vd0 = _load_rows(vd_base, offs_n, stride_vdn, mask_n, offs_lo, HEAD_DIM, False)
+        s_dot = tl.dot(qd0, tl.trans(k0), input_precision=DOT_PRECISION)
+        s_dot = tl.dot(q0, tl.trans(kd0), s_dot, input_precision=DOT_PRECISION)
+        if SPLIT:
+            kd1 = _load_rows(kd_base, offs_n, stride_kdn, mask_n, offs_hi, HEAD_DIM, True)
+            vd1 = _load_rows(vd_base, offs_n, stride_vdn, mask_n, offs_hi, HEAD_DIM, True)
+            s_dot = tl.dot(qd1, tl.trans(k1), s_dot, input_precision=DOT_PRECISION)
+            s_dot = tl.dot(q1, tl.trans(kd1), s_dot, input_precision=DOT_PRECISION)
         s_dot = s_dot * sm_scale                                           # Ṡ = s·(Q̇Kᵀ + QK̇ᵀ)
         if FIRST:
             # Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)) does not change when a per-row constant c is taken off Ṡ.
@@ -170,10 +211,12 @@ def _attn_fwd_jvp_block(
             c_i = tl.sum(p * s_dot, 1) / p_sum
         ps = p * (s_dot - c_i[:, None])
         r_i = r_i * alpha + tl.sum(ps, 1)
-        acc_d = acc_d * alpha[:, None]
-        acc_d = tl.dot(ps.to(v.dtype), v, acc_d, input_precision=DOT_PRECISION)
-        acc_d = tl.dot(p.to(vd.dtype), vd, acc_d, input_precision=DOT_PRECISION)
-    return acc_o, acc_d, m_new, l_i, r_i, c_i
+        acc_d0 = tl.dot(ps.to(v0.dtype), v0, acc_d0 * alpha[:, None], input_precision=DOT_PRECISION)
+        acc_d0 = tl.dot(p.to(vd0.dtype), vd0, acc_d0, input_precision=DOT_PRECISION)
+        if SPLIT:
+            acc_d1 = tl.dot(ps.to(v1.dtype), v1, acc_d1 * alpha[:, None], input_precision=DOT_PRECISION)
+            acc_d1 = tl.dot(p.to(vd1.dtype), vd1, acc_d1, input_precision=DOT_PRECISION)
+    return acc_o0, acc_o1, acc_d0, acc_d1, m_new, l_i, r_i, c_i
 
 
 @triton.autotune(configs=_configs(_FWD_CONFIGS, 32, 16), key=["N", "HEAD_DIM", "HAS_TANGENT"],
@@ -196,7 +239,9 @@ def _attn_fwd_jvp_kernel(
     N,                             # sequence length (queries = keys)
     sm_scale,                      # softmax scale s
     HEAD_DIM: tl.constexpr,        # D
-    BLOCK_D: tl.constexpr,         # next power of 2 ≥ D
+    BLOCK_DLO: tl.constexpr,       # low head-dim chunk [0, BLOCK_DLO): the largest power of 2 ≤ D
+    BLOCK_DHI: tl.constexpr,       # high chunk [BLOCK_DLO, BLOCK_DLO + BLOCK_DHI), masked at D
+    SPLIT: tl.constexpr,           # D > BLOCK_DLO (else the high chunk is not used)
     HAS_TANGENT: tl.constexpr,     # False: primal forward only (O, LSE)
     DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 inputs, "tf32" (unused) for fp16/bf16
     BLOCK_M: tl.constexpr,
@@ -205,25 +250,30 @@ def _attn_fwd_jvp_kernel(
     """O, LSE and Ȯ for BLOCK_M queries of one (b, h), in one pass over the key blocks: each K, V, K̇, V̇
     tile is loaded once. The state is (m, l, acc_o) of the online softmax plus, for the tangent,
     r = Σ P̃ ⊙ (Ṡ − c) and acc_d = Σ (P̃ ⊙ (Ṡ − c))V + P̃V̇ (DESIGN.md's acc_g + acc_t: they are only ever
-    used as their sum, so one accumulator holds both). At the end O = acc_o/l, Ȯ = acc_d/l − (r/l)·O."""
+    used as their sum, so one accumulator holds both). At the end O = acc_o/l, Ȯ = acc_d/l − (r/l)·O.
+    Every (BLOCK_M, D) quantity is held as two column chunks (see the head-dim note above)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_d = offs_d < HEAD_DIM
-    row_mask = mask_m[:, None] & mask_d[None, :]
+    offs_lo = tl.arange(0, BLOCK_DLO)
+    offs_hi = BLOCK_DLO + tl.arange(0, BLOCK_DHI)
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=row_mask, other=0.0)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    qd_base = QD + off_b * stride_qdb + off_h * stride_qdh
+    q0 = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_lo, HEAD_DIM, False)
+    q1 = q0
+    qd0 = q0
+    qd1 = q0
+    if SPLIT:
+        q1 = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_hi, HEAD_DIM, True)
     if HAS_TANGENT:
-        qd = tl.load(QD + off_b * stride_qdb + off_h * stride_qdh + offs_m[:, None] * stride_qdn
-                     + offs_d[None, :], mask=row_mask, other=0.0)
-    else:
-        qd = q
+        qd0 = _load_rows(qd_base, offs_m, stride_qdn, mask_m, offs_lo, HEAD_DIM, False)
+        if SPLIT:
+            qd1 = _load_rows(qd_base, offs_m, stride_qdn, mask_m, offs_hi, HEAD_DIM, True)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     kd_base = KD + off_b * stride_kdb + off_h * stride_kdh
@@ -234,30 +284,41 @@ def _attn_fwd_jvp_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc_d = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_o0 = tl.zeros([BLOCK_M, BLOCK_DLO], dtype=tl.float32)
+    acc_d0 = tl.zeros([BLOCK_M, BLOCK_DLO], dtype=tl.float32)
+    acc_o1 = tl.zeros([BLOCK_M, BLOCK_DHI], dtype=tl.float32)
+    acc_d1 = tl.zeros([BLOCK_M, BLOCK_DHI], dtype=tl.float32)
 
     # First key block peeled off: it also fixes the tangent shift c (every row has a valid key in it).
-    acc_o, acc_d, m_i, l_i, r_i, c_i = _attn_fwd_jvp_block(
-        acc_o, acc_d, m_i, l_i, r_i, c_i, q, qd, k_base, v_base, kd_base, vd_base,
-        stride_kn, stride_vn, stride_kdn, stride_vdn, 0, N, sm_scale, qk_scale, offs_d, mask_d,
-        BLOCK_N, True, HAS_TANGENT, DOT_PRECISION)
+    acc_o0, acc_o1, acc_d0, acc_d1, m_i, l_i, r_i, c_i = _attn_fwd_jvp_block(
+        acc_o0, acc_o1, acc_d0, acc_d1, m_i, l_i, r_i, c_i, q0, q1, qd0, qd1,
+        k_base, v_base, kd_base, vd_base, stride_kn, stride_vn, stride_kdn, stride_vdn,
+        0, N, sm_scale, qk_scale, offs_lo, offs_hi,
+        HEAD_DIM, BLOCK_N, True, HAS_TANGENT, SPLIT, DOT_PRECISION)
     for start_n in range(BLOCK_N, N, BLOCK_N):
-        acc_o, acc_d, m_i, l_i, r_i, c_i = _attn_fwd_jvp_block(
-            acc_o, acc_d, m_i, l_i, r_i, c_i, q, qd, k_base, v_base, kd_base, vd_base,
-            stride_kn, stride_vn, stride_kdn, stride_vdn, start_n, N, sm_scale, qk_scale, offs_d, mask_d,
-            BLOCK_N, False, HAS_TANGENT, DOT_PRECISION)
+        acc_o0, acc_o1, acc_d0, acc_d1, m_i, l_i, r_i, c_i = _attn_fwd_jvp_block(
+            acc_o0, acc_o1, acc_d0, acc_d1, m_i, l_i, r_i, c_i, q0, q1, qd0, qd1,
+            k_base, v_base, kd_base, vd_base, stride_kn, stride_vn, stride_kdn, stride_vdn,
+            start_n, N, sm_scale, qk_scale, offs_lo, offs_hi,
+            HEAD_DIM, BLOCK_N, False, HAS_TANGENT, SPLIT, DOT_PRECISION)
 
     inv_l = 1.0 / l_i
-    o = acc_o * inv_l[:, None]
-    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-             o.to(O.dtype.element_ty), mask=row_mask)
+    o_base = O + off_b * stride_ob + off_h * stride_oh
+    od_base = OD + off_b * stride_odb + off_h * stride_odh
+    o0 = acc_o0 * inv_l[:, None]
+    _store_rows(o_base, offs_m, stride_on, mask_m, offs_lo, o0, HEAD_DIM, False)
+    if SPLIT:
+        o1 = acc_o1 * inv_l[:, None]
+        _store_rows(o_base, offs_m, stride_on, mask_m, offs_hi, o1, HEAD_DIM, True)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln 2: back to natural log
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=mask_m)
     if HAS_TANGENT:
-        od = acc_d * inv_l[:, None] - (r_i * inv_l)[:, None] * o   # O in fp32, before rounding
-        tl.store(OD + off_b * stride_odb + off_h * stride_odh + offs_m[:, None] * stride_odn
-                 + offs_d[None, :], od.to(OD.dtype.element_ty), mask=row_mask)
+        r_l = (r_i * inv_l)[:, None]
+        _store_rows(od_base, offs_m, stride_odn, mask_m, offs_lo, acc_d0 * inv_l[:, None] - r_l * o0,
+                    HEAD_DIM, False)                                      # O in fp32, before rounding
+        if SPLIT:
+            _store_rows(od_base, offs_m, stride_odn, mask_m, offs_hi, acc_d1 * inv_l[:, None] - r_l * o1,
+                        HEAD_DIM, True)
 
 
 @triton.jit
@@ -268,7 +329,7 @@ def _attn_bwd_preprocess_kernel(
     stride_dob, stride_doh, stride_don,
     H, N,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,         # next power of 2 ≥ D (elementwise: the padding costs only masked lanes)
     BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -302,7 +363,9 @@ def _attn_bwd_dkdv_kernel(
     H, N,
     sm_scale,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_DLO: tl.constexpr,       # head-dim chunks, as in the forward
+    BLOCK_DHI: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,         # queries per inner step
     BLOCK_N: tl.constexpr,         # keys owned by this program
@@ -314,44 +377,58 @@ def _attn_bwd_dkdv_kernel(
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
-    mask_d = offs_d < HEAD_DIM
-    key_mask = mask_n[:, None] & mask_d[None, :]
+    offs_lo = tl.arange(0, BLOCK_DLO)
+    offs_hi = BLOCK_DLO + tl.arange(0, BLOCK_DHI)
 
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=key_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=key_mask, other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    k0 = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_lo, HEAD_DIM, False)
+    v0 = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_lo, HEAD_DIM, False)
+    if SPLIT:
+        k1 = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_hi, HEAD_DIM, True)
+        v1 = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_hi, HEAD_DIM, True)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     stat_base = pid_bh.to(tl.int64) * N
     qk_scale = sm_scale * 1.4426950408889634  # log2 e
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_DLO], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_DLO], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_DHI], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BLOCK_DHI], dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        row_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_mask, other=0.0)
+        q0 = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_lo, HEAD_DIM, False)
+        do0 = _load_rows(do_base, offs_m, stride_don, mask_m, offs_lo, HEAD_DIM, False)
         lse = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + stat_base + offs_m, mask=mask_m, other=0.0)
 
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse[None, :])
-        p_t = tl.where(mask_m[None, :], p_t, 0.0)                               # queries beyond N
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)            # (BLOCK_N, BLOCK_M)
+        if SPLIT:
+            q1 = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_hi, HEAD_DIM, True)
+            do1 = _load_rows(do_base, offs_m, stride_don, mask_m, offs_hi, HEAD_DIM, True)
+            s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        p_t = tl.where(mask_m[None, :], p_t, 0.0)                                 # queries beyond N
+        dv0 = tl.dot(p_t.to(do0.dtype), do0, dv0, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)
+        if SPLIT:
+            dv1 = tl.dot(p_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    dk = dk * sm_scale
+        dk0 = tl.dot(ds_t.to(q0.dtype), q0, dk0, input_precision=DOT_PRECISION)
+        if SPLIT:
+            dk1 = tl.dot(ds_t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
 
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=key_mask)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=key_mask)
+    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
+    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    _store_rows(dk_base, offs_n, stride_dkn, mask_n, offs_lo, dk0 * sm_scale, HEAD_DIM, False)
+    _store_rows(dv_base, offs_n, stride_dvn, mask_n, offs_lo, dv0, HEAD_DIM, False)
+    if SPLIT:
+        _store_rows(dk_base, offs_n, stride_dkn, mask_n, offs_hi, dk1 * sm_scale, HEAD_DIM, True)
+        _store_rows(dv_base, offs_n, stride_dvn, mask_n, offs_hi, dv1, HEAD_DIM, True)
 
 
 @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS, 32, 16), key=["N", "HEAD_DIM"],
@@ -369,7 +446,9 @@ def _attn_bwd_dq_kernel(
     H, N,
     sm_scale,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_DLO: tl.constexpr,       # head-dim chunks, as in the forward
+    BLOCK_DHI: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,         # queries owned by this program
     BLOCK_N: tl.constexpr,         # keys per inner step
@@ -381,15 +460,17 @@ def _attn_bwd_dq_kernel(
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_d = offs_d < HEAD_DIM
-    row_mask = mask_m[:, None] & mask_d[None, :]
+    offs_lo = tl.arange(0, BLOCK_DLO)
+    offs_hi = BLOCK_DLO + tl.arange(0, BLOCK_DHI)
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=row_mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :], mask=row_mask, other=0.0)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    q0 = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_lo, HEAD_DIM, False)
+    do0 = _load_rows(do_base, offs_m, stride_don, mask_m, offs_lo, HEAD_DIM, False)
+    if SPLIT:
+        q1 = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_hi, HEAD_DIM, True)
+        do1 = _load_rows(do_base, offs_m, stride_don, mask_m, offs_hi, HEAD_DIM, True)
     stat_base = pid_bh.to(tl.int64) * N
     lse = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + stat_base + offs_m, mask=mask_m, other=0.0)
@@ -397,22 +478,31 @@ def _attn_bwd_dq_kernel(
     v_base = V + off_b * stride_vb + off_h * stride_vh
     qk_scale = sm_scale * 1.4426950408889634  # log2 e
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_DLO], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, BLOCK_DHI], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        key_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=key_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=key_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)                                 # keys beyond N
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        k0 = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_lo, HEAD_DIM, False)
+        v0 = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_lo, HEAD_DIM, False)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)               # (BLOCK_M, BLOCK_N)
+        if SPLIT:
+            k1 = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_hi, HEAD_DIM, True)
+            v1 = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_hi, HEAD_DIM, True)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)                                     # keys beyond N
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PRECISION)
+        if SPLIT:
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_mask)
+        dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=DOT_PRECISION)
+        if SPLIT:
+            dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    _store_rows(dq_base, offs_m, stride_dqn, mask_m, offs_lo, dq0 * sm_scale, HEAD_DIM, False)
+    if SPLIT:
+        _store_rows(dq_base, offs_m, stride_dqn, mask_m, offs_hi, dq1 * sm_scale, HEAD_DIM, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,6 +584,16 @@ def _strides3(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _head_dim_chunks(D: int) -> dict:
+    """The kernels' head-dim chunks (see the conventions above): BLOCK_DLO = the largest power of 2 ≤ D;
+    when D is not a power of 2, BLOCK_DHI covers the rest (≥ 16, tl.dot's minimum). Without a high
+    chunk, BLOCK_DHI = 16 only shapes stand-in tensors that are never computed on."""
+    lo = 1 << (D.bit_length() - 1)
+    rest = D - lo
+    return {"BLOCK_DLO": lo, "BLOCK_DHI": max(16, triton.next_power_of_2(rest)) if rest else 16,
+            "SPLIT": rest > 0}
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: IEEE fp32 dots (TF32 would cost ~1e-3 relative error); fp16/bf16 ignore the option.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -532,7 +632,7 @@ def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None,
         *_strides3(qd), *_strides3(kd), *_strides3(vd),
         *_strides3(o), *_strides3(od),
         H, N, sm_scale,
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), HAS_TANGENT=has_tangent,
+        HEAD_DIM=D, **_head_dim_chunks(D), HAS_TANGENT=has_tangent,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
     return o, (od if has_tangent else None), lse
@@ -570,7 +670,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None):
         q, k, v, do, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         H, N, sm_scale,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, DOT_PRECISION=precision,
+        HEAD_DIM=D, **_head_dim_chunks(D), DOT_PRECISION=precision,
     )
 
     def grid_q(meta):
@@ -580,7 +680,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None):
         q, k, v, do, lse, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
         H, N, sm_scale,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, DOT_PRECISION=precision,
+        HEAD_DIM=D, **_head_dim_chunks(D), DOT_PRECISION=precision,
     )
     return dq, dk, dv
 
