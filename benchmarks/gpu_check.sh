@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh tests      # only the GPU tests (pytest -m gpu)
 #   bash benchmarks/gpu_check.sh bench      # only the ratio table; CASES="XL/2:64" picks other cases
 #   bash benchmarks/gpu_check.sh sampler    # only the sampler table (batch 1 and 256, graph/eager/compiled)
+#   bash benchmarks/gpu_check.sh firststep  # cold-cache seconds to the first MeanFlow step (B/2 b128, XL/2 b64)
 #   bash benchmarks/gpu_check.sh attention  # attention fwd + tangent vs torch.func.jvp, jvp_flash_attention
 #                                           # (installed from .gpu_wheels/ when carried: fetch_baselines.sh)
 # Full logs go under $OUT (or ./gpu_check_out when OUT is unset). Each phase has its own time limit, so
@@ -34,6 +35,14 @@ if [[ $PHASE == all || $PHASE == bench ]]; then
     # shellcheck disable=SC2086
     timeout 240 "$PY" -m benchmarks.report --quick --sampler no --cases $CASES \
         --out "$OUT/benchmark_results.json" 2>&1 | grep -v '^W[0-9]' | tee "$OUT/report.log"
+fi
+
+if [[ $PHASE == firststep ]]; then
+    echo "== first MeanFlow step from a cold Triton cache (issue 5: <= 60 s) =="
+    for c in ${CASES_FIRST:-"B/2:128" "XL/2:64"}; do
+        timeout 200 "$PY" -m benchmarks.first_step --preset "${c%%:*}" --batch "${c##*:}" 2>&1 \
+            | grep -v '^W[0-9]' | tee -a "$OUT/first_step.log"
+    done
 fi
 
 if [[ $PHASE == attention ]]; then

@@ -1,0 +1,52 @@
+"""Seconds from a cold start to the first MeanFlow training step on the fused path (issue 5: at most
+60 s of compilation and autotuning before the first step), then the steady-state step time.
+
+    PYTHONPATH=. python -m benchmarks.first_step [--preset B/2 --batch 128]
+
+Run it in a fresh process: it points Triton at an empty cache directory (TRITON_CACHE_DIR, set before
+triton is imported), so every kernel is compiled and autotuned inside the timed first step, as on a
+new machine. ``--device cpu`` is a dry run of the script (TRITON_INTERPRET=1, tiny preset).
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="B/2")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--keep-cache", action="store_true", help="use Triton's usual cache (a warm start)")
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch must be ≥ 1, got {args.batch}")
+    if not args.keep_cache:
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")
+
+    t_import = time.perf_counter()
+    import torch
+
+    from benchmarks import common
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/first_step.py needs a CUDA GPU; none found (--device cpu for a dry run)", file=sys.stderr)
+        return 2
+    common.set_device(args.device)
+    model = common.build_model(args.preset, dtype=torch.float32, backend="triton")
+    step = common.train_step_fn(model, args.batch, meanflow=True)
+    setup_s = time.perf_counter() - t_import
+    first_s = common.timed_first_call(step)
+    steady_ms = common.cuda_time_ms(step, warmup=1, iters=5)
+    cache = "warm (Triton's cache)" if args.keep_cache else f"cold ({os.environ['TRITON_CACHE_DIR']})"
+    precision = "fp32 master weights + bf16 autocast" if args.device == "cuda" else "fp32 (CPU dry run)"
+    print(f"MeanFlow step, {args.preset} batch {args.batch}, {precision}, backend triton, {cache}:")
+    print(f"  imports + model build   {setup_s:7.1f} s")
+    print(f"  first step              {first_s:7.1f} s   (compilation + autotuning + one step)")
+    print(f"  steady step             {steady_ms:7.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
