@@ -89,6 +89,9 @@ def _configs(gpu_configs, interp_block_m: int, interp_block_n: int):
     return _tile_configs(gpu_configs)
 
 
+# cache_results=True: the autotuners' timings are kept in Triton's cache directory (keyed on the GPU, the
+# kernel source, the tuning key and the candidate list), so a resumed run or a later sampling process
+# skips the benchmarking and only loads the compiled winner.
 def _fp32_prune(fp32_tiles):
     """``early_config_prune`` for an autotuner below: fp32 inputs get ``fp32_tiles`` in place of the list,
     fp16/bf16 the list unchanged. (The autotuner only prunes when it has more than one config, so the
@@ -220,7 +223,8 @@ def _attn_fwd_jvp_block(
 
 
 @triton.autotune(configs=_configs(_FWD_CONFIGS, 32, 16), key=["N", "HEAD_DIM", "HAS_TANGENT"],
-                 prune_configs_by={"early_config_prune": _fp32_prune(_FWD_CONFIGS_FP32)})
+                 prune_configs_by={"early_config_prune": _fp32_prune(_FWD_CONFIGS_FP32)},
+                 cache_results=True)
 @triton.jit
 def _attn_fwd_jvp_kernel(
     Q, K, V,                       # (B, H, N, D) primals
@@ -348,7 +352,8 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS, 16, 32), key=["N", "HEAD_DIM"],
-                 prune_configs_by={"early_config_prune": _fp32_prune(_BWD_DKDV_CONFIGS_FP32)})
+                 prune_configs_by={"early_config_prune": _fp32_prune(_BWD_DKDV_CONFIGS_FP32)},
+                 cache_results=True)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,                   # (B, H, N, D) inputs and dO
@@ -432,7 +437,8 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS, 32, 16), key=["N", "HEAD_DIM"],
-                 prune_configs_by={"early_config_prune": _fp32_prune(_BWD_DQ_CONFIGS_FP32)})
+                 prune_configs_by={"early_config_prune": _fp32_prune(_BWD_DQ_CONFIGS_FP32)},
+                 cache_results=True)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,                   # (B, H, N, D) inputs and dO
