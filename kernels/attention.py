@@ -735,19 +735,27 @@ def _(do, q, k, v, o, lse, scale):
 
 
 # Reverse mode on the forward ops themselves (a compiled graph may call them directly). Backward runs
-# through the primal alone: LSE and Ȯ are marked non-differentiable (DESIGN.md §2).
+# through the primal alone: LSE and Ȯ are marked non-differentiable (DESIGN.md §2), and their gradients
+# are not materialised (autograd would otherwise allocate and zero-fill a full-size Ȯ and LSE gradient
+# per call, only for backward to ignore them); dO is None when O itself took no part in the loss.
 def _attn_fwd_setup_context(ctx, inputs, output):
     q, k, v = inputs[:3]
     o, lse = output[0], output[-1]
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale = inputs[-1]
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _attn_bwd_or_none(ctx, do):
+    if do is None:
+        return None, None, None
+    q, k, v, o, lse = ctx.saved_tensors
+    return torch.ops.meanflow_fast.attn_bwd(do, q, k, v, o, lse, ctx.scale)
 
 
 def _attn_fwd_backward(ctx, do, *_):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.meanflow_fast.attn_bwd(do, q, k, v, o, lse, ctx.scale)
-    return dq, dk, dv, None
+    return (*_attn_bwd_or_none(ctx, do), None)
 
 
 def _attn_fwd_jvp_backward(ctx, do, *_):
@@ -778,12 +786,11 @@ class AttentionJVPFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = inputs[-1]
         ctx.mark_non_differentiable(o_dot, lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for Ȯ and LSE
 
     @staticmethod
     def backward(ctx, do, _do_dot, _dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.meanflow_fast.attn_bwd(do, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        return (*_attn_bwd_or_none(ctx, do), None, None, None, None)
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -803,12 +810,11 @@ class AttentionFunction(torch.autograd.Function):
         ctx.save_for_forward(q, k, v)
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for LSE
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.meanflow_fast.attn_bwd(do, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None
+        return (*_attn_bwd_or_none(ctx, do), None)
 
     @staticmethod
     def jvp(ctx, q_t, k_t, v_t, _scale_t):
