@@ -5,11 +5,13 @@ Layout (B, H, N, D). With S = s·QKᵀ, P = softmax(S), O = PV (DESIGN.md §2):
     Ṡ = s·(Q̇Kᵀ + QK̇ᵀ),   Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)),   Ȯ = ṖV + PV̇
 
 The file runs in one order: the pure-torch references, the Triton kernels, their launchers (registered
-as ``torch.library`` custom ops ``meanflow_fast::attn_fwd``, ``::attn_fwd_jvp``, ``::attn_bwd`` so that
-torch.compile can call them), the autograd Functions, and the public functions:
+as ``torch.library`` custom ops ``meanflow_fast::attn_fwd``, ``::attn_fwd_jvp``, ``::attn_bwd``,
+``::attn_bwd_qkv`` so that torch.compile can call them), the autograd Functions, and the public functions:
 
     o = attention(q, k, v, scale=None)                         # differentiable, forward-mode too
     o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)     # fused dual stream; o_dot has no graph
+    o, o_dot = attention_jvp_qkv(qkv, qkv_dot, num_heads)      # the same on the packed (B, N, 3·H·D)
+                                                               # projection (the DiT's), packed gradient
 """
 import math
 import os
@@ -53,6 +55,30 @@ def attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot,
         p_dot = ps - p * ps.sum(-1, keepdim=True)
         o_dot = p_dot @ vf + p @ vd
     return o.to(q.dtype), o_dot.to(q.dtype)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DiT's packed projection (B, N, 3·H·D), laid out (3, H, D) along the last dim, as three
+    (B, H, N, D) views (no copy)."""
+    _check_qkv("qkv", qkv, num_heads)
+    B, N, C3 = qkv.shape
+    return qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def attention_jvp_qkv_ref(qkv, qkv_dot, num_heads: int,
+                          scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``attention_jvp_ref`` on the packed projection and its tangent: (O, Ȯ) of shape (B, H, N, D)."""
+    return attention_jvp_ref(*split_qkv(qkv, num_heads), *split_qkv(qkv_dot, num_heads), scale=scale)
+
+
+def _check_qkv(name: str, qkv, num_heads) -> None:
+    if not isinstance(qkv, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(qkv).__name__}")
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"{name} must be (B, N, 3·num_heads·D) with num_heads = {num_heads}, got shape "
+                         f"{tuple(qkv.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,11 +670,12 @@ def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None,
     return o, (od if has_tangent else None), lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None):
+def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None):
     """FlashAttention-2 backward from (Q, K, V, O, LSE, dO): Δ = rowsum(dO ⊙ O) first, then one kernel
     over key blocks for dK, dV and one over query blocks for dQ. Two passes recompute P twice (≈ 1.4× the
     FLOPs of the atomic single-pass variant) but need no atomics, no zero-filled fp32 dQ buffer, and are
-    deterministic. Returns (dQ, dK, dV) in the input dtype."""
+    deterministic. Returns (dQ, dK, dV) in the input dtype, written into ``out`` = (dQ, dK, dV) when
+    given ((B, H, N, D) tensors with unit stride on D, e.g. views of one packed gradient)."""
     _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)])
     if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
         raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])} on {q.device}, got "
@@ -667,7 +694,14 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None):
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block_m,
     )
 
-    dq, dk, dv = _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
+    if out is None:
+        dq, dk, dv = _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
+    else:
+        dq, dk, dv = out
+        for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+            if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device or t.stride(-1) != 1:
+                raise ValueError(f"out's {name} must be {q.dtype} {tuple(q.shape)} on {q.device} with unit "
+                                 f"stride on D, got {t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}")
 
     def grid_kv(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), B * H)
@@ -734,6 +768,24 @@ def _(do, q, k, v, o, lse, scale):
     return _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
 
 
+@torch.library.custom_op("meanflow_fast::attn_bwd_qkv", mutates_args=())
+def _attn_bwd_qkv_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """The backward into one packed (B, N, 3, H, D) gradient: the kernels write dQ, dK, dV straight into
+    its three slices, so the gradient of the packed projection needs no stack and no copy."""
+    B, H, N, D = q.shape
+    dqkv = q.new_empty((B, N, 3, H, D))
+    attention_bwd(do, q, k, v, o, lse, scale, out=tuple(dqkv[:, :, i].transpose(1, 2) for i in range(3)))
+    return dqkv
+
+
+@_attn_bwd_qkv_op.register_fake
+def _(do, q, k, v, o, lse, scale):
+    _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)], fake=True)
+    B, H, N, D = q.shape
+    return q.new_empty((B, N, 3, H, D))
+
+
 # Reverse mode on the forward ops themselves (a compiled graph may call them directly). Backward runs
 # through the primal alone: LSE and Ȯ are marked non-differentiable (DESIGN.md §2), and their gradients
 # are not materialised (autograd would otherwise allocate and zero-fill a full-size Ȯ and LSE gradient
@@ -791,6 +843,34 @@ class AttentionJVPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _do_dot, _dlse):
         return (*_attn_bwd_or_none(ctx, do), None, None, None, None)
+
+
+class AttentionQKVJVPFunction(torch.autograd.Function):
+    """(O, Ȯ, LSE) from the packed projection (B, N, 3·H·D) and its tangent: the DiT's form. Same kernels
+    as AttentionJVPFunction; the gradient comes back packed, (B, N, 3·H·D), from one kernel-written
+    buffer, where unbinding Q, K, V in autograd would stack three gradients and copy them again."""
+
+    @staticmethod
+    def forward(qkv, qkv_dot, num_heads, scale):
+        return torch.ops.meanflow_fast.attn_fwd_jvp(*split_qkv(qkv, num_heads), *split_qkv(qkv_dot, num_heads),
+                                                    scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qkv, _, num_heads, scale = inputs
+        o, o_dot, lse = output
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        ctx.mark_non_differentiable(o_dot, lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for Ȯ and LSE
+
+    @staticmethod
+    def backward(ctx, do, _do_dot, _dlse):
+        if do is None:
+            return None, None, None, None
+        qkv, o, lse = ctx.saved_tensors
+        dqkv = torch.ops.meanflow_fast.attn_bwd_qkv(do, *split_qkv(qkv, ctx.num_heads), o, lse, ctx.scale)
+        return dqkv.view(qkv.shape), None, None, None
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -851,4 +931,19 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot,
     _check_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)])
     o, o_dot, _ = AttentionJVPFunction.apply(q, k, v, q_dot, k_dot, v_dot,
                                              _resolve_scale(q, scale))
+    return o, o_dot
+
+
+def attention_jvp_qkv(qkv, qkv_dot, num_heads: int,
+                      scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``attention_jvp`` on the packed projection: qkv and qkv_dot (B, N, 3·H·D), laid out (3, H, D)
+    along the last dim (the DiT's qkv linear). Returns (O, Ȯ) of shape (B, H, N, D), stored as
+    (B, N, H, D) so that merging the heads back to (B, N, H·D) is a view. The gradient of qkv is
+    written by the kernels into one packed buffer."""
+    _check_qkv("qkv", qkv, num_heads)
+    _check_qkv("qkv_dot", qkv_dot, num_heads)
+    q, k, v = split_qkv(qkv, num_heads)
+    _check_inputs([("q", q), ("k", k), ("v", v)] + list(zip(("q_dot", "k_dot", "v_dot"),
+                                                             split_qkv(qkv_dot, num_heads))))
+    o, o_dot, _ = AttentionQKVJVPFunction.apply(qkv, qkv_dot, num_heads, _resolve_scale(q, scale))
     return o, o_dot

@@ -183,6 +183,80 @@ def test_non_contiguous_views_from_qkv():
     assert o.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_packed_qkv_against_fp64_reference(dtype):
+    """attention_jvp_qkv on the DiT's packed (B, N, 3·H·D) projection: O, Ȯ by torch.func.jvp and the
+    packed gradient by autograd over attention_ref in fp64 (on split views of one packed tensor), within
+    2 × torch's own error at the input precision + atol, as the unpacked kernel."""
+    B, N, H, D = 2, 33, 3, 72
+    qkv, qkv_dot = (torch.randn(B, N, 3 * H * D, device=DEVICE) for _ in range(2))
+    g = torch.randn(B, H, N, D, device=DEVICE)
+
+    def outputs(fn, dt):
+        x, x_dot = qkv.to(dt), qkv_dot.to(dt)
+        o, o_dot = torch.func.jvp(lambda t: fn(*attn_mod.split_qkv(t, H)), (x,), (x_dot,))
+        x = x.clone().requires_grad_()
+        return o, o_dot, torch.autograd.grad(fn(*attn_mod.split_qkv(x, H)), x, g.to(dt))[0]
+
+    ref = outputs(attention_ref, torch.float64)
+    low = outputs(_torch_attention, dtype)
+    x = qkv.to(dtype).requires_grad_()
+    o, o_dot = attn_mod.attention_jvp_qkv(x, qkv_dot.to(dtype), H)
+    ours = (o, o_dot, torch.autograd.grad(o, x, g.to(dtype))[0])
+    for name, a, t, r in zip(("O", "O_dot", "dQKV"), ours, low, ref):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        err, err_torch = _max_err(a, r), _max_err(t, r)
+        assert err <= 2 * err_torch + ATOL[dtype], f"{name}: {err:.3e} > 2 × {err_torch:.3e} + {ATOL[dtype]:.0e}"
+    assert o_dot.grad_fn is None and o.transpose(1, 2).is_contiguous()
+
+
+def test_packed_qkv_backward_writes_one_buffer():
+    """The packed path's backward is the kernels plus views: no stack of dQ, dK, dV and no copy of the
+    packed gradient (which unbinding q, k, v in autograd costs: a stack, then a contiguous copy), and no
+    zero-filled gradients for Ȯ or the LSE. Top-level ops of the backward, logged by a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    B, N, H, D = 2, 17, 2, 32
+    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, requires_grad=True)
+    qkv_dot = torch.randn(B, N, 3 * H * D, device=DEVICE)
+
+    def backward_ops(o):
+        with Log() as log:
+            o.transpose(1, 2).reshape(B, N, H * D).sum().backward()  # the DiT's head merge, then a loss
+        return log.ops
+
+    packed = backward_ops(attn_mod.attention_jvp_qkv(qkv, qkv_dot, H)[0])
+    assert "meanflow_fast.attn_bwd_qkv" in packed
+    heavy = {"aten.stack", "aten.clone", "aten.copy_", "aten.cat", "aten.zeros", "aten.zeros_like",
+             "aten.fill_", "aten.new_zeros"}
+    assert not heavy & set(packed), packed
+    # the unpacked path through autograd views does pay a stack + copy: the check above can fail
+    unpacked = backward_ops(attention_jvp(*attn_mod.split_qkv(qkv, H), *attn_mod.split_qkv(qkv_dot, H))[0])
+    assert heavy & set(unpacked), unpacked
+
+
+def test_packed_qkv_value_errors():
+    x = torch.randn(2, 5, 3 * 2 * 32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"qkv must be \(B, N, 3·num_heads·D\)"):
+        attn_mod.attention_jvp_qkv(x[..., :-1], x[..., :-1], 2)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        attn_mod.attention_jvp_qkv(x, x, 0)
+    with pytest.raises(ValueError, match="qkv_dot must be"):
+        attn_mod.attention_jvp_qkv(x, x[0], 2)
+    with pytest.raises(ValueError, match="head dim D = 40"):
+        attn_mod.attention_jvp_qkv(torch.randn(2, 5, 3 * 3 * 40, device=DEVICE),
+                                   torch.randn(2, 5, 3 * 3 * 40, device=DEVICE), 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Custom ops and torch.compile
 # ---------------------------------------------------------------------------------------------
@@ -210,14 +284,19 @@ def test_custom_ops_registered_and_eager():
 
 
 def test_custom_ops_opcheck():
-    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the three ops."""
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the four ops."""
     q, k, v, q_dot, k_dot, v_dot, g = _inputs(1, 1, 9, 32, torch.float32)
     ops = torch.ops.meanflow_fast
     o, lse = ops.attn_fwd(q, k, v, 0.2)
     for op, args in ((ops.attn_fwd, (q.requires_grad_(), k, v, 0.2)),
                      (ops.attn_fwd_jvp, (q, k, v, q_dot, k_dot, v_dot, 0.2)),
-                     (ops.attn_bwd, (g, q.detach(), k, v, o, lse, 0.2))):
+                     (ops.attn_bwd, (g, q.detach(), k, v, o, lse, 0.2)),
+                     (ops.attn_bwd_qkv, (g, q.detach(), k, v, o, lse, 0.2))):
         torch.library.opcheck(op, args)
+    dqkv = ops.attn_bwd_qkv(g, q.detach(), k, v, o, lse, 0.2)
+    assert dqkv.shape == (1, 9, 3, 1, 32) and dqkv.is_contiguous()
+    for i, ref in enumerate(ops.attn_bwd(g, q.detach(), k, v, o, lse, 0.2)):
+        assert torch.equal(dqkv[:, :, i].transpose(1, 2), ref)
 
 
 def _compile_check(backend):
@@ -236,12 +315,18 @@ def _compile_check(backend):
         o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)
         return (o.float() * o_dot.float()).sum(), o_dot
 
+    qkv_dot = torch.stack([q_dot, k_dot, v_dot]).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * H * D)
+
+    def f_jvp_packed(qkv):
+        o, o_dot = attn_mod.attention_jvp_qkv(qkv.reshape(B, N, 3 * H * D), qkv_dot, H)
+        return (o.float() * o_dot.float()).sum(), o_dot
+
     torch._dynamo.reset()
-    for fn in (f, f_jvp):
+    for fn in (f, f_jvp, f_jvp_packed):
         compiled = torch.compile(fn, backend=backend, fullgraph=True)
         x_e, x_c = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
         y_e, y_c = fn(x_e), compiled(x_c)
-        if fn is f_jvp:
+        if fn is not f:
             assert torch.equal(y_e[1], y_c[1])
             y_e, y_c = y_e[0], y_c[0]
         torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
