@@ -4,7 +4,9 @@ x, f and their tangents: (B, N, D); the gate g and ġ: (B, D), broadcast over th
 
 The Triton path is one elementwise kernel for both streams (five (B, N, D) reads, two writes, math in
 fp32) and one backward kernel for the primal stream: df = g ⊙ dy and per-block partial sums of
-dg = Σ_N dy ⊙ f in one pass (dx = dy needs no kernel).
+dg = Σ_N dy ⊙ f in one pass (dx = dy needs no kernel). The same forward kernel with HAS_TANGENT=False is
+the primal-only op ``gated_residual`` of the DiT's plain forward (three reads, one write, instead of
+eager torch's two passes g ⊙ f and x + (g ⊙ f) with a (B, N, D) temporary; same backward).
 """
 from typing import Tuple
 
@@ -38,11 +40,11 @@ def _gated_residual_fwd_kernel(
     X,              # (M, D) residual stream rows (M = B·N), any strides
     G,              # (B, D) gate, any strides
     F,              # (M, D) branch output f, any strides
-    XD,             # (M, D) tangent of x
+    XD,             # (M, D) tangent of x (XD, GD, FD not read when HAS_TANGENT is False)
     GD,             # (B, D) tangent of the gate
     FD,             # (M, D) tangent of f
     Y,              # (M, D) out: x + g ⊙ f, contiguous
-    YD,             # (M, D) out: ẋ + ġ ⊙ f + g ⊙ ḟ, contiguous
+    YD,             # (M, D) out: ẋ + ġ ⊙ f + g ⊙ ḟ, contiguous (not written when HAS_TANGENT is False)
     n_rows,         # M
     D,              # features per row
     N_TOK,          # tokens per batch element: row r uses the gate of batch r // N_TOK
@@ -52,6 +54,7 @@ def _gated_residual_fwd_kernel(
     stride_xdm, stride_xdd,      # strides of XD
     stride_gdb, stride_gdd,      # strides of GD
     stride_fdm, stride_fdd,      # strides of FD
+    HAS_TANGENT: tl.constexpr,   # False: primal only (Y); the tangent loads, math and store are compiled out
     BLOCK_R: tl.constexpr,       # rows per program
     BLOCK_D: tl.constexpr,       # features per program
 ):
@@ -62,12 +65,13 @@ def _gated_residual_fwd_kernel(
     x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + b[:, None] * stride_gb + col[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
     f = tl.load(F + row[:, None] * stride_fm + col[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)
-    xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
-    gd = tl.load(GD + b[:, None] * stride_gdb + col[None, :] * stride_gdd, mask=mask, other=0.0).to(tl.float32)
-    fd = tl.load(FD + row[:, None] * stride_fdm + col[None, :] * stride_fdd, mask=mask, other=0.0).to(tl.float32)
     out = row[:, None] * D + col[None, :]
     tl.store(Y + out, (x + g * f).to(Y.dtype.element_ty), mask=mask)
-    tl.store(YD + out, (xd + gd * f + g * fd).to(YD.dtype.element_ty), mask=mask)
+    if HAS_TANGENT:
+        xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
+        gd = tl.load(GD + b[:, None] * stride_gdb + col[None, :] * stride_gdd, mask=mask, other=0.0).to(tl.float32)
+        fd = tl.load(FD + row[:, None] * stride_fdm + col[None, :] * stride_fdd, mask=mask, other=0.0).to(tl.float32)
+        tl.store(YD + out, (xd + gd * f + g * fd).to(YD.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -118,38 +122,50 @@ def _tiles(D: int, cuda: bool) -> Tuple[int, int]:
     return max(1, 2048 // block_d), block_d
 
 
-def _check_gated_residual(x, gate, f, x_dot, gate_dot, f_dot) -> None:
-    op = "gated_residual_jvp"
-    check_tensors(op, {"x": x, "gate": gate, "f": f, "x_dot": x_dot, "gate_dot": gate_dot, "f_dot": f_dot})
+def _check_gated_residual(op: str, x, gate, f, x_dot, gate_dot, f_dot) -> None:
+    """Validate a call of ``op`` (``gated_residual`` without the tangents, ``gated_residual_jvp`` with all
+    three)."""
+    tangents = {"x_dot": x_dot, "gate_dot": gate_dot, "f_dot": f_dot}
+    has_tangent = any(t is not None for t in tangents.values())
+    if has_tangent and any(t is None for t in tangents.values()):
+        raise ValueError(f"{op}: x_dot, gate_dot and f_dot must be given together (use zeros for a constant "
+                         f"input), got None for {[k for k, t in tangents.items() if t is None]}")
+    check_tensors(op, {"x": x, "gate": gate, "f": f, **tangents})
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be 3-D (B, N, D), got shape {tuple(x.shape)}")
     B, _, D = x.shape
     check_shape(op, "f", f, x.shape, "the branch output has x's shape")
-    check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
-    check_shape(op, "f_dot", f_dot, x.shape, "the tangent of f has x's shape")
     check_shape(op, "gate", gate, (B, D), "(B, D) of x = (B, N, D), broadcast over the N tokens")
-    check_shape(op, "gate_dot", gate_dot, (B, D), "the tangent of gate has gate's shape")
+    if has_tangent:
+        check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
+        check_shape(op, "f_dot", f_dot, x.shape, "the tangent of f has x's shape")
+        check_shape(op, "gate_dot", gate_dot, (B, D), "the tangent of gate has gate's shape")
 
 
-def gated_residual_fwd(x, gate, f, x_dot, gate_dot, f_dot):
-    """Launch the forward kernel; returns (y, ẏ), (B, N, D) in x's dtype, contiguous. Inputs are read
-    in place through their strides (the gate is typically a non-contiguous ``chunk`` view)."""
-    _check_gated_residual(x, gate, f, x_dot, gate_dot, f_dot)
+def gated_residual_fwd(x, gate, f, x_dot=None, gate_dot=None, f_dot=None):
+    """Launch the forward kernel; returns (y, ẏ), (B, N, D) in x's dtype, contiguous. Without the tangents
+    (all three None) the kernel runs primal only (HAS_TANGENT=False) and ẏ is None. Inputs are read in
+    place through their strides (the gate is typically a non-contiguous ``chunk`` view)."""
+    has_tangent = x_dot is not None or gate_dot is not None or f_dot is not None
+    _check_gated_residual("gated_residual_jvp" if has_tangent else "gated_residual", x, gate, f, x_dot, gate_dot, f_dot)
     B, N, D = x.shape
-    x2, f2, xd2, fd2 = (rows(t, D) for t in (x, f, x_dot, f_dot))
+    x2, f2 = rows(x, D), rows(f, D)
     M = x2.shape[0]
     y = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
-    y_dot = torch.empty_like(y)
-    if M == 0 or D == 0:
-        return y, y_dot
-    block_r, block_d = _tiles(D, x.is_cuda)
-    grid = (triton.cdiv(M, block_r), triton.cdiv(D, block_d))
-    _gated_residual_fwd_kernel[grid](
-        x2, gate, f2, xd2, gate_dot, fd2, y, y_dot, M, D, N,
-        x2.stride(0), x2.stride(1), gate.stride(0), gate.stride(1), f2.stride(0), f2.stride(1),
-        xd2.stride(0), xd2.stride(1), gate_dot.stride(0), gate_dot.stride(1), fd2.stride(0), fd2.stride(1),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=8 if block_r * block_d >= 2048 else 4)
-    return y, y_dot
+    if has_tangent:
+        xd2, fd2, y_dot = rows(x_dot, D), rows(f_dot, D), torch.empty_like(y)
+    else:  # never read or written (HAS_TANGENT=False)
+        xd2, gate_dot, fd2, y_dot = x2, gate, f2, y
+    if M > 0 and D > 0:
+        block_r, block_d = _tiles(D, x.is_cuda)
+        grid = (triton.cdiv(M, block_r), triton.cdiv(D, block_d))
+        _gated_residual_fwd_kernel[grid](
+            x2, gate, f2, xd2, gate_dot, fd2, y, y_dot, M, D, N,
+            x2.stride(0), x2.stride(1), gate.stride(0), gate.stride(1), f2.stride(0), f2.stride(1),
+            xd2.stride(0), xd2.stride(1), gate_dot.stride(0), gate_dot.stride(1), fd2.stride(0), fd2.stride(1),
+            HAS_TANGENT=has_tangent, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=8 if block_r * block_d >= 2048 else 4)
+    return y, (y_dot if has_tangent else None)
 
 
 def gated_residual_bwd(dy, gate, f):
@@ -180,8 +196,19 @@ def gated_residual_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, 
 
 @gated_residual_fwd_op.register_fake
 def _(x, gate, f, x_dot, gate_dot, f_dot):
-    _check_gated_residual(x, gate, f, x_dot, gate_dot, f_dot)
+    _check_gated_residual("gated_residual_jvp", x, gate, f, x_dot, gate_dot, f_dot)
     return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("meanflow_fast::gated_residual_primal_fwd", mutates_args=())
+def gated_residual_primal_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return gated_residual_fwd(x, gate, f)[0]
+
+
+@gated_residual_primal_fwd_op.register_fake
+def _(x, gate, f):
+    _check_gated_residual("gated_residual", x, gate, f, None, None, None)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("meanflow_fast::gated_residual_bwd", mutates_args=())
@@ -198,10 +225,34 @@ def _(dy, gate, f):
 # ---------------------------------------------------------------------------------------------
 # autograd.Function
 # ---------------------------------------------------------------------------------------------
+def _gated_residual_backward(ctx, dy):
+    """(dx, dgate, df) of y = x + g ⊙ f from the saved (g, f): dx = dy (no kernel), df and dg in one
+    Triton pass (torch would need a g ⊙ dy pass plus a dy ⊙ f temporary and a reduction over it)."""
+    gate, f = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    df = dgate = None
+    if need[1] or need[2]:
+        df, dgate = gated_residual_bwd_op(dy, gate, f)
+    return dy if need[0] else None, dgate if need[1] else None, df if need[2] else None
+
+
+class GatedResidualFunction(torch.autograd.Function):
+    """(x, g, f) → x + g ⊙ f, primal only. Saves g and f; the backward of the dual op."""
+
+    @staticmethod
+    def forward(ctx, x, gate, f):
+        y = gated_residual_primal_fwd_op(x, gate, f)
+        ctx.save_for_backward(gate, f)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _gated_residual_backward(ctx, dy)
+
+
 class GatedResidualJvpFunction(torch.autograd.Function):
     """(x, g, f, ẋ, ġ, ḟ) → (x + g ⊙ f, ẋ + ġ ⊙ f + g ⊙ ḟ). Saves g and f (what torch's own g ⊙ f
-    saves); nothing of the tangent stream. Backward: dx = dy (no kernel), df and dg in one Triton pass
-    (torch would need a g ⊙ dy pass plus a dy ⊙ f temporary and a reduction over it)."""
+    saves); nothing of the tangent stream. Backward: ``_gated_residual_backward``."""
 
     @staticmethod
     def forward(ctx, x, gate, f, x_dot, gate_dot, f_dot):
@@ -212,18 +263,18 @@ class GatedResidualJvpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dy_dot):
-        gate, f = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        df = dgate = None
-        if need[1] or need[2]:
-            df, dgate = gated_residual_bwd_op(dy, gate, f)
-        return (dy if need[0] else None, dgate if need[1] else None, df if need[2] else None,
-                None, None, None)
+        return _gated_residual_backward(ctx, dy) + (None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public function
+# Public functions
 # ---------------------------------------------------------------------------------------------
+def gated_residual(x, gate, f) -> torch.Tensor:
+    """x + g ⊙ f (g (B, D) broadcast over the N tokens) in one Triton kernel, primal only; differentiable
+    (Triton backward). Same signature and contract as ``gated_residual_ref``."""
+    return GatedResidualFunction.apply(x, gate, f)
+
+
 def gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, ẏ) = (x + g ⊙ f, ẋ + ġ ⊙ f + g ⊙ ḟ) in one Triton kernel; y is differentiable, ẏ carries no
     autograd graph. Same signature and contract as ``gated_residual_jvp_ref``."""

@@ -7,7 +7,8 @@ x: (B, N, D); shift, scale and their tangents: (B, D), broadcast over the N toke
 
 The Triton path is one row-wise kernel for both streams (x and ẋ read once, m and ṁ written once,
 statistics in fp32) and one backward kernel for the primal stream (dx, and per-block partial sums of
-dshift and dscale).
+dshift and dscale). The same forward kernel with HAS_TANGENT=False is the primal-only op
+``ln_modulate`` of the DiT's plain forward (x read once, m written once; same backward).
 """
 from typing import Tuple
 
@@ -51,13 +52,13 @@ def ln_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot,
 @triton.jit
 def _ln_modulate_fwd_kernel(
     X,              # (M, D) primal rows (M = B·N), any strides
-    XD,             # (M, D) tangent rows, any strides
+    XD,             # (M, D) tangent rows, any strides (not read when HAS_TANGENT is False)
     SHIFT,          # (B, D) shift, any strides
     SCALE,          # (B, D) scale
-    SHIFT_D,        # (B, D) tangent of shift
-    SCALE_D,        # (B, D) tangent of scale
+    SHIFT_D,        # (B, D) tangent of shift (not read when HAS_TANGENT is False)
+    SCALE_D,        # (B, D) tangent of scale (not read when HAS_TANGENT is False)
     OUT,            # (M, D) out: m = y·(1 + scale) + shift, contiguous
-    OUT_D,          # (M, D) out: ṁ, contiguous
+    OUT_D,          # (M, D) out: ṁ, contiguous (not written when HAS_TANGENT is False)
     MEAN,           # (M,) out, fp32: row mean μ (for the backward)
     RSTD,           # (M,) out, fp32: 1/σ = 1/√(var + eps)
     n_rows,         # M
@@ -70,6 +71,8 @@ def _ln_modulate_fwd_kernel(
     stride_scb, stride_scd,      # strides of SCALE
     stride_shdb, stride_shdd,    # strides of SHIFT_D
     stride_scdb, stride_scdd,    # strides of SCALE_D
+    HAS_TANGENT: tl.constexpr,   # False: primal only (m, mean, rstd); the tangent loads, math and store
+                                 # are compiled out
     BLOCK_R: tl.constexpr,       # rows per program
     BLOCK_D: tl.constexpr,       # next power of two ≥ D (a whole row per tile: the statistics need it)
 ):
@@ -86,24 +89,27 @@ def _ln_modulate_fwd_kernel(
     rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
     y = xc * rstd[:, None]                                          # 0 outside the row
 
-    # ẏ = (ẋ − mean ẋ − y·mean(y ⊙ ẋ))·rstd   (DESIGN.md §2)
-    xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
-    xd_mean = tl.sum(xd, axis=1) / D
-    yxd_mean = tl.sum(y * xd, axis=1) / D
-    yd = (xd - xd_mean[:, None] - y * yxd_mean[:, None]) * rstd[:, None]
-
     # Modulation of each row's batch element (B·D values, served from L2 to the N rows that share them).
     b = row // N_TOK
     sh = tl.load(SHIFT + b[:, None] * stride_shb + col[None, :] * stride_shd, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(SCALE + b[:, None] * stride_scb + col[None, :] * stride_scd, mask=mask, other=0.0).to(tl.float32)
-    shd = tl.load(SHIFT_D + b[:, None] * stride_shdb + col[None, :] * stride_shdd, mask=mask, other=0.0).to(tl.float32)
-    scd = tl.load(SCALE_D + b[:, None] * stride_scdb + col[None, :] * stride_scdd, mask=mask, other=0.0).to(tl.float32)
     m = y * (1.0 + sc) + sh
-    md = yd * (1.0 + sc) + y * scd + shd   # ṁ = ẏ·(1 + scale) + y·scalė + shifṫ
-
     out = row[:, None] * D + col[None, :]
     tl.store(OUT + out, m.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(OUT_D + out, md.to(OUT_D.dtype.element_ty), mask=mask)
+
+    if HAS_TANGENT:
+        # ẏ = (ẋ − mean ẋ − y·mean(y ⊙ ẋ))·rstd   (DESIGN.md §2)
+        xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
+        xd_mean = tl.sum(xd, axis=1) / D
+        yxd_mean = tl.sum(y * xd, axis=1) / D
+        yd = (xd - xd_mean[:, None] - y * yxd_mean[:, None]) * rstd[:, None]
+        shd = tl.load(SHIFT_D + b[:, None] * stride_shdb + col[None, :] * stride_shdd,
+                      mask=mask, other=0.0).to(tl.float32)
+        scd = tl.load(SCALE_D + b[:, None] * stride_scdb + col[None, :] * stride_scdd,
+                      mask=mask, other=0.0).to(tl.float32)
+        md = yd * (1.0 + sc) + y * scd + shd   # ṁ = ẏ·(1 + scale) + y·scalė + shifṫ
+        tl.store(OUT_D + out, md.to(OUT_D.dtype.element_ty), mask=mask)
+
     tl.store(MEAN + row, mean, mask=r_mask)
     tl.store(RSTD + row, rstd, mask=r_mask)
 
@@ -167,6 +173,8 @@ def _ln_modulate_bwd_kernel(
 # need the row); ~2048 fp32 values per tile and stream keeps the ~8 live tiles of the forward at
 # 8 values/thread/tile over 8 warps (no spills), and at DiT-B/2 (D = 768 → BLOCK_D = 1024) gives
 # 2 rows per program, M/2 = 16384 programs at batch 128. The interpreter prefers few, large programs.
+# The primal-only launch (HAS_TANGENT=False, ~4 live tiles) uses the same tiles: a memory-bound row
+# kernel at 8 values/thread needs no larger tile to stream at bandwidth (not measured either).
 _CUDA_TILE = 2048
 _CPU_TILE = 2048
 
@@ -179,47 +187,58 @@ def _num_warps(block_d: int, block_r: int) -> int:
     return 8 if block_d * block_r >= 2048 else 4
 
 
-def _check_ln_modulate(x, shift, scale, x_dot, shift_dot, scale_dot, eps) -> None:
-    op = "ln_modulate_jvp"
-    check_tensors(op, {"x": x, "shift": shift, "scale": scale, "x_dot": x_dot,
-                       "shift_dot": shift_dot, "scale_dot": scale_dot})
+def _check_ln_modulate(op: str, x, shift, scale, x_dot, shift_dot, scale_dot, eps) -> None:
+    """Validate a call of ``op`` (``ln_modulate`` without the tangents, ``ln_modulate_jvp`` with all three)."""
+    tangents = {"x_dot": x_dot, "shift_dot": shift_dot, "scale_dot": scale_dot}
+    has_tangent = any(t is not None for t in tangents.values())
+    if has_tangent and any(t is None for t in tangents.values()):
+        raise ValueError(f"{op}: x_dot, shift_dot and scale_dot must be given together (use zeros for a "
+                         f"constant input), got None for {[k for k, t in tangents.items() if t is None]}")
+    check_tensors(op, {"x": x, "shift": shift, "scale": scale, **tangents})
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be 3-D (B, N, D), got shape {tuple(x.shape)}")
     B, _, D = x.shape
     if D == 0:
         raise ValueError(f"{op}: x has D = 0 features; LayerNorm needs D ≥ 1")
-    check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
+    if has_tangent:
+        check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
     for name, t in (("shift", shift), ("scale", scale), ("shift_dot", shift_dot), ("scale_dot", scale_dot)):
-        check_shape(op, name, t, (B, D), "(B, D) of x = (B, N, D), broadcast over the N tokens")
+        if t is not None:
+            check_shape(op, name, t, (B, D), "(B, D) of x = (B, N, D), broadcast over the N tokens")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
 
 
-def ln_modulate_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps: float = 1e-6):
+def ln_modulate_fwd(x, shift, scale, x_dot=None, shift_dot=None, scale_dot=None, eps: float = 1e-6):
     """Launch the forward kernel; returns (m, ṁ, mean, rstd): m and ṁ (B, N, D) in x's dtype, mean and
-    rstd (B·N,) in fp32. Every input is read in place through its strides (the (B, D) modulation is
-    typically a non-contiguous ``chunk`` of the adaLN output); outputs are contiguous."""
-    _check_ln_modulate(x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+    rstd (B·N,) in fp32. Without the tangents (all three None) the kernel runs primal only
+    (HAS_TANGENT=False) and ṁ is None. Every input is read in place through its strides (the (B, D)
+    modulation is typically a non-contiguous ``chunk`` of the adaLN output); outputs are contiguous."""
+    has_tangent = x_dot is not None or shift_dot is not None or scale_dot is not None
+    _check_ln_modulate("ln_modulate_jvp" if has_tangent else "ln_modulate",
+                       x, shift, scale, x_dot, shift_dot, scale_dot, eps)
     B, N, D = x.shape
-    x2, xd2 = rows(x, D), rows(x_dot, D)
+    x2 = rows(x, D)
     M = x2.shape[0]
     out = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
-    out_d = torch.empty_like(out)
+    if has_tangent:
+        xd2, out_d = rows(x_dot, D), torch.empty_like(out)
+    else:  # never read or written (HAS_TANGENT=False)
+        xd2, shift_dot, scale_dot, out_d = x2, shift, scale, out
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    if M == 0:
-        return out, out_d, mean, rstd
-    block_d = next_pow2(D)
-    block_r = _tile_rows(block_d, x.is_cuda)
-    grid = (triton.cdiv(M, block_r),)
-    _ln_modulate_fwd_kernel[grid](
-        x2, xd2, shift, scale, shift_dot, scale_dot, out, out_d, mean, rstd,
-        M, D, N, float(eps),
-        x2.stride(0), x2.stride(1), xd2.stride(0), xd2.stride(1),
-        shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
-        shift_dot.stride(0), shift_dot.stride(1), scale_dot.stride(0), scale_dot.stride(1),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d, block_r))
-    return out, out_d, mean, rstd
+    if M > 0:
+        block_d = next_pow2(D)
+        block_r = _tile_rows(block_d, x.is_cuda)
+        grid = (triton.cdiv(M, block_r),)
+        _ln_modulate_fwd_kernel[grid](
+            x2, xd2, shift, scale, shift_dot, scale_dot, out, out_d, mean, rstd,
+            M, D, N, float(eps),
+            x2.stride(0), x2.stride(1), xd2.stride(0), xd2.stride(1),
+            shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
+            shift_dot.stride(0), shift_dot.stride(1), scale_dot.stride(0), scale_dot.stride(1),
+            HAS_TANGENT=has_tangent, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d, block_r))
+    return out, (out_d if has_tangent else None), mean, rstd
 
 
 def ln_modulate_bwd(dm, x, scale, mean, rstd):
@@ -257,10 +276,25 @@ def ln_modulate_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 
 @ln_modulate_fwd_op.register_fake
 def _(x, shift, scale, x_dot, shift_dot, scale_dot, eps):
-    _check_ln_modulate(x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+    _check_ln_modulate("ln_modulate_jvp", x, shift, scale, x_dot, shift_dot, scale_dot, eps)
     B, N, D = x.shape
     stat = x.new_empty(B * N, dtype=torch.float32)
     return x.new_empty(B, N, D), x.new_empty(B, N, D), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("meanflow_fast::ln_modulate_primal_fwd", mutates_args=())
+def ln_modulate_primal_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, _, mean, rstd = ln_modulate_fwd(x, shift, scale, eps=eps)
+    return m, mean, rstd
+
+
+@ln_modulate_primal_fwd_op.register_fake
+def _(x, shift, scale, eps):
+    _check_ln_modulate("ln_modulate", x, shift, scale, None, None, None, eps)
+    B, N, D = x.shape
+    stat = x.new_empty(B * N, dtype=torch.float32)
+    return x.new_empty(B, N, D), stat, torch.empty_like(stat)
 
 
 @torch.library.custom_op("meanflow_fast::ln_modulate_bwd", mutates_args=())
@@ -277,6 +311,24 @@ def _(dm, x, scale, mean, rstd):
 # ---------------------------------------------------------------------------------------------
 # autograd.Function
 # ---------------------------------------------------------------------------------------------
+class LnModulateFunction(torch.autograd.Function):
+    """(x, shift, scale) → m, primal only. Saves x, scale and the fp32 row statistics; the backward is
+    the Triton backward of the dual op (it reads nothing of the tangent stream)."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        m, mean, rstd = ln_modulate_primal_fwd_op(x, shift, scale, float(eps))
+        ctx.save_for_backward(x, scale, mean, rstd)
+        return m
+
+    @staticmethod
+    def backward(ctx, dm):
+        x, scale, mean, rstd = ctx.saved_tensors
+        dx, dshift, dscale = ln_modulate_bwd_op(dm, x, scale, mean, rstd)
+        need = ctx.needs_input_grad
+        return dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None, None
+
+
 class LnModulateJvpFunction(torch.autograd.Function):
     """(x, shift, scale, ẋ, shifṫ, scalė) → (m, ṁ). Saves x, scale and the fp32 row statistics (8 bytes
     a row); nothing of the tangent stream. The backward is a Triton kernel: in torch it would take
@@ -299,8 +351,14 @@ class LnModulateJvpFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# Public function
+# Public functions
 # ---------------------------------------------------------------------------------------------
+def ln_modulate(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
+    """m = LayerNorm(x)·(1 + scale) + shift (no affine) in one Triton kernel, primal only; differentiable
+    (Triton backward). Same signature and contract as ``ln_modulate_ref``."""
+    return LnModulateFunction.apply(x, shift, scale, eps)
+
+
 def ln_modulate_jvp(x, shift, scale, x_dot, shift_dot, scale_dot,
                     eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """(m, ṁ) of LayerNorm (no affine) + modulate in one Triton kernel; m is differentiable, ṁ carries
