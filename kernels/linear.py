@@ -1,4 +1,10 @@
-"""Dual-stream linear: o = x Wᵀ + b and ȯ = ẋ Wᵀ, the weight read once for both streams."""
+"""Dual-stream linear: o = x Wᵀ + b and ȯ = ẋ Wᵀ, the weight read once for both streams.
+
+The same kernel with HAS_TANGENT=False and the GELU epilogue is the fc1 of the primal-only MLP
+(``kernels.mlp.mlp``, the DiT's plain forward): h = gelu(x W1ᵀ + b1) in one pass instead of a GEMM
+and an elementwise GELU over the (M, 4D) activations. A plain primal linear without an epilogue has
+nothing to fuse and stays on cuBLAS (``F.linear``): a Triton GEMM would at best match it.
+"""
 from typing import Optional, Tuple
 
 import torch
@@ -52,11 +58,12 @@ def _gelu_tanh_and_grad(a):
 @triton.jit
 def _dual_linear_fwd_kernel(
     X,              # (M, K) primal rows, any strides
-    XD,             # (M, K) tangent rows, any strides
+    XD,             # (M, K) tangent rows, any strides (not read when HAS_TANGENT is False)
     W,              # (N, K) weight, any strides; one tile serves both streams
     BIAS,           # (N,) bias, primal stream only; not read when HAS_BIAS is False
     Y,              # (M, N) out: primal (gelu(a) when GELU), contiguous
-    YD,             # (M, N) out: tangent (gelu'(a)·ȧ when GELU), contiguous
+    YD,             # (M, N) out: tangent (gelu'(a)·ȧ when GELU), contiguous; not written when HAS_TANGENT
+                    # is False
     PRE,            # (M, N) out: pre-activation a = x Wᵀ + b for the backward; written iff STORE_PRE
     M, N, K,        # problem size: rows, output features, input features
     stride_xm, stride_xk,    # strides of X
@@ -64,6 +71,7 @@ def _dual_linear_fwd_kernel(
     stride_wn, stride_wk,    # strides of W
     stride_bn,               # stride of BIAS
     HAS_BIAS: tl.constexpr,         # add BIAS to the primal stream
+    HAS_TANGENT: tl.constexpr,      # False: primal stream only (one accumulator, one tl.dot per step)
     GELU: tl.constexpr,             # apply the GELU (tanh) epilogue to both streams
     STORE_PRE: tl.constexpr,        # write PRE (only when GELU and a backward will need it)
     INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 inputs: "ieee" or "tf32"
@@ -94,16 +102,17 @@ def _dual_linear_fwd_kernel(
     w_ptrs = W + rn[None, :] * stride_wn + rk[:, None] * stride_wk  # a (BLOCK_K, BLOCK_N) tile of Wᵀ
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused (compiled out) without the tangent
     for k0 in range(0, K, BLOCK_K):
         k_mask = (rk + k0) < K
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        xd = tl.load(xd_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        acc_d = tl.dot(xd, w, acc_d, input_precision=INPUT_PRECISION)
+        if HAS_TANGENT:
+            xd = tl.load(xd_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            acc_d = tl.dot(xd, w, acc_d, input_precision=INPUT_PRECISION)
+            xd_ptrs += BLOCK_K * stride_xdk
         x_ptrs += BLOCK_K * stride_xk
-        xd_ptrs += BLOCK_K * stride_xdk
         w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
@@ -115,18 +124,20 @@ def _dual_linear_fwd_kernel(
     if GELU:
         if STORE_PRE:
             tl.store(PRE + out_offs, acc.to(PRE.dtype.element_ty), mask=out_mask)
-        h, dh = _gelu_tanh_and_grad(acc)
-        acc_d = dh * acc_d
+        h, dh = _gelu_tanh_and_grad(acc)  # without the tangent, dh is dead code (eliminated)
+        if HAS_TANGENT:
+            acc_d = dh * acc_d
         acc = h
     tl.store(Y + out_offs, acc.to(Y.dtype.element_ty), mask=out_mask)
-    tl.store(YD + out_offs, acc_d.to(YD.dtype.element_ty), mask=out_mask)
+    if HAS_TANGENT:
+        tl.store(YD + out_offs, acc_d.to(YD.dtype.element_ty), mask=out_mask)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-# Block sizes. CUDA: autotuned over the short list below, keyed on (M, N, K, GELU) (Triton adds the
-# dtypes to the key). The list is not the result of a sweep — no GPU was available when it was
+# Block sizes. CUDA: autotuned over the short list below, keyed on (M, N, K, GELU, HAS_TANGENT) (Triton
+# adds the dtypes to the key). The list is not the result of a sweep — no GPU was available when it was
 # written — but sized for two fp32 accumulators: a 128×128 dual tile holds 2·128·128 fp32 values,
 # 128 registers/thread over 8 warps; 64-row dual tiles match the intensity of 128-row plain tiles.
 # The autotuner prunes the list per launch (_prune_configs), from benchmarks/compile_check.py with
@@ -137,6 +148,13 @@ def _dual_linear_fwd_kernel(
 #   BM64 BN64 BK64 s4 needs 144-192 KiB (IEEE: spills 16-40 B), BM64 BN64 BK32 s3 48-72 KiB (no spills).
 # - GELU epilogue: BM128 BN128 spills for every dtype (bf16/fp16: 32-80 B on sm_90, 212-236 B on sm_80;
 #   fp32: see above); BM64 BN256 covers the same tile area without spills, so BM128 BN128 is dropped.
+# - Primal only (HAS_TANGENT=False: the fc1 + GELU of the plain forward): one accumulator, so the
+#   128-wide tiles keep BM128 BN128 and add BM128 BN256 (the first H100 config of Triton's matmul
+#   tutorial), which is pruned from every dual launch (two 128×256 fp32 accumulators = 256
+#   registers/thread over 8 warps: certain spills). Not swept either. compile_check, bf16/fp16 fc1
+#   768→3072: every primal config compiles without spills (60-190 registers) except BM128 BN256, which
+#   sits at 179-255 registers and spills 8-56 B on sm_90 when it also stores the pre-activation
+#   (24-104 B on sm_80; triton 3.6 and 3.9); the autotuner weighs that in its timing.
 # CPU interpreter: one fixed config; program instances run one after another, so fewer, larger
 # programs are faster (a 64×128×64 problem: 0.19 s with 16³ blocks, 0.017 s with 32×64×32).
 _CUDA_CONFIGS = [
@@ -146,6 +164,7 @@ _CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
 ]
 _CPU_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
 _tuned_kernel = None  # built on first CUDA use, so the CPU path never touches the autotuner
@@ -156,17 +175,19 @@ def _prune_configs(configs, named_args, **kwargs):
     launch (see the comment above _CUDA_CONFIGS)."""
     if named_args["X"].dtype == torch.float32:
         configs = [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64]
-    if kwargs.get("GELU"):
-        configs = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 128)]
+    if kwargs.get("HAS_TANGENT", True):
+        configs = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 256)]
+        if kwargs.get("GELU"):
+            configs = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 128)]
     return configs
 
 
 def _cuda_kernel():
     global _tuned_kernel
     if _tuned_kernel is None:
-        # GELU in the key: the pruned lists differ with it, so a GELU launch must not reuse the choice
-        # of a plain one of the same (M, N, K).
-        _tuned_kernel = triton.autotune(configs=_CUDA_CONFIGS, key=["M", "N", "K", "GELU"],
+        # GELU and HAS_TANGENT in the key: the pruned lists differ with them, so a GELU or a primal-only
+        # launch must not reuse the choice of another launch of the same (M, N, K).
+        _tuned_kernel = triton.autotune(configs=_CUDA_CONFIGS, key=["M", "N", "K", "GELU", "HAS_TANGENT"],
                                         prune_configs_by={"early_config_prune": _prune_configs}
                                         )(_dual_linear_fwd_kernel)
     return _tuned_kernel
@@ -180,6 +201,13 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _op_name(gelu: bool, has_tangent: bool) -> str:
+    """The public op a launch serves, for error messages."""
+    if gelu:
+        return "mlp_jvp (fc1)" if has_tangent else "mlp (fc1)"
+    return "linear_jvp" if has_tangent else "linear (triton)"
+
+
 def _check_dual_linear(op: str, x, weight, bias, x_dot) -> None:
     dtype = check_tensors(op, {"x": x, "weight": weight, "bias": bias, "x_dot": x_dot})
     if weight.dim() != 2:
@@ -187,7 +215,8 @@ def _check_dual_linear(op: str, x, weight, bias, x_dot) -> None:
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{op}: x must have shape (..., in_features={weight.shape[1]}) to match weight "
                          f"{tuple(weight.shape)}, got {tuple(x.shape)}")
-    check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
+    if x_dot is not None:
+        check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
     if bias is not None:
         check_shape(op, "bias", bias, (weight.shape[0],), "out_features of weight")
     if dtype == torch.bfloat16 and x.device.type == "cpu":
@@ -195,34 +224,37 @@ def _check_dual_linear(op: str, x, weight, bias, x_dot) -> None:
                          f"returns garbage, triton issue #11584); use float32/float16 on the CPU or bf16 on CUDA")
 
 
-def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], x_dot: torch.Tensor,
-                    gelu: bool = False, store_pre: bool = False
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    x_dot: Optional[torch.Tensor], gelu: bool = False, store_pre: bool = False
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Launch the dual-stream matmul; returns (y, y_dot, pre), all (..., out_features) in x's dtype.
 
     Without ``gelu``: y = x Wᵀ + b, y_dot = ẋ Wᵀ. With ``gelu``: y = gelu(a), y_dot = gelu'(a)·ȧ for
-    a = x Wᵀ + b, and ``pre`` = a when ``store_pre`` (an empty tensor otherwise). Inputs of any strides
-    are read in place; (..., K) is viewed as rows with ``reshape`` (a copy only if the leading dims
-    cannot be merged). Outputs are contiguous.
+    a = x Wᵀ + b, and ``pre`` = a when ``store_pre`` (an empty tensor otherwise). ``x_dot=None`` runs the
+    primal stream alone (HAS_TANGENT=False) and returns y_dot = None. Inputs of any strides are read in
+    place; (..., K) is viewed as rows with ``reshape`` (a copy only if the leading dims cannot be
+    merged). Outputs are contiguous.
     """
-    op = "linear_jvp" if not gelu else "mlp_jvp (fc1)"
-    _check_dual_linear(op, x, weight, bias, x_dot)
+    has_tangent = x_dot is not None
+    _check_dual_linear(_op_name(gelu, has_tangent), x, weight, bias, x_dot)
     n_out, k = weight.shape
     lead = x.shape[:-1]
-    x2, xd2 = rows(x, k), rows(x_dot, k)
+    x2 = rows(x, k)
+    xd2 = rows(x_dot, k) if has_tangent else x2  # x2: never read (HAS_TANGENT=False)
     m = x2.shape[0]
     y = torch.empty(*lead, n_out, dtype=x.dtype, device=x.device)
-    y_dot = torch.empty_like(y)
+    y_dot = torch.empty_like(y) if has_tangent else None
     pre = torch.empty_like(y) if (gelu and store_pre) else x.new_empty(0)
     if m == 0 or n_out == 0:
         return y, y_dot, pre
     # (K = 0 needs no special case: the reduction loop runs zero times and the products are zero.)
-    args = (x2, xd2, weight, bias if bias is not None else x2, y, y_dot, pre if pre.numel() else y,
+    args = (x2, xd2, weight, bias if bias is not None else x2, y, y_dot if has_tangent else y,
+            pre if pre.numel() else y,
             m, n_out, k,
             x2.stride(0), x2.stride(1), xd2.stride(0), xd2.stride(1), weight.stride(0), weight.stride(1),
             bias.stride(0) if bias is not None else 0)
-    flags = dict(HAS_BIAS=bias is not None, GELU=bool(gelu), STORE_PRE=bool(gelu and store_pre),
-                 INPUT_PRECISION=_input_precision(x.dtype))
+    flags = dict(HAS_BIAS=bias is not None, HAS_TANGENT=has_tangent, GELU=bool(gelu),
+                 STORE_PRE=bool(gelu and store_pre), INPUT_PRECISION=_input_precision(x.dtype))
     if x.is_cuda:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
         with torch.cuda.device(x.device):
@@ -244,9 +276,24 @@ def dual_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 @dual_linear_fwd_op.register_fake
 def _(x, weight, bias, x_dot, gelu, store_pre):
-    _check_dual_linear("linear_jvp" if not gelu else "mlp_jvp (fc1)", x, weight, bias, x_dot)
+    _check_dual_linear(_op_name(gelu, True), x, weight, bias, x_dot)
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
     return y, torch.empty_like(y), (torch.empty_like(y) if (gelu and store_pre) else x.new_empty(0))
+
+
+@torch.library.custom_op("meanflow_fast::linear_gelu_fwd", mutates_args=())
+def linear_gelu_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], store_pre: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Primal only: (gelu(a), a or an empty tensor) for a = x Wᵀ + b (fc1 of ``kernels.mlp.mlp``)."""
+    h, _, pre = dual_linear_fwd(x, weight, bias, None, gelu=True, store_pre=store_pre)
+    return h, pre
+
+
+@linear_gelu_fwd_op.register_fake
+def _(x, weight, bias, store_pre):
+    _check_dual_linear(_op_name(True, False), x, weight, bias, None)
+    h = x.new_empty(*x.shape[:-1], weight.shape[0])
+    return h, (torch.empty_like(h) if store_pre else x.new_empty(0))
 
 
 # ---------------------------------------------------------------------------------------------

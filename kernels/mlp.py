@@ -6,6 +6,12 @@
 The Triton path is two launches of the dual-stream matmul of ``kernels/linear.py`` (one weight tile
 serves both streams): fc1 with the GELU epilogue (h and ḣ computed from the fp32 accumulators, and a
 written for the backward), then fc2 with the bias on the primal stream only.
+
+The primal-only ``mlp`` (the DiT's plain forward) runs fc1 + GELU as the same kernel without the
+tangent (HAS_TANGENT=False: one accumulator, h written once instead of a GEMM then an elementwise GELU
+pass over the (M, hidden) activations), and fc2 on cuBLAS (``F.linear``): fc2 has no epilogue to fuse,
+and a Triton GEMM would at best match cuBLAS on a primal-only matmul. Both variants share one
+backward (``_mlp_backward``).
 """
 import math
 from typing import Tuple
@@ -14,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton_utils import check_shape, check_tensors, rows
-from .linear import dual_linear_fwd_op
+from .linear import dual_linear_fwd_op, linear_gelu_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
@@ -50,15 +56,16 @@ def mlp_jvp_ref(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Triton kernels: the dual-stream matmul of kernels/linear.py (``_dual_linear_fwd_kernel``), launched
 # with GELU=True for fc1 (the GELU and its derivative, `_gelu_tanh_and_grad`, sit in its epilogue) and
-# GELU=False for fc2. Both launches go through the torch.library op ``meanflow_fast::dual_linear_fwd``.
+# GELU=False for fc2. Both launches go through the torch.library op ``meanflow_fast::dual_linear_fwd``;
+# the primal-only fc1 goes through ``meanflow_fast::linear_gelu_fwd`` (HAS_TANGENT=False).
 # ---------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-def _check_mlp(x, w1, b1, w2, b2, x_dot) -> None:
-    op = "mlp_jvp"
+def _check_mlp(op: str, x, w1, b1, w2, b2, x_dot) -> None:
+    """Validate a call of ``op`` (``mlp`` with ``x_dot=None``, ``mlp_jvp`` with it)."""
     check_tensors(op, {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "x_dot": x_dot})
     for name, w in (("w1", w1), ("w2", w2)):
         if w.dim() != 2:
@@ -66,7 +73,8 @@ def _check_mlp(x, w1, b1, w2, b2, x_dot) -> None:
     hidden, dim = w1.shape
     if x.dim() < 1 or x.shape[-1] != dim:
         raise ValueError(f"{op}: x must have shape (..., {dim}) to match w1 {tuple(w1.shape)}, got {tuple(x.shape)}")
-    check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
+    if x_dot is not None:
+        check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
     if w2.shape[1] != hidden:
         raise ValueError(f"{op}: w2 must have shape (out_features, {hidden}) to take fc1's {hidden} hidden "
                          f"features, got {tuple(w2.shape)}")
@@ -76,18 +84,68 @@ def _check_mlp(x, w1, b1, w2, b2, x_dot) -> None:
         check_shape(op, "b2", b2, (w2.shape[0],), "fc2's out_features")
 
 
+def mlp_fwd(x, w1, b1, w2, b2, store_pre: bool = False):
+    """(y, a), primal only: fc1 + GELU in one Triton launch (HAS_TANGENT=False), fc2 on cuBLAS. The
+    pre-activation a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else an empty tensor. h is written
+    once by fc1 and read once by fc2."""
+    _check_mlp("mlp", x, w1, b1, w2, b2, None)
+    h, a = linear_gelu_fwd_op(x, w1, b1, store_pre)
+    return F.linear(h, w2, b2), a
+
+
 def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre: bool = False):
     """(y, ẏ, a): the MLP and its tangent; a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else empty.
     The hidden activations h and ḣ are written once by fc1 and read once by fc2."""
-    _check_mlp(x, w1, b1, w2, b2, x_dot)
+    _check_mlp("mlp_jvp", x, w1, b1, w2, b2, x_dot)
     h, h_dot, a = dual_linear_fwd_op(x, w1, b1, x_dot, True, store_pre)
     y, y_dot, _ = dual_linear_fwd_op(h, w2, b2, h_dot, False, False)
     return y, y_dot, a
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd.Function
+# autograd.Functions
 # ---------------------------------------------------------------------------------------------
+def _mlp_backward(ctx, dy):
+    """(dx, dW1, db1, dW2, db2) from the saved (x, a, W1, W2): the plain MLP backward, five GEMMs
+    (torch/cuBLAS, at the roofline; nothing of the tangent stream to fuse in) and one elementwise GELU
+    backward (aten.gelu_backward, one fused pass). h = gelu(a) is recomputed for dW2."""
+    x, a, w1, w2 = ctx.saved_tensors
+    hidden, dim = w1.shape
+    need = ctx.needs_input_grad
+    dy2, a2 = rows(dy, w2.shape[0]), rows(a, hidden)
+    dx = dw1 = db1 = dw2 = db2 = None
+    if need[3]:
+        dw2 = dy2.t() @ F.gelu(a2, approximate="tanh")
+    if ctx.has_b2 and need[4]:
+        db2 = dy2.sum(0)
+    if need[0] or need[1] or need[2]:
+        da = torch.ops.aten.gelu_backward(dy2 @ w2, a2, approximate="tanh")
+        if need[0]:
+            dx = (da @ w1).reshape(x.shape)
+        if need[1]:
+            dw1 = da.t() @ rows(x, dim)
+        if ctx.has_b1 and need[2]:
+            db1 = da.sum(0)
+    return dx, dw1, db1, dw2, db2
+
+
+class MlpFunction(torch.autograd.Function):
+    """(x, W1, b1, W2, b2) → y, primal only. Saves x and the pre-activation a, as the dual version
+    (torch's eager MLP keeps a and h = gelu(a) besides); backward: ``_mlp_backward``."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, need_backward: bool):
+        y, a = mlp_fwd(x, w1, b1, w2, b2, store_pre=need_backward)
+        if need_backward:
+            ctx.save_for_backward(x, a, w1, w2)
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _mlp_backward(ctx, dy) + (None,)
+
+
 class MlpJvpFunction(torch.autograd.Function):
     """(x, W1, b1, W2, b2, ẋ) → (y, ẏ). Saves x and the pre-activation a (h = gelu(a) is recomputed in
     the backward, one elementwise pass instead of a second (M, hidden) tensor kept alive); nothing of
@@ -104,34 +162,24 @@ class MlpJvpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dy_dot):
-        # The plain MLP backward: five GEMMs (torch/cuBLAS, at the roofline; nothing of the tangent
-        # stream to fuse in) and one elementwise GELU backward (aten.gelu_backward, one fused pass).
-        x, a, w1, w2 = ctx.saved_tensors
-        hidden, dim = w1.shape
-        need = ctx.needs_input_grad
-        dy2, a2 = rows(dy, w2.shape[0]), rows(a, hidden)
-        dx = dw1 = db1 = dw2 = db2 = None
-        if need[3]:
-            dw2 = dy2.t() @ F.gelu(a2, approximate="tanh")
-        if ctx.has_b2 and need[4]:
-            db2 = dy2.sum(0)
-        if need[0] or need[1] or need[2]:
-            da = torch.ops.aten.gelu_backward(dy2 @ w2, a2, approximate="tanh")
-            if need[0]:
-                dx = (da @ w1).reshape(x.shape)
-            if need[1]:
-                dw1 = da.t() @ rows(x, dim)
-            if ctx.has_b1 and need[2]:
-                db1 = da.sum(0)
-        return dx, dw1, db1, dw2, db2, None, None
+        return _mlp_backward(ctx, dy) + (None, None)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public function
+# Public functions
 # ---------------------------------------------------------------------------------------------
+def _needs_backward(*tensors) -> bool:
+    """Will autograd call the backward? Only then is the pre-activation a written and saved."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def mlp(x, w1, b1, w2, b2) -> torch.Tensor:
+    """y = gelu_tanh(x W1ᵀ + b1) W2ᵀ + b2, primal only: fc1 + GELU in one Triton matmul, fc2 on cuBLAS;
+    differentiable. Same signature and contract as ``mlp_ref``."""
+    return MlpFunction.apply(x, w1, b1, w2, b2, _needs_backward(x, w1, b1, w2, b2))
+
+
 def mlp_jvp(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, ẏ) of fc1 → GELU (tanh) → fc2 in two dual-stream Triton matmuls; y is differentiable, ẏ
     carries no autograd graph. Same signature and contract as ``mlp_jvp_ref``."""
-    need_backward = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
-    return MlpJvpFunction.apply(x, w1, b1, w2, b2, x_dot, need_backward)
+    return MlpJvpFunction.apply(x, w1, b1, w2, b2, x_dot, _needs_backward(x, w1, b1, w2, b2))
