@@ -8,7 +8,8 @@ Run it with the triton of the GPU machine (3.6: ``/work/venv36``) before a GPU s
 local one. Options: --targets 90,80, --kernel NAME, --jobs N, --timeout S, --json FILE.
 
 What it does. Each launcher (``attention_fwd``, ``attention_bwd``, ``dual_linear_fwd``,
-``ln_modulate_fwd``/``_bwd``, ``gated_residual_fwd``/``_bwd``) is called at DiT sizes on *fake* CUDA
+``ln_modulate_fwd``/``_bwd``, ``gated_residual_fwd``/``_bwd``; the forward launchers with and without
+the tangent stream, HAS_TANGENT=True/False) is called at DiT sizes on *fake* CUDA
 tensors (torch's FakeTensorMode: shapes, strides, dtypes, no memory, no GPU), with every
 ``@triton.jit``/``@triton.autotune`` object of the ``kernels`` modules replaced by a recorder. The
 recorded launch (positional arguments, constexprs, num_warps) is then bound by Triton's own
@@ -226,8 +227,20 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
                 y, _ = gated_mod.gated_residual_fwd(x, g, f, xd, gd, fd)
                 gated_mod.gated_residual_bwd(torch.empty_like(y), g, f)
 
+            # Primal only (HAS_TANGENT=False: the DiT's plain forward); the backward kernels are the ones above.
+            def ln_primal(dt=dt, hidden=hidden):
+                x = _cuda(BATCH, TOKENS, hidden, dtype=dt)
+                sh, sc = _cuda(BATCH, 6 * hidden, dtype=dt).chunk(6, dim=1)[:2]
+                ln_mod.ln_modulate_fwd(x, sh, sc, eps=1e-6)
+
+            def gated_primal(dt=dt, hidden=hidden):
+                x, f = _cuda(BATCH, TOKENS, hidden, dtype=dt), _cuda(BATCH, TOKENS, hidden, dtype=dt)
+                gated_mod.gated_residual_fwd(x, _cuda(BATCH, 6 * hidden, dtype=dt).chunk(6, dim=1)[2], f)
+
             out.append(Scenario("ln_modulate fwd+bwd", f"{dt_name} D={hidden}", ln))
             out.append(Scenario("gated_residual fwd+bwd", f"{dt_name} D={hidden}", gated))
+            out.append(Scenario("ln_modulate fwd", f"{dt_name} D={hidden} primal", ln_primal))
+            out.append(Scenario("gated_residual fwd", f"{dt_name} D={hidden} primal", gated_primal))
 
         # Dual linear at DiT-B/2: qkv (768 → 2304), proj (768 → 768), fc1 + GELU (768 → 3072, with and
         # without the pre-activation for the backward), fc2 (3072 → 768). fp32 twice: IEEE dots (torch's
@@ -236,7 +249,7 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
         for prec in precisions:
             tag = dt_name + ("/tf32" if prec == "high" else "")
 
-            def lin(dt=dt, prec=prec, n_out=2304, k=768, gelu=False, store_pre=False, merged=False):
+            def lin(dt=dt, prec=prec, n_out=2304, k=768, gelu=False, store_pre=False, merged=False, tangent=True):
                 old = torch.get_float32_matmul_precision()
                 torch.set_float32_matmul_precision(prec)
                 try:
@@ -246,7 +259,7 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
                     else:
                         x, xd = _cuda(BATCH, TOKENS, k, dtype=dt), _cuda(BATCH, TOKENS, k, dtype=dt)
                     w, b = _cuda(n_out, k, dtype=dt), _cuda(n_out, dtype=dt)
-                    linear_mod.dual_linear_fwd(x, w, b, xd, gelu=gelu, store_pre=store_pre)
+                    linear_mod.dual_linear_fwd(x, w, b, xd if tangent else None, gelu=gelu, store_pre=store_pre)
                 finally:
                     torch.set_float32_matmul_precision(old)
 
@@ -256,6 +269,11 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
                                 lambda f=lin: f(n_out=3072, gelu=True, store_pre=True)))
             out.append(Scenario("dual_linear fc1+gelu 768→3072", tag, lambda f=lin: f(n_out=3072, gelu=True)))
             out.append(Scenario("dual_linear fc2 3072→768", tag, lambda f=lin: f(n_out=768, k=3072)))
+            # The primal-only fc1 of kernels.mlp.mlp (HAS_TANGENT=False; its fc2 is cuBLAS).
+            out.append(Scenario("dual_linear fc1+gelu+pre primal 768→3072", tag,
+                                lambda f=lin: f(n_out=3072, gelu=True, store_pre=True, tangent=False)))
+            out.append(Scenario("dual_linear fc1+gelu primal 768→3072", tag,
+                                lambda f=lin: f(n_out=3072, gelu=True, tangent=False)))
     return out
 
 
