@@ -5,8 +5,11 @@ with two sinusoidal time embedders summed with the label embedding (DESIGN.md §
 
     c = E_t(t) + E_h(t − r) + E_y(y)
 
-``forward_jvp`` runs the primal and the tangent stream (tangents dz, dr = 0, dt = 1) op by op with the
-explicit rules of DESIGN.md §2, through the backend switch of ``meanflow_fast.ops``.
+``forward`` runs the primal stream alone, ``forward_jvp`` the primal and the tangent stream (tangents dz,
+dr = 0, dt = 1) op by op with the explicit rules of DESIGN.md §2; both through the backend switch of
+``meanflow_fast.ops`` (``PrimalOps`` / ``DualOps``). With ``backend="triton"`` the plain forward runs
+the fused LayerNorm-modulate, gated-residual and fc1 + GELU kernels, with the plain linears and fc2 on
+cuBLAS and attention on torch's SDPA; the conditioning (embedders, adaLN) stays in torch either way.
 """
 import math
 from dataclasses import asdict, dataclass, replace
@@ -17,11 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import gated_residual_ref, linear_jvp_ref, ln_modulate_ref, mlp_ref
+from kernels import linear_jvp_ref
 
-from .ops import BACKENDS, DualOps, get_dual_ops
+from .ops import BACKENDS, DualOps, PrimalOps, get_dual_ops, get_primal_ops
 
 Times = Union[float, torch.Tensor]
+TORCH_OPS = get_primal_ops("torch")  # the blocks' default when called on their own
 
 
 # =================================================================================================
@@ -164,9 +168,9 @@ class Attention(nn.Module):
         B, H, N, Dh = o.shape
         return o.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(self.qkv(x))
-        return self.proj(self._merge(F.scaled_dot_product_attention(q, k, v)))
+    def forward(self, x: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
+        q, k, v = self._heads(ops.linear(x, self.qkv.weight, self.qkv.bias))
+        return ops.linear(self._merge(ops.attention(q, k, v)), self.proj.weight, self.proj.bias)
 
     def forward_jvp(self, x, x_dot, ops: DualOps):
         qkv, qkv_dot = ops.linear(x, self.qkv.weight, self.qkv.bias, x_dot)
@@ -182,8 +186,8 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mlp_ref(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+    def forward(self, x: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
+        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
     def forward_jvp(self, x, x_dot, ops: DualOps):
         return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, x_dot)
@@ -200,10 +204,10 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 × (B, D)
-        x = gated_residual_ref(x, g1, self.attn(ln_modulate_ref(x, sh1, sc1, self.eps)))
-        return gated_residual_ref(x, g2, self.mlp(ln_modulate_ref(x, sh2, sc2, self.eps)))
+        x = ops.gated_residual(x, g1, self.attn(ops.ln_modulate(x, sh1, sc1, self.eps), ops))
+        return ops.gated_residual(x, g2, self.mlp(ops.ln_modulate(x, sh2, sc2, self.eps), ops))
 
     def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
         mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], c, c_dot)
@@ -231,9 +235,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(ln_modulate_ref(x, shift, scale, self.eps))
+        return ops.linear(ops.ln_modulate(x, shift, scale, self.eps), self.linear.weight, self.linear.bias)
 
     def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
         mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], c, c_dot)
@@ -325,15 +329,19 @@ class MeanFlowDiT(nn.Module):
         return self.t_embedder(t) + self.h_embedder(t - r) + self.y_embedder(y)  # (B, D)
 
     # ------------------------------------------------------------------------------- forward
-    def forward(self, z: torch.Tensor, r: Times, t: Times, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, r: Times, t: Times, y: torch.Tensor,
+                backend: Optional[str] = None) -> torch.Tensor:
+        """u_θ(z, r, t | y), the primal stream alone. ``backend`` (default: ``self.backend``) is one of
+        ``meanflow_fast.ops.BACKENDS``: "torch" runs torch ops, "triton" the fused primal-only kernels
+        (``meanflow_fast.ops.PrimalOps``)."""
         self._check_inputs(z, y)
-        B = z.shape[0]
+        ops = get_primal_ops(backend or self.backend)
         r, t = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
         x = self.patchify(z) + self.pos_embed.to(z.dtype)  # (B, N, D)
         c = self.condition(r, t, y)                         # (B, D)
         for block in self.blocks:
-            x = block(x, c)
-        return self.unpatchify(self.final_layer(x, c))      # (B, C, H, W)
+            x = block(x, c, ops)
+        return self.unpatchify(self.final_layer(x, c, ops))  # (B, C, H, W)
 
     def forward_jvp(self, z: torch.Tensor, r: Times, t: Times, y: torch.Tensor, dz: torch.Tensor,
                     backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,18 +1,20 @@
-"""The per-op backend switch of the dual-stream (primal + tangent) forward.
+"""The per-op backend switch of the DiT's plain forward and of its dual-stream (primal + tangent) forward.
 
-The DiT's ``forward_jvp`` is written once against a ``DualOps`` table; the backend picks the
-implementation of each op:
+The DiT's ``forward`` is written once against a ``PrimalOps`` table and its ``forward_jvp`` once
+against a ``DualOps`` table; the backend picks the implementation of each op:
 
 - ``torch``  the pure-torch references of ``kernels/`` (explicit JVP rules, runs anywhere);
 - ``triton`` the fused Triton kernels (CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``).
 
-Every op returns ``(y, y_dot)``: ``y`` differentiable, ``y_dot`` without an autograd graph.
+A ``DualOps`` op returns ``(y, y_dot)``: ``y`` differentiable, ``y_dot`` without an autograd graph.
+A ``PrimalOps`` op returns ``y`` (differentiable).
 """
 import functools
 from dataclasses import dataclass
 from typing import Callable, Dict
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 
@@ -37,6 +39,30 @@ _TORCH = DualOps(
 )
 
 _CACHE: Dict[str, DualOps] = {"torch": _TORCH}
+
+
+@dataclass(frozen=True)
+class PrimalOps:
+    linear: Callable        # (x, weight, bias) -> y
+    ln_modulate: Callable   # (x, shift, scale, eps) -> m
+    attention: Callable     # (q, k, v) -> o, layout (B, H, N, D), softmax scale 1/√D
+    mlp: Callable           # (x, w1, b1, w2, b2) -> y
+    gated_residual: Callable  # (x, gate, f) -> y
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+_TORCH_PRIMAL = PrimalOps(
+    linear=kernels.linear_ref,
+    ln_modulate=kernels.ln_modulate_ref,
+    attention=_sdpa,
+    mlp=kernels.mlp_ref,
+    gated_residual=kernels.gated_residual_ref,
+)
+
+_PRIMAL_CACHE: Dict[str, PrimalOps] = {"torch": _TORCH_PRIMAL}
 
 
 def _autocast_inputs(fn: Callable) -> Callable:
@@ -64,15 +90,48 @@ def _triton_ops() -> DualOps:
                                                     gated_residual_jvp)))
 
 
-def get_dual_ops(backend: str) -> DualOps:
-    """The op table of ``backend`` (one of ``BACKENDS``)."""
+def _triton_primal_ops() -> PrimalOps:
+    from kernels.gated_residual import gated_residual
+    from kernels.layernorm_modulate import ln_modulate
+    from kernels.mlp import mlp
+    # The plain linears (qkv, proj, final layer) stay on cuBLAS: with no tangent stream sharing the
+    # weight tile and no epilogue to fuse, a Triton GEMM would at best match it. fc1 + GELU is fused
+    # inside ``mlp`` (fc2 is cuBLAS there too).
+    # Attention stays on torch's SDPA (FlashAttention-2, or cuDNN/FA3 where torch picks it): for the
+    # primal alone it is the stronger kernel; ours (kernels/attention.py) is built around the tangent
+    # stream (three extra accumulators per query block) and brings nothing to a forward without it.
+    return PrimalOps(
+        linear=F.linear,
+        ln_modulate=_autocast_inputs(ln_modulate),
+        attention=_sdpa,
+        mlp=_autocast_inputs(mlp),
+        gated_residual=_autocast_inputs(gated_residual),
+    )
+
+
+def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend not in _CACHE:
+
+
+def _build(backend: str, cache: Dict, factory: Callable):
+    if backend not in cache:
         try:
-            _CACHE[backend] = _triton_ops()
+            cache[backend] = factory()
         except ImportError as e:
             raise ValueError(
                 f"backend='triton' is not available: {e}. Install triton, or use backend='torch'."
             ) from e
-    return _CACHE[backend]
+    return cache[backend]
+
+
+def get_dual_ops(backend: str) -> DualOps:
+    """The dual-stream op table of ``backend`` (one of ``BACKENDS``), for ``forward_jvp``."""
+    _check_backend(backend)
+    return _build(backend, _CACHE, _triton_ops)
+
+
+def get_primal_ops(backend: str) -> PrimalOps:
+    """The primal-only op table of ``backend`` (one of ``BACKENDS``), for the plain ``forward``."""
+    _check_backend(backend)
+    return _build(backend, _PRIMAL_CACHE, _triton_primal_ops)

@@ -1,5 +1,5 @@
-"""Whole-model GPU tests (skipped without CUDA): the fused `triton` backend in bf16 at DiT-B/2 and
-XL/2 shapes, under torch.compile, and inside the MeanFlow training step.
+"""Whole-model GPU tests (skipped without CUDA): the fused `triton` backend (forward_jvp and the plain
+forward) in bf16 at DiT-B/2 and XL/2 shapes, under torch.compile, and inside the MeanFlow training step.
 
 Tolerance rule (flash-attention's): the fused path's error against an fp32 reference is at most 2× the
 error of the pure-torch path run at the same precision, plus a small atol-like floor.
@@ -47,6 +47,41 @@ def test_triton_backend_bf16_whole_model(preset, B):
           f"triton bf16 err u {_err(u_k, u32):.2e} du/dt {_err(d_k, d32):.2e}")
     assert _err(u_k, u32) <= 2 * _err(u_t, u32) + 1e-3
     assert _err(d_k, d32) <= 2 * _err(d_t, d32) + 1e-3
+
+
+@requires_cuda
+def test_triton_plain_forward_bf16_b2():
+    """The plain forward with backend="triton" (primal-only fused kernels) in bf16 at DiT-B/2 against the
+    fp32 torch forward: output and parameter gradients within 2× the bf16 torch forward's own error."""
+    model = _gpu_model("B/2")
+    z, r, t, y, _ = _inputs(model, 4)
+    w = torch.randn_like(z)
+
+    def run(m, z_, backend):
+        m.zero_grad(set_to_none=True)
+        u = m(z_, r, t, y, backend=backend)
+        (u.float() * w).sum().backward()
+        return u.detach().float(), torch.cat([p.grad.float().flatten() for p in m.parameters()])
+
+    u32, g32 = run(model, z, "torch")                       # fp32 reference
+    mb = model.to(torch.bfloat16)
+    u_t, g_t = run(mb, z.bfloat16(), "torch")               # torch at bf16
+    u_k, g_k = run(mb, z.bfloat16(), "triton")              # fused primal kernels at bf16
+    print(f"B/2 forward: torch bf16 err u {_err(u_t, u32):.2e} grad {_err(g_t, g32):.2e}; "
+          f"triton bf16 err u {_err(u_k, u32):.2e} grad {_err(g_k, g32):.2e}")
+    assert _err(u_k, u32) <= 2 * _err(u_t, u32) + 1e-3
+    assert _err(g_k, g32) <= 2 * _err(g_t, g32) + 1e-2
+
+
+@requires_cuda
+def test_compiled_triton_forward_equals_eager():
+    model = _gpu_model("S/2", input_size=16, depth=4).to(torch.bfloat16)
+    model.backend = "triton"
+    z, r, t, y, _ = _inputs(model, 8)
+    with torch.no_grad():
+        u = model(z.bfloat16(), r, t, y)
+        uc = torch.compile(model)(z.bfloat16(), r, t, y)
+    assert _err(uc, u) <= 1e-2
 
 
 @requires_cuda
