@@ -23,15 +23,16 @@ def _run(benchmark, fn, flops=None, rounds=10):
 
 
 @pytest.mark.parametrize("preset,batch", CASES)
-@pytest.mark.parametrize("provider", ["forward_eager", "forward_compiled", "torch_jvp", "torch_jvp_compiled",
-                                      "ours_torch", "ours_triton"])
+@pytest.mark.parametrize("provider", ["forward_eager", "forward_compiled", "forward_triton", "torch_jvp",
+                                      "torch_jvp_compiled", "ours_torch", "ours_triton"])
 def test_model_jvp(benchmark, preset, batch, provider):
     model = build_model(preset)
     inp = model_inputs(model, batch)
     benchmark.group = f"model {preset} b{batch}"
-    if provider.startswith("forward"):
+    if provider.startswith("forward"):  # eager/compiled: torch ops; triton: the fused primal-only kernels
         m = torch.compile(model) if provider.endswith("compiled") else model
-        fn, flops = forward_fn(m, inp), dit_forward_flops(preset, batch)
+        fn = forward_fn(m, inp, "triton" if provider.endswith("triton") else "torch")
+        flops = dit_forward_flops(preset, batch)
     elif provider.startswith("torch_jvp"):
         fn = func_jvp_fn(model, inp)
         fn = torch.compile(fn) if provider.endswith("compiled") else fn
@@ -56,7 +57,9 @@ def test_train_step(benchmark, preset, batch, provider):
 def test_sampler(benchmark, batch, provider):
     from meanflow_fast import sample
     from meanflow_fast.graph_sampler import GraphSampler
-    model = build_model("B/2", dtype=torch.bfloat16, backend="triton").eval()
+    # backend "torch": the plain forward on torch ops, as report.py's sampler table (the "forward triton"
+    # rows of test_model_jvp / report.py compare the fused primal forward).
+    model = build_model("B/2", dtype=torch.bfloat16, backend="torch").eval()
     y = torch.randint(0, 1000, (batch,), device="cuda")
     noise = torch.randn(batch, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
     if provider == "graph":

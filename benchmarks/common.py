@@ -129,10 +129,13 @@ def func_jvp_fn(model, inp):
     return run
 
 
-def forward_fn(model, inp):
+def forward_fn(model, inp, backend=None):
+    """The plain forward under no_grad; ``backend`` (default: the model's) picks its ops."""
+    kw = {} if backend is None else {"backend": backend}
+
     def run():
         with torch.no_grad():
-            return model(inp["z"], inp["r"], inp["t"], inp["y"])
+            return model(inp["z"], inp["r"], inp["t"], inp["y"], **kw)
     return run
 
 
