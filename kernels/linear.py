@@ -152,9 +152,9 @@ def _dual_linear_fwd_kernel(
 #   128-wide tiles keep BM128 BN128 and add BM128 BN256 (the first H100 config of Triton's matmul
 #   tutorial), which is pruned from every dual launch (two 128×256 fp32 accumulators = 256
 #   registers/thread over 8 warps: certain spills). Not swept either. compile_check, bf16/fp16 fc1
-#   768→3072: every primal config compiles without spills (60-190 registers) except BM128 BN256, which
-#   sits at 179-255 registers and spills 8-56 B on sm_90 when it also stores the pre-activation
-#   (24-104 B on sm_80; triton 3.6 and 3.9); the autotuner weighs that in its timing.
+#   768→3072, triton 3.6 and 3.9: the primal configs use 60-247 registers without spills, except
+#   BM128 BN256 (179-255 registers; spills 8-56 B on sm_90 when it also stores the pre-activation,
+#   24-104 B on sm_80) and BM64 BN128 on sm_80 (4 B, 3.6); the autotuner weighs that in its timing.
 # CPU interpreter: one fixed config; program instances run one after another, so fewer, larger
 # programs are faster (a 64×128×64 problem: 0.19 s with 16³ blocks, 0.017 s with 32×64×32).
 _CUDA_CONFIGS = [
