@@ -70,3 +70,17 @@ def rows(t: torch.Tensor, width: int) -> torch.Tensor:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def zeros_if_none(tangent: Optional[torch.Tensor], primal: torch.Tensor) -> torch.Tensor:
+    """A forward-mode tangent autograd left as None (a constant input) as explicit zeros, for a kernel
+    that takes every tangent."""
+    return torch.zeros_like(primal) if tangent is None else tangent
+
+
+def pick_function(forward_ad_fn, compile_fn):
+    """The autograd.Function to apply: the one with a ``jvp`` (forward-mode AD through the fused dual
+    kernel: torch.func.jvp and torch.autograd.forward_ad over a model calling the op), except while
+    torch.compile traces, which cannot trace a Function that defines ``jvp``; the compile variant is the
+    same Function without it."""
+    return compile_fn if torch.compiler.is_compiling() else forward_ad_fn

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_shape, check_tensors, next_pow2, rows
+from ._triton_utils import check_shape, check_tensors, next_pow2, pick_function, rows, zeros_if_none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +228,8 @@ def _(dy, gate, f):
 def _gated_residual_backward(ctx, dy):
     """(dx, dgate, df) of y = x + g ⊙ f from the saved (g, f): dx = dy (no kernel), df and dg in one
     Triton pass (torch would need a g ⊙ dy pass plus a dy ⊙ f temporary and a reduction over it)."""
+    if dy is None:  # y took no part in the loss (gradients are not materialised as zeros)
+        return None, None, None
     gate, f = ctx.saved_tensors
     need = ctx.needs_input_grad
     df = dgate = None
@@ -236,29 +238,52 @@ def _gated_residual_backward(ctx, dy):
     return dy if need[0] else None, dgate if need[1] else None, df if need[2] else None
 
 
-class GatedResidualFunction(torch.autograd.Function):
-    """(x, g, f) → x + g ⊙ f, primal only. Saves g and f; the backward of the dual op."""
+class _GatedResidualPrimal(torch.autograd.Function):
+    """(x, g, f) → x + g ⊙ f, primal only, in the torch.func form. Saves g and f; the backward of the
+    dual op. The variant applied under torch.compile (no ``jvp``; see GatedResidualFunction)."""
 
     @staticmethod
-    def forward(ctx, x, gate, f):
-        y = gated_residual_primal_fwd_op(x, gate, f)
+    def forward(x, gate, f):
+        return gated_residual_primal_fwd_op(x, gate, f)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, gate, f = inputs
         ctx.save_for_backward(gate, f)
-        return y
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, dy):
         return _gated_residual_backward(ctx, dy)
 
 
+class GatedResidualFunction(_GatedResidualPrimal):
+    """``_GatedResidualPrimal`` plus forward mode: ``jvp`` runs the dual kernel (ẋ + ġ ⊙ f + g ⊙ ḟ), so
+    torch.func.jvp over a model that calls ``gated_residual`` stays on the fused kernels."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _GatedResidualPrimal.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, x_t, gate_t, f_t):
+        x, gate, f = ctx.saved_tensors
+        return gated_residual_fwd_op(x, gate, f, zeros_if_none(x_t, x), zeros_if_none(gate_t, gate),
+                                     zeros_if_none(f_t, f))[1]
+
+
 class GatedResidualJvpFunction(torch.autograd.Function):
     """(x, g, f, ẋ, ġ, ḟ) → (x + g ⊙ f, ẋ + ġ ⊙ f + g ⊙ ḟ). Saves g and f (what torch's own g ⊙ f
-    saves); nothing of the tangent stream. Backward: ``_gated_residual_backward``."""
+    saves); nothing of the tangent stream, and no zero-filled gradient for ẏ is made. Backward:
+    ``_gated_residual_backward``."""
 
     @staticmethod
     def forward(ctx, x, gate, f, x_dot, gate_dot, f_dot):
         y, y_dot = gated_residual_fwd_op(x, gate, f, x_dot, gate_dot, f_dot)
         ctx.save_for_backward(gate, f)
         ctx.mark_non_differentiable(y_dot)
+        ctx.set_materialize_grads(False)
         return y, y_dot
 
     @staticmethod
@@ -272,7 +297,7 @@ class GatedResidualJvpFunction(torch.autograd.Function):
 def gated_residual(x, gate, f) -> torch.Tensor:
     """x + g ⊙ f (g (B, D) broadcast over the N tokens) in one Triton kernel, primal only; differentiable
     (Triton backward). Same signature and contract as ``gated_residual_ref``."""
-    return GatedResidualFunction.apply(x, gate, f)
+    return pick_function(GatedResidualFunction, _GatedResidualPrimal).apply(x, gate, f)
 
 
 def gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._ref_utils import compute_dtype
-from ._triton_utils import check_shape, check_tensors, next_pow2, rows
+from ._triton_utils import check_shape, check_tensors, next_pow2, pick_function, rows, zeros_if_none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,43 +311,74 @@ def _(dm, x, scale, mean, rstd):
 # ---------------------------------------------------------------------------------------------
 # autograd.Function
 # ---------------------------------------------------------------------------------------------
-class LnModulateFunction(torch.autograd.Function):
-    """(x, shift, scale) → m, primal only. Saves x, scale and the fp32 row statistics; the backward is
-    the Triton backward of the dual op (it reads nothing of the tangent stream)."""
+def _ln_modulate_backward(ctx, dm):
+    """(dx, dshift, dscale) from the saved x, scale and fp32 row statistics: one Triton kernel."""
+    if dm is None:  # m took no part in the loss (gradients are not materialised as zeros)
+        return None, None, None
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = ln_modulate_bwd_op(dm, x, scale, mean, rstd)
+    need = ctx.needs_input_grad
+    return dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None
+
+
+class _LnModulatePrimal(torch.autograd.Function):
+    """(x, shift, scale) → (m, mean, rstd), primal only, in the torch.func form (the row statistics are
+    outputs so that setup_context can save them; ``ln_modulate`` drops them). Saves x, scale and the
+    statistics; the backward is the Triton backward of the dual op (it reads nothing of the tangent
+    stream). The variant applied under torch.compile (no ``jvp``; see LnModulateFunction)."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        m, mean, rstd = ln_modulate_primal_fwd_op(x, shift, scale, float(eps))
+    def forward(x, shift, scale, eps):
+        return ln_modulate_primal_fwd_op(x, shift, scale, float(eps))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, scale, eps = inputs
+        _, mean, rstd = output
         ctx.save_for_backward(x, scale, mean, rstd)
-        return m
+        ctx.eps = float(eps)
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, dm):
-        x, scale, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale = ln_modulate_bwd_op(dm, x, scale, mean, rstd)
-        need = ctx.needs_input_grad
-        return dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None, None
+    def backward(ctx, dm, _dmean, _drstd):
+        return (*_ln_modulate_backward(ctx, dm), None)
+
+
+class LnModulateFunction(_LnModulatePrimal):
+    """``_LnModulatePrimal`` plus forward mode: ``jvp`` runs the dual kernel (shift and scale tangents
+    included), so torch.func.jvp over a model that calls ``ln_modulate`` stays on the fused kernels."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _LnModulatePrimal.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
+
+    @staticmethod
+    def jvp(ctx, x_t, shift_t, scale_t, _eps_t):
+        x, shift, scale = ctx.saved_tensors
+        m_dot = ln_modulate_fwd_op(x, shift, scale, zeros_if_none(x_t, x), zeros_if_none(shift_t, shift),
+                                   zeros_if_none(scale_t, scale), ctx.eps)[1]
+        return m_dot, None, None
 
 
 class LnModulateJvpFunction(torch.autograd.Function):
     """(x, shift, scale, ẋ, shifṫ, scalė) → (m, ṁ). Saves x, scale and the fp32 row statistics (8 bytes
-    a row); nothing of the tangent stream. The backward is a Triton kernel: in torch it would take
-    ~6 elementwise passes and (M, D) fp32 temporaries for y, dy and the two reductions."""
+    a row); nothing of the tangent stream, and no zero-filled gradient for ṁ is made. The backward is a
+    Triton kernel: in torch it would take ~6 elementwise passes and (M, D) fp32 temporaries for y, dy and
+    the two reductions."""
 
     @staticmethod
     def forward(ctx, x, shift, scale, x_dot, shift_dot, scale_dot, eps):
         m, m_dot, mean, rstd = ln_modulate_fwd_op(x, shift, scale, x_dot, shift_dot, scale_dot, float(eps))
         ctx.save_for_backward(x, scale, mean, rstd)
         ctx.mark_non_differentiable(m_dot)
+        ctx.set_materialize_grads(False)
         return m, m_dot
 
     @staticmethod
     def backward(ctx, dm, _dm_dot):
-        x, scale, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale = ln_modulate_bwd_op(dm, x, scale, mean, rstd)
-        need = ctx.needs_input_grad
-        return (dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None,
-                None, None, None, None)
+        return (*_ln_modulate_backward(ctx, dm), None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +387,7 @@ class LnModulateJvpFunction(torch.autograd.Function):
 def ln_modulate(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
     """m = LayerNorm(x)·(1 + scale) + shift (no affine) in one Triton kernel, primal only; differentiable
     (Triton backward). Same signature and contract as ``ln_modulate_ref``."""
-    return LnModulateFunction.apply(x, shift, scale, eps)
+    return pick_function(LnModulateFunction, _LnModulatePrimal).apply(x, shift, scale, eps)[0]
 
 
 def ln_modulate_jvp(x, shift, scale, x_dot, shift_dot, scale_dot,

@@ -309,6 +309,7 @@ class LinearJvpFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)  # x itself, not its row view: a reshape copy must not live on
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(y_dot)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for ẏ
         return y, y_dot
 
     @staticmethod
@@ -316,6 +317,8 @@ class LinearJvpFunction(torch.autograd.Function):
         # The backward is the plain linear backward, three GEMMs with nothing to fuse (no tangent stream,
         # no epilogue): torch/cuBLAS runs them at the roofline already, and a hand-written Triton GEMM
         # would only have to match it.
+        if dy is None:  # y took no part in the loss
+            return None, None, None, None
         x, weight = ctx.saved_tensors
         n_out, k = weight.shape
         dy2 = rows(dy, n_out)

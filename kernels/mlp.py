@@ -19,7 +19,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import check_shape, check_tensors, rows
+from ._triton_utils import check_shape, check_tensors, pick_function, rows, zeros_if_none
 from .linear import dual_linear_fwd_op, linear_gelu_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -109,6 +109,8 @@ def _mlp_backward(ctx, dy):
     """(dx, dW1, db1, dW2, db2) from the saved (x, a, W1, W2): the plain MLP backward, five GEMMs
     (torch/cuBLAS, at the roofline; nothing of the tangent stream to fuse in) and one elementwise GELU
     backward (aten.gelu_backward, one fused pass). h = gelu(a) is recomputed for dW2."""
+    if dy is None:  # y took no part in the loss (gradients are not materialised as zeros)
+        return None, None, None, None, None
     x, a, w1, w2 = ctx.saved_tensors
     hidden, dim = w1.shape
     need = ctx.needs_input_grad
@@ -129,21 +131,58 @@ def _mlp_backward(ctx, dy):
     return dx, dw1, db1, dw2, db2
 
 
-class MlpFunction(torch.autograd.Function):
-    """(x, W1, b1, W2, b2) → y, primal only. Saves x and the pre-activation a, as the dual version
-    (torch's eager MLP keeps a and h = gelu(a) besides); backward: ``_mlp_backward``."""
+class _MlpPrimal(torch.autograd.Function):
+    """(x, W1, b1, W2, b2) → (y, a), primal only, in the torch.func form (the pre-activation a is an
+    output so that setup_context can save it; ``mlp`` drops it). Saves x and a, as the dual version
+    (torch's eager MLP keeps a and h = gelu(a) besides); backward: ``_mlp_backward``. The variant applied
+    under torch.compile (no ``jvp``; see MlpFunction)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, need_backward: bool):
-        y, a = mlp_fwd(x, w1, b1, w2, b2, store_pre=need_backward)
+    def forward(x, w1, b1, w2, b2, need_backward: bool):
+        return mlp_fwd(x, w1, b1, w2, b2, store_pre=need_backward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w1, b1, w2, b2, need_backward = inputs
+        a = output[1]
         if need_backward:
             ctx.save_for_backward(x, a, w1, w2)
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        return y
+        ctx.mark_non_differentiable(a)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _da):
         return _mlp_backward(ctx, dy) + (None,)
+
+
+class MlpFunction(_MlpPrimal):
+    """``_MlpPrimal`` plus forward mode: ``jvp`` runs the dual-stream MLP kernels when only x has a
+    tangent (torch.func.jvp over a model in its inputs), and the explicit rule in torch when the weights
+    have tangents too (forward mode in the parameters: a rare use, no fused kernel for it)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _MlpPrimal.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:5])
+
+    @staticmethod
+    def jvp(ctx, x_t, w1_t, b1_t, w2_t, b2_t, _need_t):
+        x, w1, b1, w2, b2 = ctx.saved_tensors
+        if w1_t is None and b1_t is None and w2_t is None and b2_t is None:
+            return mlp_jvp_fwd(x, w1, b1, w2, b2, zeros_if_none(x_t, x))[1], None
+        a = F.linear(x, w1, b1)
+        a_t = F.linear(zeros_if_none(x_t, x), w1)
+        if w1_t is not None:
+            a_t = a_t + F.linear(x, w1_t)
+        if b1_t is not None:
+            a_t = a_t + b1_t
+        y_t = F.linear(gelu_tanh_grad(a) * a_t, w2)
+        if w2_t is not None:
+            y_t = y_t + F.linear(gelu_tanh(a), w2_t)
+        if b2_t is not None:
+            y_t = y_t + b2_t
+        return y_t, None
 
 
 class MlpJvpFunction(torch.autograd.Function):
@@ -158,6 +197,7 @@ class MlpJvpFunction(torch.autograd.Function):
             ctx.save_for_backward(x, a, w1, w2)
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         ctx.mark_non_differentiable(y_dot)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for ẏ
         return y, y_dot
 
     @staticmethod
@@ -176,7 +216,8 @@ def _needs_backward(*tensors) -> bool:
 def mlp(x, w1, b1, w2, b2) -> torch.Tensor:
     """y = gelu_tanh(x W1ᵀ + b1) W2ᵀ + b2, primal only: fc1 + GELU in one Triton matmul, fc2 on cuBLAS;
     differentiable. Same signature and contract as ``mlp_ref``."""
-    return MlpFunction.apply(x, w1, b1, w2, b2, _needs_backward(x, w1, b1, w2, b2))
+    fn = pick_function(MlpFunction, _MlpPrimal)
+    return fn.apply(x, w1, b1, w2, b2, _needs_backward(x, w1, b1, w2, b2))[0]
 
 
 def mlp_jvp(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:

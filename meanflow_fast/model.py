@@ -174,9 +174,8 @@ class Attention(nn.Module):
 
     def forward_jvp(self, x, x_dot, ops: DualOps):
         qkv, qkv_dot = ops.linear(x, self.qkv.weight, self.qkv.bias, x_dot)
-        q, k, v = self._heads(qkv)
-        q_dot, k_dot, v_dot = self._heads(qkv_dot)
-        o, o_dot = ops.attention(q, k, v, q_dot, k_dot, v_dot, None)
+        # the packed projection goes in whole: the fused backend writes its gradient in one buffer
+        o, o_dot = ops.attention(qkv, qkv_dot, self.num_heads, None)
         return ops.linear(self._merge(o), self.proj.weight, self.proj.bias, self._merge(o_dot))
 
 

@@ -25,7 +25,8 @@ BACKENDS = ("torch", "triton")
 class DualOps:
     linear: Callable        # (x, weight, bias, x_dot) -> (y, y_dot)
     ln_modulate: Callable   # (x, shift, scale, x_dot, shift_dot, scale_dot, eps) -> (m, m_dot)
-    attention: Callable     # (q, k, v, q_dot, k_dot, v_dot, scale) -> (o, o_dot), layout (B, H, N, D)
+    attention: Callable     # (qkv, qkv_dot, num_heads, scale) -> (o, o_dot): the packed (B, N, 3·H·D)
+                            # projection in, (B, H, N, D) out
     mlp: Callable           # (x, w1, b1, w2, b2, x_dot) -> (y, y_dot)
     gated_residual: Callable  # (x, gate, f, x_dot, gate_dot, f_dot) -> (y, y_dot)
 
@@ -33,7 +34,7 @@ class DualOps:
 _TORCH = DualOps(
     linear=kernels.linear_jvp_ref,
     ln_modulate=kernels.ln_modulate_jvp_ref,
-    attention=kernels.attention_jvp_ref,
+    attention=kernels.attention_jvp_qkv_ref,
     mlp=kernels.mlp_jvp_ref,
     gated_residual=kernels.gated_residual_jvp_ref,
 )
@@ -81,12 +82,12 @@ def _autocast_inputs(fn: Callable) -> Callable:
 
 
 def _triton_ops() -> DualOps:
-    from kernels.attention import attention_jvp
+    from kernels.attention import attention_jvp_qkv
     from kernels.gated_residual import gated_residual_jvp
     from kernels.layernorm_modulate import ln_modulate_jvp
     from kernels.linear import linear_jvp
     from kernels.mlp import mlp_jvp
-    return DualOps(*(_autocast_inputs(f) for f in (linear_jvp, ln_modulate_jvp, attention_jvp, mlp_jvp,
+    return DualOps(*(_autocast_inputs(f) for f in (linear_jvp, ln_modulate_jvp, attention_jvp_qkv, mlp_jvp,
                                                     gated_residual_jvp)))
 
 
