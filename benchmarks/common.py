@@ -146,11 +146,13 @@ def forward_jvp_fn(model, inp, backend: str):
     return run
 
 
-def train_step_fn(model, batch: int, *, meanflow: bool, compiled: bool = False):
+def train_step_fn(model, batch: int, *, meanflow: bool, compiled: bool = False, grads_only: bool = False):
     """One optimisation step under bf16 autocast with fp32 master weights (``model`` in fp32).
 
     MeanFlow: the paper's loss through ``model.forward_jvp`` (the model's backend decides the path).
     Flow matching: the same loss with ratio_r_neq_t = 0 (one plain forward, flash SDPA).
+    ``grads_only``: the loss and ``torch.autograd.grad`` of it, no update (the step kernels/precompile.py
+    records).
     """
     cfg = model.config
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
@@ -168,4 +170,11 @@ def train_step_fn(model, batch: int, *, meanflow: bool, compiled: bool = False):
         loss.backward()
         opt.step()
 
+    def grads():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
+            loss, _ = loss_fn(model, x, y)
+        return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    if grads_only:
+        return grads
     return torch.compile(step) if compiled else step

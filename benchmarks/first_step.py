@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--keep-cache", action="store_true", help="use Triton's usual cache (a warm start)")
+    p.add_argument("--precompile", action="store_true",
+                   help="compile every kernel variant of the step in parallel first (kernels/precompile.py)")
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch must be ≥ 1, got {args.batch}")
@@ -37,12 +39,18 @@ def main(argv=None) -> int:
     model = common.build_model(args.preset, dtype=torch.float32, backend="triton")
     step = common.train_step_fn(model, args.batch, meanflow=True)
     setup_s = time.perf_counter() - t_import
+    pre = None
+    if args.precompile:
+        from kernels.precompile import precompile
+        pre = precompile(common.train_step_fn(model, args.batch, meanflow=True, grads_only=True))
     first_s = common.timed_first_call(step)
     steady_ms = common.cuda_time_ms(step, warmup=1, iters=5)
     cache = "warm (Triton's cache)" if args.keep_cache else f"cold ({os.environ['TRITON_CACHE_DIR']})"
     precision = "fp32 master weights + bf16 autocast" if args.device == "cuda" else "fp32 (CPU dry run)"
     print(f"MeanFlow step, {args.preset} batch {args.batch}, {precision}, backend triton, {cache}:")
     print(f"  imports + model build   {setup_s:7.1f} s")
+    if pre is not None:
+        print(f"  precompile              {pre.seconds:7.1f} s   ({pre})")
     print(f"  first step              {first_s:7.1f} s   (compilation + autotuning + one step)")
     print(f"  steady step             {steady_ms:7.1f} ms")
     return 0

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh tests      # only the GPU tests (pytest -m gpu)
 #   bash benchmarks/gpu_check.sh bench      # only the ratio table; CASES="XL/2:64" picks other cases
 #   bash benchmarks/gpu_check.sh sampler    # only the sampler table (batch 1 and 256, graph/eager/compiled)
-#   bash benchmarks/gpu_check.sh firststep  # cold-cache seconds to the first MeanFlow step (B/2 b128, XL/2 b64)
+#   bash benchmarks/gpu_check.sh firststep  # cold-cache seconds to the first MeanFlow step, with and without
+#                                           # kernels/precompile.py (B/2 b128; CASES_FIRST="XL/2:64" for XL/2)
 #   bash benchmarks/gpu_check.sh attention  # attention fwd + tangent vs torch.func.jvp, jvp_flash_attention
 #                                           # (installed from .gpu_wheels/ when carried: fetch_baselines.sh)
 # Full logs go under $OUT (or ./gpu_check_out when OUT is unset). Each phase has its own time limit, so
@@ -39,9 +40,12 @@ fi
 
 if [[ $PHASE == firststep ]]; then
     echo "== first MeanFlow step from a cold Triton cache (issue 5: <= 60 s) =="
-    for c in ${CASES_FIRST:-"B/2:128" "XL/2:64"}; do
-        timeout 200 "$PY" -m benchmarks.first_step --preset "${c%%:*}" --batch "${c##*:}" 2>&1 \
-            | grep -v '^W[0-9]' | tee -a "$OUT/first_step.log"
+    # each run in a fresh process with an empty Triton cache: plain, then with the parallel precompile
+    for c in ${CASES_FIRST:-"B/2:128"}; do
+        for pre in "" "--precompile"; do
+            timeout 200 "$PY" -m benchmarks.first_step --preset "${c%%:*}" --batch "${c##*:}" $pre 2>&1 \
+                | grep -v '^W[0-9]' | tee -a "$OUT/first_step.log"
+        done
     done
 fi
 

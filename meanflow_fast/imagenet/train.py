@@ -100,6 +100,26 @@ def latents_to_uint8(z: torch.Tensor) -> np.ndarray:
 # =================================================================================================
 #                                              Main
 # =================================================================================================
+def _precompile_kernels(model, loss_fn, local_batch, amp, device, log):
+    """Compile every Triton kernel variant of the training step on all CPU threads before the first step
+    (kernels/precompile.py), instead of one after another inside it. Runs the loss and its gradients once
+    on a random batch of the step's shape with the kernel launches recorded, not run; nothing is updated
+    and neither the data order nor any RNG stream of the run is touched (its own generator), so resumed
+    runs stay bit-exact."""
+    from kernels.precompile import precompile
+    c = model.config
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(local_batch, c.in_channels, c.input_size, c.input_size, device=device, generator=g)
+    y = torch.randint(0, c.num_classes, (local_batch,), device=device, generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+            loss, _ = loss_fn(model, x, y, generator=g)
+        return torch.autograd.grad(loss, params)
+    precompile(step, log=log.info)
+
+
 def main(args):
     env = init_distributed(args.device)
     device = env.device
@@ -241,6 +261,8 @@ def main(args):
         _grid_png(imgs, path, nrow=int(math.ceil(math.sqrt(n_grid))))
         log.info(f"wrote sample grid {path}")
 
+    if device.type == "cuda" and backend == "triton" and step < max_steps:
+        _precompile_kernels(model, loss_fn, local_batch, amp, device, log)
     objective.train()
     try:
         while step < max_steps:
