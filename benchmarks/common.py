@@ -173,7 +173,7 @@ def train_step_fn(model, batch: int, *, meanflow: bool, compiled: bool = False, 
     def grads():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
             loss, _ = loss_fn(model, x, y)
-        return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
 
     if grads_only:
         return grads

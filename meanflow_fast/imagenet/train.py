@@ -116,7 +116,7 @@ def _precompile_kernels(model, loss_fn, local_batch, amp, device, log):
     def step():
         with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
             loss, _ = loss_fn(model, x, y, generator=g)
-        return torch.autograd.grad(loss, params)
+        return torch.autograd.grad(loss, params, allow_unused=True)
     precompile(step, log=log.info)
 
 
