@@ -118,19 +118,24 @@ def precompile(step: Callable[[], object], threads: Optional[int] = None,
         return stats
     t0 = time.perf_counter()
     sink: List[_Launch] = []
-    with record_launches(sink):
-        step()
-    torch.cuda.synchronize()
-    stats.launches = len(sink)
     stats.threads = threads or min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                    else os.cpu_count() or 1)
-    if log:
-        log(f"precompile: {len(sink)} kernel launches recorded; compiling on {stats.threads} threads ...")
-    with ThreadPoolExecutor(stats.threads) as pool:
-        with AsyncCompileMode(pool) as mode:
-            for kernel, args, kwargs in sink:
-                _warm(kernel, args, kwargs)
-            stats.variants = len(mode.future_kernels)
+    # An optimisation only: any failure is reported and leaves the kernels to compile at first launch,
+    # as without it (a kernel that fails to compile fails there too, with its own error).
+    try:
+        with record_launches(sink):
+            step()
+        torch.cuda.synchronize()
+        stats.launches = len(sink)
+        if log:
+            log(f"precompile: {len(sink)} kernel launches recorded; compiling on {stats.threads} threads ...")
+        with ThreadPoolExecutor(stats.threads) as pool:
+            with AsyncCompileMode(pool) as mode:
+                for kernel, args, kwargs in sink:
+                    _warm(kernel, args, kwargs)
+                stats.variants = len(mode.future_kernels)
+    except Exception as e:  # noqa: BLE001
+        stats.skipped = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
     stats.seconds = time.perf_counter() - t0
     if log:
         log(str(stats))

@@ -83,3 +83,17 @@ def test_precompile_fills_the_cache_the_step_uses():
     loss2, grads2 = step(seed=1)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert torch.equal(loss, loss2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+def test_precompile_failure_is_reported_not_raised(monkeypatch):
+    """precompile is an optimisation: a step that fails while recording (or a compile that fails) is
+    reported in the stats, never raised into the training run."""
+    import kernels.precompile as pc
+    monkeypatch.setattr(pc, "interpreting", lambda: False)
+    monkeypatch.setattr(pc.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pc, "AsyncCompileMode", object)
+
+    def step():
+        raise RuntimeError("boom in the step")
+    stats = precompile(step)
+    assert stats.variants == 0 and "failed (RuntimeError: boom in the step)" in str(stats)
