@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_check.sh sampler    # only the sampler table (batch 1 and 256, graph/eager/compiled)
 #   bash benchmarks/gpu_check.sh firststep  # cold-cache seconds to the first MeanFlow step, with and without
 #                                           # kernels/precompile.py (B/2 b128; CASES_FIRST="XL/2:64" for XL/2)
+#   bash benchmarks/gpu_check.sh backward   # each op's primal backward: ours vs torch eager / compiled
 #   bash benchmarks/gpu_check.sh attention  # attention fwd + tangent vs torch.func.jvp, jvp_flash_attention
 #                                           # (installed from .gpu_wheels/ when carried: fetch_baselines.sh)
 # Full logs go under $OUT (or ./gpu_check_out when OUT is unset). Each phase has its own time limit, so
@@ -66,6 +67,12 @@ if [[ $PHASE == attention ]]; then
         --benchmark-json "$OUT/attention.json" > "$OUT/attention.log" 2>&1
     echo "pytest exit $? ($(tail -n 1 "$OUT/attention.log"))"
     "$PY" -m benchmarks.attention_table "$OUT/attention.json" | tee "$OUT/attention_table.txt"
+fi
+
+if [[ $PHASE == backward ]]; then
+    echo "== primal backward: ours vs torch eager vs torch.compile (issue 4) =="
+    timeout 240 "$PY" -m benchmarks.backward --out "$OUT/backward.json" 2>&1 | grep -v '^W[0-9]' \
+        | tee "$OUT/backward.log"
 fi
 
 if [[ $PHASE == sampler ]]; then
