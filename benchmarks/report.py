@@ -84,7 +84,8 @@ def model_table(preset, batch, quick, dtype):
 
 
 def sampler_table(dtype, preset="B/2", batches=(1, 256)):
-    """1-NFE DiT-B/2 sampling (bf16): batch-1 latency and batch-256 throughput, graph vs eager vs compiled."""
+    """1-NFE DiT-B/2 sampling (bf16): batch-1 latency and batch-256 throughput, graph vs eager vs compiled,
+    and the graph over the same weights with backend="triton" (the fused primal kernels)."""
     from meanflow_fast import sample
     from meanflow_fast.graph_sampler import GraphSampler
     print(f"\n== sampler 1-NFE, {preset} ({dtype}) ==", flush=True)
@@ -92,6 +93,7 @@ def sampler_table(dtype, preset="B/2", batches=(1, 256)):
     model = build_model(preset, dtype=dtype).eval()
     c = model.config
     compiled = torch.compile(model)
+    fused = build_model(preset, dtype=dtype, backend="triton").eval()  # same seed: the same weights
     for batch in batches:
         y = torch.randint(0, c.num_classes, (batch,), device=common.DEVICE)
         noise = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=common.DEVICE, dtype=dtype)
@@ -102,6 +104,12 @@ def sampler_table(dtype, preset="B/2", batches=(1, 256)):
         if eager and g:
             rows[f"b{batch}_graph_over_eager"] = round(g / eager, 3)
             print(f"  b{batch} graph / eager time       {g / eager:.3f}×  (throughput {eager / g:.2f}×)", flush=True)
+        graph_fused = GraphSampler(fused)
+        gf = _measure(f"b{batch} cuda graph triton", lambda: graph_fused(y, noise), rows)
+        if eager and gf:
+            rows[f"b{batch}_graph_triton_over_eager"] = round(gf / eager, 3)
+            print(f"  b{batch} graph triton / eager     {gf / eager:.3f}×  (throughput {eager / gf:.2f}×)",
+                  flush=True)
     return rows
 
 
