@@ -178,12 +178,6 @@ class Scenario:
     call: Callable[[], None]     # runs the launcher(s) under FakeTensorMode
 
 
-def _heads(qkv, heads):
-    """meanflow_fast.model.Attention._heads: (B, N, 3D) → 3 × (B, H, N, Dh) views."""
-    B, N, D3 = qkv.shape
-    return qkv.view(B, N, 3, heads, D3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def _cuda(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="cuda")
 
@@ -196,12 +190,12 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
             hd = hidden // heads
 
             def attn_fwd(dt=dt, hidden=hidden, heads=heads, tangent=False):
-                q, k, v = _heads(_cuda(BATCH, TOKENS, 3 * hidden, dtype=dt), heads)
-                tans = _heads(_cuda(BATCH, TOKENS, 3 * hidden, dtype=dt), heads) if tangent else (None,) * 3
+                q, k, v = attention_mod.split_qkv(_cuda(BATCH, TOKENS, 3 * hidden, dtype=dt), heads)
+                tans = attention_mod.split_qkv(_cuda(BATCH, TOKENS, 3 * hidden, dtype=dt), heads) if tangent else (None,) * 3
                 attention_mod.attention_fwd(q, k, v, *tans)
 
             def attn_bwd(dt=dt, hidden=hidden, heads=heads):
-                q, k, v = _heads(_cuda(BATCH, TOKENS, 3 * hidden, dtype=dt), heads)
+                q, k, v = attention_mod.split_qkv(_cuda(BATCH, TOKENS, 3 * hidden, dtype=dt), heads)
                 o = attention_mod._empty_bnhd(q)
                 do = attention_mod._empty_bnhd(q)  # grad of the (B, N, H·D) merge: the same layout as o
                 lse = _cuda(*q.shape[:3], dtype=torch.float32)

@@ -13,14 +13,14 @@ The ``*_jvp`` functions share one contract::
 autograd graph (MeanFlow puts du/dt inside a stop-gradient, so backward never needs the tangent
 stream and nothing of it is kept alive).
 """
-from .attention import attention_ref, attention_jvp_ref, attention_jvp_qkv_ref
+from .attention import attention_ref, attention_jvp_ref, attention_jvp_qkv_ref, split_qkv
 from .layernorm_modulate import ln_modulate_ref, ln_modulate_jvp_ref
 from .gated_residual import gated_residual_ref, gated_residual_jvp_ref
 from .linear import linear_ref, linear_jvp_ref
 from .mlp import gelu_tanh, gelu_tanh_grad, mlp_ref, mlp_jvp_ref
 
 __all__ = [
-    "attention_ref", "attention_jvp_ref", "attention_jvp_qkv_ref",
+    "attention_ref", "attention_jvp_ref", "attention_jvp_qkv_ref", "split_qkv",
     "ln_modulate_ref", "ln_modulate_jvp_ref",
     "gated_residual_ref", "gated_residual_jvp_ref",
     "linear_ref", "linear_jvp_ref",

@@ -72,6 +72,17 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def check_tangents_together(op: str, tangents: Dict[str, Optional[torch.Tensor]]) -> bool:
+    """A fused op takes either all its tangents (the dual launch) or none (the primal-only launch).
+    Returns whether they are given; raises a ValueError naming the missing ones when only some are."""
+    missing = [name for name, t in tangents.items() if t is None]
+    if missing and len(missing) < len(tangents):
+        *head, last = tangents
+        raise ValueError(f"{op}: {', '.join(head)} and {last} must be given together (use zeros for a constant "
+                         f"input), got None for {missing}")
+    return not missing
+
+
 def zeros_if_none(tangent: Optional[torch.Tensor], primal: torch.Tensor) -> torch.Tensor:
     """A forward-mode tangent autograd left as None (a constant input) as explicit zeros, for a kernel
     that takes every tangent."""

@@ -14,7 +14,6 @@ as ``torch.library`` custom ops ``meanflow_fast::attn_fwd``, ``::attn_fwd_jvp``,
                                                                # projection (the DiT's), packed gradient
 """
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._ref_utils import compute_dtype
+from ._triton_utils import interpreting, zeros_if_none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def _check_qkv(name: str, qkv, num_heads) -> None:
 #   128-wide fp32/bf16 row tiles live: 255 registers and spills in every config (compile_check, sm_90);
 # - all accumulators, softmax statistics and reductions are fp32; P is rounded to the input dtype only
 #   as a tl.dot operand (as FlashAttention does), and fp32 inputs use IEEE dots, not TF32.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+_INTERPRET = interpreting()
 
 
 def _tile_configs(tiles):
@@ -901,10 +901,8 @@ class AttentionFunction(torch.autograd.Function):
         # ctx.saved_tensors holds what save_for_forward kept. O is recomputed with Ȯ (one fused pass,
         # 4 of its 6 matmuls are the tangent's) rather than kept: forward does not see the tangents.
         q, k, v = ctx.saved_tensors
-        q_t = torch.zeros_like(q) if q_t is None else q_t   # no tangent = a constant input
-        k_t = torch.zeros_like(k) if k_t is None else k_t
-        v_t = torch.zeros_like(v) if v_t is None else v_t
-        _, o_dot, _ = torch.ops.meanflow_fast.attn_fwd_jvp(q, k, v, q_t, k_t, v_t, ctx.scale)
+        _, o_dot, _ = torch.ops.meanflow_fast.attn_fwd_jvp(q, k, v, zeros_if_none(q_t, q), zeros_if_none(k_t, k),
+                                                           zeros_if_none(v_t, v), ctx.scale)
         return o_dot, None
 
 

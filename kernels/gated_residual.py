@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_shape, check_tensors, next_pow2, pick_function, rows, zeros_if_none
+from ._triton_utils import check_shape, check_tangents_together, check_tensors, next_pow2, pick_function, rows, zeros_if_none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,10 +126,7 @@ def _check_gated_residual(op: str, x, gate, f, x_dot, gate_dot, f_dot) -> None:
     """Validate a call of ``op`` (``gated_residual`` without the tangents, ``gated_residual_jvp`` with all
     three)."""
     tangents = {"x_dot": x_dot, "gate_dot": gate_dot, "f_dot": f_dot}
-    has_tangent = any(t is not None for t in tangents.values())
-    if has_tangent and any(t is None for t in tangents.values()):
-        raise ValueError(f"{op}: x_dot, gate_dot and f_dot must be given together (use zeros for a constant "
-                         f"input), got None for {[k for k, t in tangents.items() if t is None]}")
+    has_tangent = check_tangents_together(op, tangents)
     check_tensors(op, {"x": x, "gate": gate, "f": f, **tangents})
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be 3-D (B, N, D), got shape {tuple(x.shape)}")

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._ref_utils import compute_dtype
-from ._triton_utils import check_shape, check_tensors, next_pow2, pick_function, rows, zeros_if_none
+from ._triton_utils import check_shape, check_tangents_together, check_tensors, next_pow2, pick_function, rows, zeros_if_none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,10 +190,7 @@ def _num_warps(block_d: int, block_r: int) -> int:
 def _check_ln_modulate(op: str, x, shift, scale, x_dot, shift_dot, scale_dot, eps) -> None:
     """Validate a call of ``op`` (``ln_modulate`` without the tangents, ``ln_modulate_jvp`` with all three)."""
     tangents = {"x_dot": x_dot, "shift_dot": shift_dot, "scale_dot": scale_dot}
-    has_tangent = any(t is not None for t in tangents.values())
-    if has_tangent and any(t is None for t in tangents.values()):
-        raise ValueError(f"{op}: x_dot, shift_dot and scale_dot must be given together (use zeros for a "
-                         f"constant input), got None for {[k for k, t in tangents.items() if t is None]}")
+    has_tangent = check_tangents_together(op, tangents)
     check_tensors(op, {"x": x, "shift": shift, "scale": scale, **tangents})
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be 3-D (B, N, D), got shape {tuple(x.shape)}")

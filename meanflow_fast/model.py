@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import linear_jvp_ref
+from kernels import linear_jvp_ref, split_qkv
 
 from .ops import BACKENDS, DualOps, PrimalOps, get_dual_ops, get_primal_ops
 
@@ -158,18 +158,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def _heads(self, qkv: torch.Tensor):
-        B, N, D3 = qkv.shape
-        # (B, N, 3D) → 3 × (B, H, N, Dh)
-        return qkv.view(B, N, 3, self.num_heads, D3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
     @staticmethod
     def _merge(o: torch.Tensor) -> torch.Tensor:
         B, H, N, Dh = o.shape
         return o.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, D)
 
     def forward(self, x: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
-        q, k, v = self._heads(ops.linear(x, self.qkv.weight, self.qkv.bias))
+        q, k, v = split_qkv(ops.linear(x, self.qkv.weight, self.qkv.bias), self.num_heads)  # (B, H, N, Dh) views
         return ops.linear(self._merge(ops.attention(q, k, v)), self.proj.weight, self.proj.bias)
 
     def forward_jvp(self, x, x_dot, ops: DualOps):
@@ -354,7 +349,6 @@ class MeanFlowDiT(nn.Module):
             raise ValueError(f"dz must be a tensor shaped like z {tuple(z.shape)}, got "
                              f"{tuple(dz.shape) if torch.is_tensor(dz) else type(dz).__name__}")
         ops = get_dual_ops(backend or self.backend)
-        B = z.shape[0]
         r, t = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
         one = torch.ones_like(t)
         # Conditioning: ċ = E_t'(t)·1 + E_h'(t − r)·(1 − 0); the label embedding is constant.
