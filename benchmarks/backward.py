@@ -71,10 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the table as JSON")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("benchmarks/backward.py needs a CUDA GPU; none found (--device cpu for a dry run)", file=sys.stderr)
+    if not common.select_device(args.device, "benchmarks/backward.py"):
         return 2
-    common.set_device(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     S = SHAPES["gpu" if args.device == "cuda" else "cpu"]
     iters = 20 if args.device == "cuda" else 2

@@ -1,5 +1,6 @@
 """Shared pieces of the GPU benchmarks: FLOP formulas, timing, and the model/step builders that both
 the pytest-benchmark cases and ``benchmarks/report.py`` use."""
+import sys
 import time
 from typing import Callable, Dict
 
@@ -18,6 +19,15 @@ DEVICE = "cuda"
 def set_device(device: str):
     global DEVICE
     DEVICE = device
+
+
+def select_device(device: str, script: str) -> bool:
+    """A script's ``--device``: set it, or say on stderr that ``script`` needs CUDA and return False."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{script} needs a CUDA GPU; none found (--device cpu for a dry run)", file=sys.stderr)
+        return False
+    set_device(device)
+    return True
 
 
 def _sync():

@@ -32,10 +32,8 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks import common
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("benchmarks/first_step.py needs a CUDA GPU; none found (--device cpu for a dry run)", file=sys.stderr)
+    if not common.select_device(args.device, "benchmarks/first_step.py"):
         return 2
-    common.set_device(args.device)
     model = common.build_model(args.preset, dtype=torch.float32, backend="triton")
     step = common.train_step_fn(model, args.batch, meanflow=True)
     setup_s = time.perf_counter() - t_import

@@ -124,10 +124,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of this script only (fp32, TRITON_INTERPRET=1, tiny presets)")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("benchmarks/report.py needs a CUDA GPU; none found (--device cpu for a dry run)", file=sys.stderr)
+    if not common.select_device(args.device, "benchmarks/report.py"):
         return 2
-    common.set_device(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run, timings meaningless)"
     out = {"device": name, "torch": torch.__version__}

@@ -1,6 +1,7 @@
 """Helpers shared by the tests (import as ``from tests.helpers import ...``)."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -18,3 +19,22 @@ def randomize_(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
         for p in module.parameters():
             p.normal_(0.0, std)
     return module
+
+
+class OpLog(TorchDispatchMode):
+    """Records the top-level ops run inside the ``with`` block by name (``aten.zeros``,
+    ``meanflow_fast.attn_bwd_qkv``; a custom op counts as one op, its inside is not seen): ``ops`` all of
+    them in order, ``big`` the set of those that made an activation-sized (≥ 3-D) tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.big = [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        self.ops.append(name)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if any(isinstance(o, torch.Tensor) and o.dim() >= 3 for o in outs):
+            self.big.add(name)
+        return out

@@ -21,7 +21,7 @@ from kernels.attention import (
     attention_jvp_ref,
     attention_ref,
 )
-from tests.helpers import HAS_CUDA, requires_cuda
+from tests.helpers import HAS_CUDA, OpLog, requires_cuda
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -214,23 +214,12 @@ def test_packed_qkv_backward_writes_one_buffer():
     """The packed path's backward is the kernels plus views: no stack of dQ, dK, dV and no copy of the
     packed gradient (which unbinding q, k, v in autograd costs: a stack, then a contiguous copy), and no
     zero-filled gradients for Ȯ or the LSE. Top-level ops of the backward, logged by a dispatch mode."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     B, N, H, D = 2, 17, 2, 32
     qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, requires_grad=True)
     qkv_dot = torch.randn(B, N, 3 * H * D, device=DEVICE)
 
     def backward_ops(o):
-        with Log() as log:
+        with OpLog() as log:
             o.transpose(1, 2).reshape(B, N, H * D).sum().backward()  # the DiT's head merge, then a loss
         return log.ops
 

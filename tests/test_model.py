@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from meanflow_fast.model import (PRESETS, DiTBlock, FinalLayer, MeanFlowDiT, TimestepEmbedder,
                                  meanflow_dit)
 from meanflow_fast.ops import get_dual_ops
-from tests.helpers import randomize_, rel_err
+from tests.helpers import OpLog, randomize_, rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 TORCH_OPS = get_dual_ops("torch")
@@ -306,25 +306,11 @@ def test_triton_backward_of_forward_jvp_is_lean():
     no zero-filled gradient for any tangent output (autograd would make one per op, activation-sized,
     if the Functions materialised gradients) and no stack/copy of the packed qkv gradient. Top-level
     ops of the backward that make activation-sized (≥ 3-D) tensors, logged by a dispatch mode."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.big = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            if any(isinstance(o, torch.Tensor) and o.dim() >= 3 for o in outs):
-                self.big.add(str(func.overloadpacket))
-            return out
-
     m = _model(torch.float32, input_size=8, hidden_size=64, num_heads=2)
     m.backend = "triton"
     z, r, t, y, dz = _inputs(m, 2, torch.float32)
     u, _ = m.forward_jvp(z, r, t, y, dz)
-    with Log() as log:
+    with OpLog() as log:
         (u * torch.randn_like(u)).sum().backward()
     assert {"meanflow_fast.attn_bwd_qkv", "meanflow_fast.ln_modulate_bwd",
             "meanflow_fast.gated_residual_bwd"} <= log.big, log.big
