@@ -9,12 +9,28 @@
 #   bash benchmarks/gpu_check.sh backward   # each op's primal backward: ours vs torch eager / compiled
 #   bash benchmarks/gpu_check.sh attention  # attention fwd + tangent vs torch.func.jvp, jvp_flash_attention
 #                                           # (installed from .gpu_wheels/ when carried: fetch_baselines.sh)
+#   BUDGET=500 bash benchmarks/gpu_check.sh tests,bench,attention
+#                                           # several phases in one device call, in the order given; with
+#                                           # BUDGET (seconds) every phase's limit shrinks to what is left
+#                                           # of it, so the call ends with its logs inside the lease
 # Full logs go under $OUT (or ./gpu_check_out when OUT is unset). Each phase has its own time limit, so
 # a slow phase cannot eat the other's budget. Before a session, on any CPU machine:
 #   PYTHONPATH=. python benchmarks/compile_check.py     # every kernel config compiles for sm_90/sm_80
 set -uo pipefail
-PHASE=${1:-all}
+PHASES=${1:-all}
 OUT=${OUT:-gpu_check_out}
+BUDGET=${BUDGET:-0}
+START=$SECONDS
+# lim N: a phase's time limit, N seconds or what is left of BUDGET (less a margin), whichever is less
+lim() {
+    local l=$1
+    if (( BUDGET > 0 )); then
+        local left=$(( BUDGET - (SECONDS - START) - 10 ))
+        (( left < l )) && l=$left
+    fi
+    (( l < 5 )) && l=5
+    echo "$l"
+}
 CASES=${CASES:-"B/2:128"}
 mkdir -p "$OUT"
 export PYTHONPATH=.
@@ -22,7 +38,7 @@ PY=$(command -v python3 || command -v python)  # the device image: python3 (a ve
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
-if [[ $PHASE == all || $PHASE == tests ]]; then
+phase_tests() {
     echo "== GPU tests (pytest -m gpu) =="
     # Cold Triton cache: autotuning compiles ~110 attention configs in the bf16/fp16 tests alone
     # (estimated 200-330 s serial from benchmarks/compile_check.py compile times). Compilation is
@@ -31,31 +47,32 @@ if [[ $PHASE == all || $PHASE == tests ]]; then
     XDIST=""
     if "$PY" -c "import xdist" 2> /dev/null; then XDIST="-n ${TEST_WORKERS:-8}"; fi
     # shellcheck disable=SC2086
-    timeout 330 "$PY" -m pytest tests/ -q -m gpu -p no:cacheprovider -rs --durations=15 $XDIST \
+    timeout "$(lim "${TESTS_LIMIT:-330}")" "$PY" -m pytest tests/ -q -m gpu -p no:cacheprovider -rs --durations=15 $XDIST \
         > "$OUT/tests.log" 2>&1
     echo "pytest exit $? ($(tail -n 1 "$OUT/tests.log"))"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
-fi
+}
 
-if [[ $PHASE == all || $PHASE == bench ]]; then
+phase_bench() {
     echo "== ratio table: $CASES =="
     # shellcheck disable=SC2086
-    timeout 240 "$PY" -m benchmarks.report --quick --sampler no --cases $CASES \
+    timeout "$(lim 240)" "$PY" -m benchmarks.report --quick --sampler no --cases $CASES \
         --out "$OUT/benchmark_results.json" 2>&1 | grep -v '^W[0-9]' | tee "$OUT/report.log"
-fi
+}
 
-if [[ $PHASE == firststep ]]; then
+phase_firststep() {
     echo "== first MeanFlow step from a cold Triton cache (issue 5: <= 60 s) =="
     # each run in a fresh process with an empty Triton cache: plain, then with the parallel precompile
     for c in ${CASES_FIRST:-"B/2:128"}; do
-        for pre in "" "--precompile"; do
-            timeout 200 "$PY" -m benchmarks.first_step --preset "${c%%:*}" --batch "${c##*:}" $pre 2>&1 \
+        for pre in ${FIRST_MODES:-plain --precompile}; do
+            [[ $pre == plain ]] && pre=""
+            timeout "$(lim 200)" "$PY" -m benchmarks.first_step --preset "${c%%:*}" --batch "${c##*:}" $pre 2>&1 \
                 | grep -v '^W[0-9]' | tee -a "$OUT/first_step.log"
         done
     done
-fi
+}
 
-if [[ $PHASE == attention ]]; then
+phase_attention() {
     echo "== attention fwd + tangent (pytest-benchmark) =="
     if compgen -G ".gpu_wheels/jvp_flash_attention-*.whl" > /dev/null; then
         "$PY" -m pip install --quiet --no-deps --no-index --target .gpu_pkgs .gpu_wheels/jvp_flash_attention-*.whl \
@@ -63,20 +80,33 @@ if [[ $PHASE == attention ]]; then
     else
         echo "(no .gpu_wheels/jvp_flash_attention wheel carried: that baseline will skip)"
     fi
-    timeout 240 "$PY" -m pytest benchmarks/bench_attention.py --benchmark-only -q -p no:cacheprovider -rs \
+    timeout "$(lim 240)" "$PY" -m pytest benchmarks/bench_attention.py --benchmark-only -q -p no:cacheprovider -rs \
         --benchmark-json "$OUT/attention.json" > "$OUT/attention.log" 2>&1
     echo "pytest exit $? ($(tail -n 1 "$OUT/attention.log"))"
     "$PY" -m benchmarks.attention_table "$OUT/attention.json" | tee "$OUT/attention_table.txt"
-fi
+}
 
-if [[ $PHASE == backward ]]; then
+phase_backward() {
     echo "== primal backward: ours vs torch eager vs torch.compile (issue 4) =="
-    timeout 240 "$PY" -m benchmarks.backward --out "$OUT/backward.json" 2>&1 | grep -v '^W[0-9]' \
+    timeout "$(lim 240)" "$PY" -m benchmarks.backward --out "$OUT/backward.json" 2>&1 | grep -v '^W[0-9]' \
         | tee "$OUT/backward.log"
-fi
+}
 
-if [[ $PHASE == sampler ]]; then
+phase_sampler() {
     echo "== sampler table =="
-    timeout 240 "$PY" -m benchmarks.report --sampler only --out "$OUT/sampler_results.json" \
+    timeout "$(lim 240)" "$PY" -m benchmarks.report --sampler only --out "$OUT/sampler_results.json" \
         2>&1 | grep -v '^W[0-9]' | tee "$OUT/sampler.log"
+}
+[[ $PHASES == all ]] && PHASES=tests,bench
+for ph in ${PHASES//,/ }; do
+    if ! declare -F "phase_$ph" > /dev/null; then
+        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention firststep backward sampler)"; exit 2
+    fi
+done
+for ph in ${PHASES//,/ }; do "phase_$ph"; done
+echo "gpu_check: phases $PHASES done in $(( SECONDS - START )) s"
+# the device tool brings back at most 8 files from $OUT: pack the logs into one archive when there are more
+if (( $(find "$OUT" -type f | wc -l) > 8 )); then
+    tar -czf /tmp/gpu_check_logs.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
+        && mv /tmp/gpu_check_logs.tgz "$OUT/" && echo "gpu_check: logs packed into $OUT/gpu_check_logs.tgz"
 fi
