@@ -185,3 +185,23 @@ def test_gated_residual_fwd_tangent(benchmark, provider, compiled, gated_inputs,
     benchmark.group = "gated_residual fwd+tangent, DiT-B/2 b128 bf16"
     work = GATED_BYTES["fwd" if provider == "ref_fwd" else "fwd+tangent"]
     _run(benchmark, _gated_fn(provider, *gated_inputs), compiled, work, "GB/s", gated_baseline)
+
+
+# =================================================================================================
+#          Dual linear without epilogue: the Triton kernel vs cuBLAS (kernels/linear.PLAIN_DUAL_IMPL)
+# =================================================================================================
+LINEAR_SHAPES = {"qkv": (D, 3 * D), "proj": (D, D), "fc2": (HIDDEN, D)}  # (in, out)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
+@pytest.mark.parametrize("layer", list(LINEAR_SHAPES))
+def test_dual_linear(benchmark, layer, impl):
+    from kernels.linear import dual_linear_fwd
+    k, n_out = LINEAR_SHAPES[layer]
+    x, xd = _rand(M, k), _rand(M, k)
+    w, b = _rand(n_out, k, scale=k ** -0.5), _rand(n_out)
+    baseline = _time_ms(lambda: torch.nn.functional.linear(x, w, b))  # one stream on cuBLAS
+    benchmark.group = f"dual linear {layer} ({k}→{n_out}), rows {M}, bf16"
+    _run(benchmark, lambda: dual_linear_fwd(x, w, b, xd, impl=impl), False, 2 * 2 * M * k * n_out, "TFLOP/s",
+         baseline)
+

@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_check.sh firststep  # cold-cache seconds to the first MeanFlow step, with and without
 #                                           # kernels/precompile.py (B/2 b128; CASES_FIRST="XL/2:64" for XL/2)
 #   bash benchmarks/gpu_check.sh backward   # each op's primal backward: ours vs torch eager / compiled
+#   bash benchmarks/gpu_check.sh ops        # per-op TFLOP/s or GB/s (benchmarks/bench_dual_ops.py, eager;
+#                                           # OPS_K picks others); dual linear Triton vs cuBLAS
 #   bash benchmarks/gpu_check.sh attention  # attention fwd + tangent vs torch.func.jvp, jvp_flash_attention
 #                                           # (installed from .gpu_wheels/ when carried: fetch_baselines.sh)
 #   BUDGET=500 bash benchmarks/gpu_check.sh tests,bench,attention
@@ -86,6 +88,21 @@ phase_attention() {
     "$PY" -m benchmarks.attention_table "$OUT/attention.json" | tee "$OUT/attention_table.txt"
 }
 
+phase_ops() {
+    echo "== per-op figures (eager): fused ops vs their torch references; dual linear Triton vs cuBLAS =="
+    timeout "$(lim 240)" "$PY" -m pytest benchmarks/bench_dual_ops.py --benchmark-only -q -p no:cacheprovider \
+        -k "${OPS_K:-dual_linear or (eager and not torch_jvp)}" --benchmark-columns=median \
+        --benchmark-json "$OUT/dual_ops.json" > "$OUT/dual_ops.log" 2>&1
+    echo "pytest exit $? ($(tail -n 1 "$OUT/dual_ops.log"))"
+    "$PY" - "$OUT/dual_ops.json" <<'PYEOF'
+import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    e = b["extra_info"]
+    rate = {k: v for k, v in e.items() if k in ("TFLOP/s", "GB/s")}
+    print(f"  {b['name']:<48} {e.get('ms', float('nan')):8.4f} ms  {rate}  x_baseline {e.get('x_eager_ref_fwd')}")
+PYEOF
+}
+
 phase_backward() {
     echo "== primal backward: ours vs torch eager vs torch.compile (issue 4) =="
     timeout "$(lim 240)" "$PY" -m benchmarks.backward --out "$OUT/backward.json" 2>&1 | grep -v '^W[0-9]' \
@@ -100,7 +117,7 @@ phase_sampler() {
 [[ $PHASES == all ]] && PHASES=tests,bench
 for ph in ${PHASES//,/ }; do
     if ! declare -F "phase_$ph" > /dev/null; then
-        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention firststep backward sampler)"; exit 2
+        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention ops firststep backward sampler)"; exit 2
     fi
 done
 for ph in ${PHASES//,/ }; do "phase_$ph"; done

@@ -72,6 +72,16 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def steps_per_program(tiles: int, target_programs: int = 16384, max_steps: int = 8) -> int:
+    """Tiles each program of a row-reducing backward kernel walks through (its loop over a batch
+    element's tokens), a power of 2: one while the launch has at most ``target_programs`` programs, then
+    just enough to stay near that count. H100, 2026-11-26 (benchmarks/RESULTS.md): the LN-modulate and
+    gated-residual backwards walked 16-32 rows per program over 1-3 k programs and moved their bytes at
+    0.45-0.65 TB/s, while their forwards, one tile per program over 12-16 k programs, reached 1.9-3 TB/s.
+    More programs cost larger fp32 partial sums (one row of D per program), hence the cap."""
+    return min(max_steps, next_pow2(-(-max(int(tiles), 1) // target_programs)))
+
+
 def check_tangents_together(op: str, tangents: Dict[str, Optional[torch.Tensor]]) -> bool:
     """A fused op takes either all its tangents (the dual launch) or none (the primal-only launch).
     Returns whether they are given; raises a ValueError naming the missing ones when only some are."""

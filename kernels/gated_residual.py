@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_shape, check_tangents_together, check_tensors, next_pow2, pick_function, rows, zeros_if_none
+from ._triton_utils import (check_shape, check_tangents_together, check_tensors, next_pow2, pick_function, rows,
+                            steps_per_program, zeros_if_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +173,8 @@ def gated_residual_bwd(dy, gate, f):
     dy2, f2 = rows(dy, D), rows(f, D)
     df = torch.empty(B, N, D, dtype=f.dtype, device=f.device)
     block_r, block_d = _tiles(D, f.is_cuda)
-    rows_per_prog = max(block_r, min(64, next_pow2(triton.cdiv(B * N, 1024))))  # as ln_modulate_bwd
+    # one tile per program at DiT sizes (B/2 batch 128: 128 × 32 × 3 programs), as the forward
+    rows_per_prog = block_r * steps_per_program(triton.cdiv(B * N, block_r) * triton.cdiv(D, block_d))
     P = triton.cdiv(N, rows_per_prog) if N else 0
     dg_part = torch.empty(B, P, D, dtype=torch.float32, device=f.device)
     if B * N > 0 and D > 0:

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ._ref_utils import compute_dtype
-from ._triton_utils import check_shape, check_tangents_together, check_tensors, next_pow2, pick_function, rows, zeros_if_none
+from ._triton_utils import (check_shape, check_tangents_together, check_tensors, next_pow2, pick_function, rows,
+                            steps_per_program, zeros_if_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,10 +247,14 @@ def ln_modulate_bwd(dm, x, scale, mean, rstd):
     x2, dm2 = rows(x, D), rows(dm, D)
     dx = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
     block_d = next_pow2(D)
-    block_r = _tile_rows(block_d, x.is_cuda)
-    # Tokens per program: enough programs to fill the GPU (≥ ~1024 at B·N ≥ 32k) without a large
-    # partial-sum buffer: (B, P, D) fp32 with P = N / rows_per_prog.
-    rows_per_prog = max(block_r, min(64, next_pow2(triton.cdiv(B * N, 1024))))
+    # Twice the forward's tile (4 rows at D = 768; 89 registers, 2 blocks per SM on sm_90), one tile per
+    # program at DiT sizes. Each program leaves one fp32 row of partial dshift and one of dscale, so
+    # the partial sums are 1/4 of the activation's elements (B/2 batch 128: 128 × 64 programs); a
+    # 4× tile would halve that but holds 135 registers (1 block per SM). Wide rows (D > 1024: 2 rows per
+    # tile) walk at least 2 tiles, for the same bound on the partial sums. Not measured yet.
+    block_r = _tile_rows(block_d, x.is_cuda) * (2 if x.is_cuda else 1)
+    min_steps = triton.cdiv(4, block_r) if x.is_cuda else 1
+    rows_per_prog = block_r * max(min_steps, steps_per_program(triton.cdiv(B * N, block_r)))
     P = triton.cdiv(N, rows_per_prog) if N else 0
     dshift_part = torch.empty(B, P, D, dtype=torch.float32, device=x.device)
     dscale_part = torch.empty(B, P, D, dtype=torch.float32, device=x.device)

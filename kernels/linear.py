@@ -3,7 +3,9 @@
 The same kernel with HAS_TANGENT=False and the GELU epilogue is the fc1 of the primal-only MLP
 (``kernels.mlp.mlp``, the DiT's plain forward): h = gelu(x W1ᵀ + b1) in one pass instead of a GEMM
 and an elementwise GELU over the (M, 4D) activations. A plain primal linear without an epilogue has
-nothing to fuse and stays on cuBLAS (``F.linear``): a Triton GEMM would at best match it.
+nothing to fuse and stays on cuBLAS (``F.linear``): a Triton GEMM would at best match it. On CUDA the
+dual launch without an epilogue goes to cuBLAS too (``PLAIN_DUAL_IMPL``, measured reason beside it);
+the kernel then serves fc1 (GELU epilogue, both streams), the CPU interpreter, and ``impl="triton"``.
 """
 from typing import Optional, Tuple
 
@@ -224,9 +226,21 @@ def _check_dual_linear(op: str, x, weight, bias, x_dot) -> None:
                          f"returns garbage, triton issue #11584); use float32/float16 on the CPU or bf16 on CUDA")
 
 
+# Who runs a dual launch without the GELU epilogue (qkv, proj, fc2, the final linear) on CUDA.
+# H100, 2026-11-26 (benchmarks/RESULTS.md, kernel profile of the DiT-B/2 batch-128 JVP): the dual Triton
+# GEMM ran the 48 dual linears at ~474 TFLOP/s on average, cuBLAS the same shapes' primal GEMMs at
+# 680-760 TFLOP/s. With no epilogue to fuse, the two streams therefore go to cuBLAS as two GEMMs (each
+# over all B·N rows, enough to fill the chip; the shared weight tile saves nothing that L2 does not
+# already hold). fc1 keeps the Triton kernel: its GELU/GELU' epilogue saves writing and re-reading the
+# (M, 4D) pre-activations of both streams (not yet measured against cuBLAS + an elementwise pass).
+# "triton" restores the fused kernel everywhere; benchmarks/bench_dual_ops.py times both.
+PLAIN_DUAL_IMPL = "cublas"
+_IMPLS = ("triton", "cublas")
+
+
 def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    x_dot: Optional[torch.Tensor], gelu: bool = False, store_pre: bool = False
-                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+                    x_dot: Optional[torch.Tensor], gelu: bool = False, store_pre: bool = False,
+                    impl: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Launch the dual-stream matmul; returns (y, y_dot, pre), all (..., out_features) in x's dtype.
 
     Without ``gelu``: y = x Wᵀ + b, y_dot = ẋ Wᵀ. With ``gelu``: y = gelu(a), y_dot = gelu'(a)·ȧ for
@@ -234,9 +248,24 @@ def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     primal stream alone (HAS_TANGENT=False) and returns y_dot = None. Inputs of any strides are read in
     place; (..., K) is viewed as rows with ``reshape`` (a copy only if the leading dims cannot be
     merged). Outputs are contiguous.
+
+    ``impl`` picks who computes a launch without ``gelu``: ``"triton"`` (the fused kernel) or
+    ``"cublas"`` (``F.linear`` per stream: cuBLAS on CUDA, torch's own matmul on the CPU); the default,
+    None, is ``PLAIN_DUAL_IMPL`` on CUDA and the Triton kernel elsewhere. A ``gelu`` launch always runs
+    the Triton kernel.
     """
     has_tangent = x_dot is not None
     _check_dual_linear(_op_name(gelu, has_tangent), x, weight, bias, x_dot)
+    if impl is not None and impl not in _IMPLS:
+        raise ValueError(f"dual_linear_fwd: impl must be one of {_IMPLS} or None, got {impl!r}")
+    if gelu and impl == "cublas":
+        raise ValueError("dual_linear_fwd: impl='cublas' has no GELU epilogue; the gelu launch runs the "
+                         "Triton kernel (impl=None or 'triton')")
+    if impl is None:
+        impl = PLAIN_DUAL_IMPL if (x.is_cuda and not gelu) else "triton"
+    if impl == "cublas":
+        return (F.linear(x, weight, bias), F.linear(x_dot, weight) if has_tangent else None,
+                x.new_empty(0))
     n_out, k = weight.shape
     lead = x.shape[:-1]
     x2 = rows(x, k)

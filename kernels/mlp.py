@@ -56,7 +56,8 @@ def mlp_jvp_ref(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Triton kernels: the dual-stream matmul of kernels/linear.py (``_dual_linear_fwd_kernel``), launched
 # with GELU=True for fc1 (the GELU and its derivative, `_gelu_tanh_and_grad`, sit in its epilogue) and
-# GELU=False for fc2. Both launches go through the torch.library op ``meanflow_fast::dual_linear_fwd``;
+# GELU=False for fc2 (on CUDA that launch runs cuBLAS per stream instead: kernels/linear.PLAIN_DUAL_IMPL).
+# Both launches go through the torch.library op ``meanflow_fast::dual_linear_fwd``;
 # the primal-only fc1 goes through ``meanflow_fast::linear_gelu_fwd`` (HAS_TANGENT=False).
 # ---------------------------------------------------------------------------------------------
 
