@@ -253,7 +253,10 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
                     else:
                         x, xd = _cuda(BATCH, TOKENS, k, dtype=dt), _cuda(BATCH, TOKENS, k, dtype=dt)
                     w, b = _cuda(n_out, k, dtype=dt), _cuda(n_out, dtype=dt)
-                    linear_mod.dual_linear_fwd(x, w, b, xd if tangent else None, gelu=gelu, store_pre=store_pre)
+                    # impl="triton": CUDA sends epilogue-free launches to cuBLAS by default; the kernel
+                    # stays selectable (kernels/linear.PLAIN_DUAL_IMPL), so every variant is checked
+                    linear_mod.dual_linear_fwd(x, w, b, xd if tangent else None, gelu=gelu, store_pre=store_pre,
+                                               impl="triton")
                 finally:
                     torch.set_float32_matmul_precision(old)
 

@@ -239,6 +239,19 @@ def ln_modulate_fwd(x, shift, scale, x_dot=None, shift_dot=None, scale_dot=None,
     return out, (out_d if has_tangent else None), mean, rstd
 
 
+def _bwd_launch(B: int, N: int, block_d: int, cuda: bool) -> Tuple[int, int]:
+    """(rows per tile, tokens per program) of the backward. On CUDA: twice the forward's tile (4 rows at
+    D = 768; 89 registers, 2 blocks per SM on sm_90; 8 rows would hold 135, 1 block) and at least 8
+    tokens per program. Each program leaves one fp32 row of partial dshift and one of dscale, so 8
+    tokens per program keep the partial sums at half an activation's bytes (B/2 batch 128: 128 × 32
+    programs of 2 tiles), where 32 tokens per program over 1 k programs ran at 0.45 TB/s on an H100
+    (benchmarks/RESULTS.md). Past ~16 k tiles, more tiles per program (``steps_per_program``).
+    The new shape is not measured yet."""
+    block_r = _tile_rows(block_d, cuda) * (2 if cuda else 1)
+    min_steps = triton.cdiv(8, block_r) if cuda else 1
+    return block_r, block_r * max(min_steps, steps_per_program(triton.cdiv(B * N, block_r)))
+
+
 def ln_modulate_bwd(dm, x, scale, mean, rstd):
     """Launch the backward kernel; returns (dx, dshift, dscale) in the dtypes of x and scale.
     dshift = Σ_N dm and dscale = Σ_N dm ⊙ y are reduced in two stages: fp32 partial sums per
@@ -247,14 +260,7 @@ def ln_modulate_bwd(dm, x, scale, mean, rstd):
     x2, dm2 = rows(x, D), rows(dm, D)
     dx = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
     block_d = next_pow2(D)
-    # Twice the forward's tile (4 rows at D = 768; 89 registers, 2 blocks per SM on sm_90), one tile per
-    # program at DiT sizes. Each program leaves one fp32 row of partial dshift and one of dscale, so
-    # the partial sums are 1/4 of the activation's elements (B/2 batch 128: 128 × 64 programs); a
-    # 4× tile would halve that but holds 135 registers (1 block per SM). Wide rows (D > 1024: 2 rows per
-    # tile) walk at least 2 tiles, for the same bound on the partial sums. Not measured yet.
-    block_r = _tile_rows(block_d, x.is_cuda) * (2 if x.is_cuda else 1)
-    min_steps = triton.cdiv(4, block_r) if x.is_cuda else 1
-    rows_per_prog = block_r * max(min_steps, steps_per_program(triton.cdiv(B * N, block_r)))
+    block_r, rows_per_prog = _bwd_launch(B, N, block_d, x.is_cuda)
     P = triton.cdiv(N, rows_per_prog) if N else 0
     dshift_part = torch.empty(B, P, D, dtype=torch.float32, device=x.device)
     dscale_part = torch.empty(B, P, D, dtype=torch.float32, device=x.device)

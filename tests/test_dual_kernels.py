@@ -249,6 +249,15 @@ def test_backward_token_loop(name, steps, monkeypatch):
         assert err <= tol, f"grad {i}: rel err {err:.3g} > tol {tol:.3g}"
 
 
+def test_backward_launch_shapes():
+    """The CUDA launch shapes of the row backwards, worked by hand from the rules in their launchers."""
+    from kernels.layernorm_modulate import _bwd_launch
+    assert _bwd_launch(128, 256, 1024, True) == (4, 8)     # DiT-B/2 batch 128: 8192 tiles, 2 per program
+    assert _bwd_launch(64, 256, 2048, True) == (2, 8)      # DiT-XL/2 batch 64 (D 1152): 4 tiles of 2 rows
+    assert _bwd_launch(1024, 256, 1024, True) == (4, 16)   # 65536 tiles: 4 per program
+    assert _bwd_launch(2, 7, 64, False) == (32, 32)        # the interpreter: one 32-row tile
+
+
 def test_steps_per_program():
     from kernels._triton_utils import steps_per_program
     assert [steps_per_program(t) for t in (0, 1, 12288, 16384)] == [1, 1, 1, 1]
