@@ -76,9 +76,10 @@ def steps_per_program(tiles: int, target_programs: int = 16384, max_steps: int =
     """Tiles each program of a row-reducing backward kernel walks through (its loop over a batch
     element's tokens), a power of 2: one while the launch has at most ``target_programs`` programs, then
     just enough to stay near that count. H100, 2026-11-26 (benchmarks/RESULTS.md): the LN-modulate and
-    gated-residual backwards walked 16-32 rows per program over 1-3 k programs and moved their bytes at
-    0.45-0.65 TB/s, while their forwards, one tile per program over 12-16 k programs, reached 1.9-3 TB/s.
-    More programs cost larger fp32 partial sums (one row of D per program), hence the cap."""
+    gated-residual backwards walked 32 token rows per program over 1 k and 3 k programs and moved their
+    bytes at 0.45-0.65 TB/s, while their forwards, one tile per program over 12-16 k programs, reached
+    1.9-3 TB/s. More programs cost larger fp32 partial sums (one row of D per program): the launchers
+    may ask for more steps than this (LN-modulate: at least 8 tokens per program)."""
     return min(max_steps, next_pow2(-(-max(int(tiles), 1) // target_programs)))
 
 
