@@ -15,7 +15,8 @@ def rows(report: dict):
         if "ms_per_call" not in info:
             continue
         yield (b["params"]["shape_name"], b["params"]["provider"], info["ms_per_call"], info["tflops"],
-               info.get("speedup_vs_torch_jvp_math"), info.get("speedup_vs_jvp_flash_attention"))
+               info.get("speedup_vs_torch_jvp_math"), info.get("speedup_vs_jvp_flash_attention"),
+               info.get("config", ""))
 
 
 def main(argv=None) -> int:
@@ -26,10 +27,11 @@ def main(argv=None) -> int:
     with open(argv[0]) as f:
         report = json.load(f)
     print(f"pytest-benchmark run of {report.get('datetime', '?')}")
-    print(f"{'shape':<10} {'provider':<22} {'ms':>9} {'TFLOP/s':>8} {'vs jvp math':>12} {'vs jvp_flash':>13}")
+    print(f"{'shape':<10} {'provider':<22} {'ms':>9} {'TFLOP/s':>8} {'vs jvp math':>12} {'vs jvp_flash':>13}"
+          "  autotuned config")
     fmt = lambda x: f"{x:.2f}×" if x is not None else "—"  # noqa: E731
-    for shape, provider, ms, tflops, s_math, s_flash in rows(report):
-        print(f"{shape:<10} {provider:<22} {ms:9.3f} {tflops:8.1f} {fmt(s_math):>12} {fmt(s_flash):>13}")
+    for shape, provider, ms, tflops, s_math, s_flash, config in rows(report):
+        print(f"{shape:<10} {provider:<22} {ms:9.3f} {tflops:8.1f} {fmt(s_math):>12} {fmt(s_flash):>13}  {config}")
     return 0
 
 

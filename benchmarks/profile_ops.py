@@ -17,7 +17,7 @@ def _table(prof, iters: int, top: int, title: str) -> None:
     print(f"\n== {title}: {total / iters / 1e3:.2f} ms of kernels per call ==")
     print(f"  {'ms/call':>8} {'share':>6} {'calls':>6}  kernel")
     for e in rows[:top]:
-        name = e.key if len(e.key) <= 90 else e.key[:87] + "..."
+        name = e.key if len(e.key) <= 160 else e.key[:157] + "..."
         print(f"  {e.device_time_total / iters / 1e3:8.3f} {100 * e.device_time_total / total:5.1f}% "
               f"{e.count // iters:6d}  {name}")
 
