@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_check.sh firststep  # cold-cache seconds to the first MeanFlow step, with and without
 #                                           # kernels/precompile.py (B/2 b128; CASES_FIRST="XL/2:64" for XL/2)
 #   bash benchmarks/gpu_check.sh backward   # each op's primal backward: ours vs torch eager / compiled
+#   bash benchmarks/gpu_check.sh sweep      # every attention config alone: faults, errors, time (D 64/72/80)
 #   bash benchmarks/gpu_check.sh ops        # per-op TFLOP/s or GB/s (benchmarks/bench_dual_ops.py, eager;
 #                                           # OPS_K picks others); dual linear Triton vs cuBLAS
 #   bash benchmarks/gpu_check.sh attention  # attention fwd + tangent vs torch.func.jvp, jvp_flash_attention
@@ -103,6 +104,15 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
 PYEOF
 }
 
+phase_sweep() {
+    echo "== attention configs one by one (fault / error / time), XL/2 batch-64 shape =="
+    for k in ${SWEEP_KERNELS:-fwd_tangent dkdv dq}; do
+        timeout "$(lim 200)" "$PY" -m benchmarks.attention_sweep --kernel "$k" --dims "${SWEEP_DIMS:-64,72,80}" \
+            --hi "${SWEEP_HI:-16,32}" --jobs 12 --out "$OUT/sweep_$k.json" 2>&1 | grep -v '^W[0-9]' \
+            | tee -a "$OUT/sweep.log"
+    done
+}
+
 phase_backward() {
     echo "== primal backward: ours vs torch eager vs torch.compile (issue 4) =="
     timeout "$(lim 240)" "$PY" -m benchmarks.backward --out "$OUT/backward.json" 2>&1 | grep -v '^W[0-9]' \
@@ -117,7 +127,7 @@ phase_sampler() {
 [[ $PHASES == all ]] && PHASES=tests,bench
 for ph in ${PHASES//,/ }; do
     if ! declare -F "phase_$ph" > /dev/null; then
-        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention ops firststep backward sampler)"; exit 2
+        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention ops sweep firststep backward sampler)"; exit 2
     fi
 done
 for ph in ${PHASES//,/ }; do "phase_$ph"; done

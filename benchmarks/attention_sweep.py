@@ -1,0 +1,194 @@
+"""Every autotune config of an attention kernel on its own: does it run, is it right, how fast is it.
+
+    PYTHONPATH=. python -m benchmarks.attention_sweep [--kernel fwd_tangent] [--dims 64,72] [--hi 16,32]
+                                                      [--shape 64,16,256] [--jobs 8]
+
+Why: the autotuner launches every candidate of its list at the first call of a new shape, so one
+candidate that faults (an illegal memory access: a compiler bug, as the (64, 32, 8 warps, 3 stages)
+forward config at head dim 72 on triton 3.6, benchmarks/RESULTS.md) kills the process, and one that is
+never the fastest only costs compile time. This script runs each config alone (the autotuner's list set
+to that one config) in its own process, so a fault is reported for that config and the sweep goes on:
+
+  1. in parallel (``--jobs`` processes): compile, run once, compare O (and Ȯ, or dQ, dK, dV) with the
+     fp32 reference: ``ok`` with the max abs error, ``FAULT`` (a CUDA error), or ``ERROR``;
+  2. one process after another (so that timings do not overlap): the median time of the configs that ran
+     (``triton.testing.do_bench``), and TFLOP/s (forward 4·B·H·N²·D, forward + tangent 3× that, backward
+     2.5× the forward: dQ, dK, dV and the recomputed S and P).
+
+``--kernel``: ``fwd`` (primal forward), ``fwd_tangent`` (forward with Ȯ), ``dkdv`` or ``dq`` (the backward
+with that kernel's config varied, the other one at its first config). ``--hi`` overrides the width of the
+high head-dim chunk when D is not a power of 2 (kernels/attention.py cuts D = 72 into 64 + 16; 32 pads the
+high chunk to 64 + 32), to measure that choice; ``--dims`` may name dims outside the supported list
+(e.g. 80: 64 + 16 without a column mask) for the same purpose. ``--device cpu`` is a dry run of the script
+(TRITON_INTERPRET=1, a tiny shape, the interpreter's single config; no timing). Exit status 1 when any
+config failed its check.
+"""
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+KERNELS = ("fwd", "fwd_tangent", "dkdv", "dq")
+
+
+def _flops(kernel: str, B: int, H: int, N: int, D: int) -> float:
+    fwd = 4.0 * B * H * N * N * D
+    return {"fwd": fwd, "fwd_tangent": 3 * fwd, "dkdv": 2.5 * fwd, "dq": 2.5 * fwd}[kernel]
+
+
+def _autotuner(A, kernel: str):
+    return {"fwd": A._attn_fwd_jvp_kernel, "fwd_tangent": A._attn_fwd_jvp_kernel,
+            "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
+
+
+def _label(cfg) -> str:
+    kw = cfg.kwargs
+    return f"BM{kw['BLOCK_M']} BN{kw['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def worker(job: Dict) -> Dict:
+    """One (kernel, D, hi, config) in this process: check it, and time it when job['time'] is set."""
+    import torch
+    import kernels.attention as A
+
+    kernel, D, hi, index = job["kernel"], job["D"], job["hi"], job["config"]
+    device = job["device"]
+    if D not in A.SUPPORTED_HEAD_DIMS:  # a diagnostic dim (e.g. 80): let the launchers take it
+        A.SUPPORTED_HEAD_DIMS = tuple(sorted(set(A.SUPPORTED_HEAD_DIMS) | {D}))
+    chunks = A._head_dim_chunks
+    if hi is not None:
+        A._head_dim_chunks = lambda d: {**chunks(d), "BLOCK_DHI": hi} if chunks(d)["SPLIT"] else chunks(d)
+    tuner = _autotuner(A, kernel)
+    cfg = tuner.configs[index]
+    tuner.configs = [cfg]
+    if kernel in ("dkdv", "dq"):  # the other backward kernel at its first config: no autotuning in the timing
+        other = A._attn_bwd_dq_kernel if kernel == "dkdv" else A._attn_bwd_dkdv_kernel
+        other.configs = other.configs[:1]
+
+    B, H, N = job["shape"]
+    dtype = getattr(torch, job["dtype"])
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, qd, kd, vd, do = (torch.randn(B, H, N, D, device=device, generator=g).to(dtype) for _ in range(7))
+    out = {"label": _label(cfg)}
+    try:
+        if kernel == "fwd":
+            def fn():
+                return A.attention_fwd(q, k, v)
+        elif kernel == "fwd_tangent":
+            def fn():
+                return A.attention_fwd(q, k, v, qd, kd, vd)
+        else:
+            o, _, lse = A.attention_fwd(q, k, v)
+
+            def fn():
+                return A.attention_bwd(do, q, k, v, o, lse)
+        got = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        f32 = [t.float() for t in (q, k, v, qd, kd, vd)]
+        if kernel in ("fwd", "fwd_tangent"):
+            ref_o, ref_od = A.attention_jvp_ref(*f32)
+            errs = [(got[0].float() - ref_o).abs().max().item()]
+            if kernel == "fwd_tangent":
+                errs.append((got[1].float() - ref_od).abs().max().item())
+        else:
+            leaves = [t.requires_grad_() for t in f32[:3]]
+            A.attention_ref(*leaves).backward(do.float())
+            errs = [(a.float() - t.grad).abs().max().item() for a, t in zip(got, leaves)]
+        out.update(status="ok", max_err=max(errs))
+        if job["time"] and device == "cuda":
+            import triton
+            out["ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - reported per config, the sweep goes on
+        fault = "illegal memory access" in str(e) or type(e).__name__ == "AcceleratorError"
+        out.update(status="FAULT" if fault else "ERROR", error=f"{type(e).__name__}: {str(e).splitlines()[0][:150]}")
+    return out
+
+
+def _run_job(job: Dict, timeout: float) -> Dict:
+    cmd = [sys.executable, "-m", "benchmarks.attention_sweep", "--worker", json.dumps(job)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return {"status": "TIMEOUT"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if not lines:  # the process died (e.g. a fault at exit, an abort in the compiler)
+        return {"status": "CRASH", "error": f"exit {r.returncode}: {r.stderr.strip()[-200:]}"}
+    return json.loads(lines[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernel", default="fwd_tangent", choices=KERNELS)
+    p.add_argument("--dims", default="64,72", help="head dims, comma-separated")
+    p.add_argument("--hi", default="", help="high-chunk widths to try for non-power-of-2 dims, e.g. 16,32 "
+                                           "(default: the kernels' own choice)")
+    p.add_argument("--shape", default="64,16,256", help="B,H,N (default: DiT-XL/2 batch 64)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--jobs", type=int, default=8, help="parallel processes for the checks")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per process")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    try:
+        dims = [int(d) for d in args.dims.split(",") if d]
+        his = [int(h) for h in args.hi.split(",") if h] or [None]
+        shape = [int(s) for s in args.shape.split(",")]
+    except ValueError:
+        p.error(f"--dims, --hi and --shape take comma-separated integers, got {args.dims!r}, {args.hi!r}, "
+                f"{args.shape!r}")
+    if len(shape) != 3 or min(shape) < 1 or args.jobs < 1 or not dims:
+        p.error("--shape must be B,H,N (each ≥ 1), --jobs ≥ 1, --dims not empty")
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+        shape = [1, 2, 33]
+        if args.dtype == "bfloat16":
+            args.dtype = "float32"  # the interpreter's bf16 dots are wrong (kernels/attention.py)
+    else:
+        import torch
+        if not torch.cuda.is_available():
+            print("benchmarks/attention_sweep.py: no CUDA device (use --device cpu for a dry run)", file=sys.stderr)
+            return 2
+
+    os.environ.setdefault("PYTHONPATH", ".")
+    import kernels.attention as A
+    n_configs = len(_autotuner(A, args.kernel).configs)
+    groups = [(D, hi) for D in dims for hi in (his if D & (D - 1) else [None])]  # --hi only where D splits
+    base = dict(kernel=args.kernel, shape=shape, dtype=args.dtype, device=args.device)
+    jobs = [dict(base, D=D, hi=hi, config=i, time=False) for D, hi in groups for i in range(n_configs)]
+    print(f"attention sweep: {args.kernel}, B,H,N = {shape}, {args.dtype}, dims {dims}, high chunk "
+          f"{[h for h in his if h] or 'default'}: {len(jobs)} runs (check in {args.jobs} processes, then time "
+          f"one at a time)", flush=True)
+    with cf.ThreadPoolExecutor(args.jobs) as ex:
+        checked = list(ex.map(lambda j: _run_job(j, args.timeout), jobs))
+    results: List[Dict] = []
+    for job, res in zip(jobs, checked):
+        if res.get("status") == "ok" and args.device == "cuda":
+            res = _run_job(dict(job, time=True), args.timeout)
+        results.append(dict(job, **res))
+
+    print(f"\n{'D':>4} {'hi':>4} {'config':<20} {'status':<7} {'max err':>9} {'ms':>8} {'TFLOP/s':>8}")
+    for r in sorted(results, key=lambda r: (r["D"], r["hi"] or 0, r.get("ms", float("inf")))):
+        ms = r.get("ms")
+        tf = _flops(args.kernel, *shape, r["D"]) / (ms * 1e-3) / 1e12 if ms else None
+        err = f"{r['max_err']:.2e}" if "max_err" in r else "—"
+        print(f"{r['D']:>4} {str(r['hi'] or '-'):>4} {r.get('label', '?'):<20} {r['status']:<7} {err:>9} "
+              f"{f'{ms:.4f}' if ms else '—':>8} {f'{tf:.1f}' if tf else '—':>8}"
+              + (f"  {r['error']}" if r.get("error") else ""))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    bad = [r for r in results if r["status"] != "ok"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
