@@ -95,6 +95,7 @@ phase_ops() {
         -k "${OPS_K:-dual_linear or (eager and not torch_jvp)}" --benchmark-columns=median \
         --benchmark-json "$OUT/dual_ops.json" > "$OUT/dual_ops.log" 2>&1
     echo "pytest exit $? ($(tail -n 1 "$OUT/dual_ops.log"))"
+    [[ -f "$OUT/dual_ops.json" ]] || { echo "(no benchmark JSON written: see $OUT/dual_ops.log)"; return; }
     "$PY" - "$OUT/dual_ops.json" <<'PYEOF'
 import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
