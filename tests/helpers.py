@@ -13,6 +13,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def assert_within_torch(what: str, got: torch.Tensor, torch_own: torch.Tensor, exact: torch.Tensor,
+                        factor: float = 2.0, atol: float = 0.0) -> None:
+    """The accuracy rule of the kernel tests: ``got``'s relative error against ``exact`` at most ``factor``
+    times the error of torch's own computation at the same precision (``torch_own``), plus ``atol``."""
+    err, tol = rel_err(got, exact), factor * rel_err(torch_own, exact) + atol
+    assert err <= tol, f"{what}: rel err {err:.3g} > tol {tol:.3g}"
+
+
 def randomize_(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
     """Overwrite every parameter with N(0, std²): the adaLN-Zero init would hide tangent bugs."""
     with torch.no_grad():
