@@ -44,7 +44,8 @@ def _autotuner(A, kernel: str):
             "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
 
 
-def _label(cfg) -> str:
+def config_label(cfg) -> str:
+    """A Triton attention config as "BM64 BN32 w4 s3" (also the attention benchmark's table column)."""
     kw = cfg.kwargs
     return f"BM{kw['BLOCK_M']} BN{kw['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
 
@@ -72,7 +73,7 @@ def worker(job: Dict) -> Dict:
     dtype = getattr(torch, job["dtype"])
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v, qd, kd, vd, do = (torch.randn(B, H, N, D, device=device, generator=g).to(dtype) for _ in range(7))
-    out = {"label": _label(cfg)}
+    out = {"label": config_label(cfg)}
     try:
         if kernel == "fwd":
             def fn():

@@ -25,6 +25,8 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+import kernels.attention as attn_mod  # noqa: E402
+from benchmarks.attention_sweep import config_label  # noqa: E402
 from kernels.attention import attention, attention_jvp  # noqa: E402
 
 try:  # fwd_dual is the entry point its README gives for torch.func.jvp (tangents before autograd)
@@ -100,11 +102,9 @@ def test_attention_fwd_tangent(benchmark, shape_name, provider):
     _MEDIANS[(shape_name, provider)] = sec
     benchmark.extra_info.update(ms_per_call=sec * 1e3, flop_count=flops, tflops=flops / sec / 1e12)
     if provider.startswith("triton"):  # the autotuner's pick for this shape (the last launch's key)
-        import kernels.attention as attn_mod
         best = getattr(attn_mod._attn_fwd_jvp_kernel, "best_config", None)
         if best is not None:
-            benchmark.extra_info["config"] = (f"BM{best.kwargs['BLOCK_M']} BN{best.kwargs['BLOCK_N']} "
-                                              f"w{best.num_warps} s{best.num_stages}")
+            benchmark.extra_info["config"] = config_label(best)
     for baseline in ("torch_jvp_math", "jvp_flash_attention"):  # PROVIDERS order: baselines run first
         base = _MEDIANS.get((shape_name, baseline))
         if base is not None and provider != baseline:

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 
 from kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref  # noqa: E402
 from kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref  # noqa: E402
+from kernels.linear import dual_linear_fwd  # noqa: E402
 from kernels.mlp import mlp_jvp, mlp_jvp_ref, mlp_ref  # noqa: E402
 
 B, N, D, HIDDEN = 128, 256, 768, 3072   # DiT-B/2, batch 128, 32×32 latents / patch 2 → 256 tokens
@@ -196,7 +197,6 @@ LINEAR_SHAPES = {"qkv": (D, 3 * D), "proj": (D, D), "fc2": (HIDDEN, D)}  # (in, 
 @pytest.mark.parametrize("impl", ["triton", "cublas"])
 @pytest.mark.parametrize("layer", list(LINEAR_SHAPES))
 def test_dual_linear(benchmark, layer, impl):
-    from kernels.linear import dual_linear_fwd
     k, n_out = LINEAR_SHAPES[layer]
     x, xd = _rand(M, k), _rand(M, k)
     w, b = _rand(n_out, k, scale=k ** -0.5), _rand(n_out)

@@ -80,7 +80,7 @@ def steps_per_program(tiles: int, target_programs: int = 16384, max_steps: int =
     bytes at 0.45-0.65 TB/s, while their forwards, one tile per program over 12-16 k programs, reached
     1.9-3 TB/s. More programs cost larger fp32 partial sums (one row of D per program): the launchers
     may ask for more steps than this (LN-modulate: at least 8 tokens per program)."""
-    return min(max_steps, next_pow2(-(-max(int(tiles), 1) // target_programs)))
+    return min(max_steps, next_pow2(triton.cdiv(max(int(tiles), 1), target_programs)))
 
 
 def check_tangents_together(op: str, tangents: Dict[str, Optional[torch.Tensor]]) -> bool:

@@ -367,5 +367,6 @@ class LinearJvpFunction(torch.autograd.Function):
 def linear_jvp(x, weight, bias, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
     """(o, ȯ) = (x Wᵀ + b, ẋ Wᵀ): on CUDA two cuBLAS GEMMs by default (``PLAIN_DUAL_IMPL``; "triton" for
     the fused kernel), in the CPU interpreter the Triton kernel. o is differentiable, ȯ carries no
-    autograd graph. Same signature and contract as ``linear_jvp_ref``; fp32/fp16/bf16, CUDA or the CPU interpreter."""
+    autograd graph. Same signature and contract as ``linear_jvp_ref``; fp32/fp16/bf16, CUDA or the CPU
+    interpreter."""
     return LinearJvpFunction.apply(x, weight, bias, x_dot)
