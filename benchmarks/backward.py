@@ -8,7 +8,7 @@ For each op, the forward runs once with inputs that require grad, then only the 
 
     ours             the backward training runs: of the dual-stream Function (``<op>_jvp``), which is
                      Triton for LN-modulate, the gated residual and attention (FA2), and cuBLAS GEMMs +
-                     one GELU-backward pass for the MLP
+                     one Triton pass (``kernels.mlp.gelu_bwd``: da, the recomputed h, db1) for the MLP
     torch            autograd through the pure-torch ``<op>_ref`` (attention: flash SDPA), eager
     torch compiled   the same under torch.compile (its generated backward)
 

@@ -45,15 +45,18 @@ def linear_jvp_ref(x, weight, bias, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
 #   h = gelu(a) = a·σ(2u),   ḣ = gelu'(a)·ȧ,   u = √(2/π)·(a + 0.044715·a³)
 # with 0.5·(1 + tanh u) = σ(2u) and 1 − tanh²u = 4σ(2u)(1 − σ(2u)), so
 #   gelu'(a) = σ(2u) + 2a·σ(2u)(1 − σ(2u))·√(2/π)·(1 + 3·0.044715·a²).
-# σ is written with tl.exp; its argument is clamped at 80 (exp(80) ≈ 5.5e34 < fp32 max), so a very
-# negative a gives σ ≈ 1.8e-35 instead of an inf intermediate (same result, no overflow warning in the
-# interpreter); exp(−2u) → 0 gives σ = 1.
+# σ is written with e = exp(−2u): σ = 1/(1 + e) and σ(1 − σ) = e·σ², which avoids the cancellation of
+# 1 − σ for large a (with 1 − σ, gelu' came out at 2.3× torch's fp32 error; with e·σ², within it).
+# The argument of exp is clamped at 80 (exp(80) ≈ 5.5e34 < fp32 max), so a very negative a gives
+# σ ≈ 1.8e-35 instead of an inf intermediate (same result, no overflow warning in the interpreter);
+# e → 0 gives σ = 1.
 @triton.jit
 def _gelu_tanh_and_grad(a):
     """(gelu(a), gelu'(a)) in fp32 for fp32 a."""
     inner = a * (1.0 + 0.044715 * a * a)
-    s = 1.0 / (1.0 + tl.exp(tl.minimum(-2.0 * 0.7978845608028654 * inner, 80.0)))  # σ(2u), √(2/π) = 0.79788…
-    grad = s + 2.0 * a * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
+    e = tl.exp(tl.minimum(-2.0 * 0.7978845608028654 * inner, 80.0))  # exp(−2u), √(2/π) = 0.79788…
+    s = 1.0 / (1.0 + e)  # σ(2u)
+    grad = s + 2.0 * a * e * s * s * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
     return a * s, grad
 
 

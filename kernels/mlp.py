@@ -18,9 +18,11 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from ._triton_utils import check_shape, check_tensors, pick_function, rows, zeros_if_none
-from .linear import dual_linear_fwd_op, linear_gelu_fwd_op
+from ._triton_utils import check_shape, check_tensors, next_pow2, pick_function, rows, steps_per_program, zeros_if_none
+from .linear import _gelu_tanh_and_grad, dual_linear_fwd_op, linear_gelu_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
@@ -62,9 +64,98 @@ def mlp_jvp_ref(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
+# The backward's elementwise part is one more kernel, ``_gelu_bwd_kernel``: da = gelu'(a) ⊙ dh, the
+# recomputed h = gelu(a) that dW2 needs, and fp32 partial column sums of da for db1, in one pass over
+# the (M, hidden) activations (see ``gelu_bwd``).
+@triton.jit
+def _gelu_bwd_kernel(
+    DH,             # (M, H) gradient of h = gelu(a), any strides
+    A,              # (M, H) saved pre-activation a, any strides
+    DA,             # (M, H) out: gelu'(a) ⊙ dh, contiguous
+    H,              # (M, H) out: gelu(a), contiguous
+    DB_PART,        # (P, H) out, fp32: Σ da over this program's rows
+    M,              # rows
+    N,              # hidden features per row
+    stride_dhm, stride_dhn,      # strides of DH
+    stride_am, stride_an,        # strides of A
+    ROWS_PER_PROG: tl.constexpr, # rows per program (a multiple of BLOCK_R)
+    BLOCK_R: tl.constexpr,       # rows per step of the row loop
+    BLOCK_N: tl.constexpr,       # features per program
+):
+    # Grid (P, cdiv(N, BLOCK_N)), P = cdiv(M, ROWS_PER_PROG): program p owns rows
+    # [p·ROWS_PER_PROG, (p+1)·ROWS_PER_PROG) and leaves their column sums in DB_PART[p]: a deterministic
+    # two-stage reduction, no atomics.
+    p = tl.program_id(0).to(tl.int64)
+    col = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    c_mask = col < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        row = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        mask = (row < M)[:, None] & c_mask[None, :]
+        dh = tl.load(DH + row[:, None] * stride_dhm + col[None, :] * stride_dhn, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + row[:, None] * stride_am + col[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
+        h, grad = _gelu_tanh_and_grad(a)
+        da = grad * dh  # 0 in masked lanes (dh = 0 there)
+        acc += tl.sum(da, axis=0)
+        out = row[:, None] * N + col[None, :]
+        tl.store(DA + out, da.to(DA.dtype.element_ty), mask=mask)
+        tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
+    tl.store(DB_PART + p * N + col, acc, mask=c_mask)
+
+
 # ---------------------------------------------------------------------------------------------
-# Launcher
+# Launchers
 # ---------------------------------------------------------------------------------------------
+def _gelu_bwd_launch(M: int, N: int, cuda: bool) -> Tuple[int, int, int]:
+    """(rows per step, rows per program, features per program). CUDA: steps of 8 × 256 (2048 elements, 8
+    per thread and tensor at 8 warps, as the gated residual's kernels), as many steps per program as
+    ``steps_per_program`` gives; the interpreter prefers few, large programs (64 rows)."""
+    block_n = min(next_pow2(N), 256 if cuda else 1024)
+    block_r = max(1, 2048 // block_n)
+    steps = steps_per_program(triton.cdiv(M, block_r) * triton.cdiv(N, block_n)) if cuda else triton.cdiv(64, block_r)
+    return block_r, block_r * steps, block_n
+
+
+def gelu_bwd(dh: torch.Tensor, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, h, db): da = gelu'(a) ⊙ dh and h = gelu(a), both (M, H) in a's dtype, and db = Σ_rows da in
+    fp32 (summed before da is rounded), for 2-D (M, H) ``dh`` and ``a`` of any strides.
+
+    One pass where torch takes three: ``aten.gelu_backward`` (dh, a → da), ``F.gelu`` again for the h
+    that dW2 = dyᵀh needs (the forward keeps only a), and ``da.sum(0)`` (a column reduction that reads
+    da once more) for db1. Bytes moved per element: 4 × 2 instead of 7 × 2 (bf16). The row loop leaves
+    one fp32 row of partial sums per program; at DiT-B/2 batch 128 (M = 32768, H = 3072) that is
+    1024 × 12 programs of 4 steps of 8 × 256 (``steps_per_program``), partial sums 6 % of da's bytes.
+    Not yet measured on a GPU against the three torch kernels (benchmarks/bench_dual_ops.py times both).
+    """
+    check_tensors("gelu_bwd", {"dh": dh, "a": a})
+    if a.dim() != 2:
+        raise ValueError(f"gelu_bwd: a must be 2-D (rows, hidden), got shape {tuple(a.shape)}")
+    check_shape("gelu_bwd", "dh", dh, a.shape, "the gradient of h = gelu(a) has a's shape")
+    M, N = a.shape
+    da = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    h = torch.empty_like(da)
+    block_r, rows_per_prog, block_n = _gelu_bwd_launch(M, N, a.is_cuda)
+    n_col = triton.cdiv(N, block_n)
+    P = triton.cdiv(M, rows_per_prog)
+    db_part = torch.empty(P, N, dtype=torch.float32, device=a.device)
+    if M > 0 and N > 0:
+        _gelu_bwd_kernel[(P, n_col)](
+            dh, a, da, h, db_part, M, N, dh.stride(0), dh.stride(1), a.stride(0), a.stride(1),
+            ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_N=block_n,
+            num_warps=8 if block_r * block_n >= 2048 else 4)
+    return da, h, db_part.sum(0)
+
+
+@torch.library.custom_op("meanflow_fast::gelu_bwd", mutates_args=())
+def gelu_bwd_op(dh: torch.Tensor, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gelu_bwd(dh, a)
+
+
+@gelu_bwd_op.register_fake
+def _(dh, a):
+    return a.new_empty(a.shape), a.new_empty(a.shape), a.new_empty(a.shape[1:], dtype=torch.float32)
+
+
 def _check_mlp(op: str, x, w1, b1, w2, b2, x_dot) -> None:
     """Validate a call of ``op`` (``mlp`` with ``x_dot=None``, ``mlp_jvp`` with it)."""
     check_tensors(op, {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "x_dot": x_dot})
@@ -108,8 +199,9 @@ def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre: bool = False):
 # ---------------------------------------------------------------------------------------------
 def _mlp_backward(ctx, dy):
     """(dx, dW1, db1, dW2, db2) from the saved (x, a, W1, W2): the plain MLP backward, five GEMMs
-    (torch/cuBLAS, at the roofline; nothing of the tangent stream to fuse in) and one elementwise GELU
-    backward (aten.gelu_backward, one fused pass). h = gelu(a) is recomputed for dW2."""
+    (torch/cuBLAS, at the roofline; nothing of the tangent stream to fuse in) and one Triton pass
+    (``gelu_bwd``) that gives da = gelu'(a) ⊙ dh, the h = gelu(a) that dW2 needs (recomputed: the forward
+    keeps a alone) and db1. When only dW2 is asked for, h is recomputed by F.gelu."""
     if dy is None:  # y took no part in the loss (gradients are not materialised as zeros)
         return None, None, None, None, None
     x, a, w1, w2 = ctx.saved_tensors
@@ -117,18 +209,19 @@ def _mlp_backward(ctx, dy):
     need = ctx.needs_input_grad
     dy2, a2 = rows(dy, w2.shape[0]), rows(a, hidden)
     dx = dw1 = db1 = dw2 = db2 = None
-    if need[3]:
-        dw2 = dy2.t() @ F.gelu(a2, approximate="tanh")
-    if ctx.has_b2 and need[4]:
-        db2 = dy2.sum(0)
+    h = None
     if need[0] or need[1] or need[2]:
-        da = torch.ops.aten.gelu_backward(dy2 @ w2, a2, approximate="tanh")
+        da, h, db1_f32 = gelu_bwd_op(dy2 @ w2, a2)
         if need[0]:
             dx = (da @ w1).reshape(x.shape)
         if need[1]:
             dw1 = da.t() @ rows(x, dim)
         if ctx.has_b1 and need[2]:
-            db1 = da.sum(0)
+            db1 = db1_f32.to(a.dtype)
+    if need[3]:
+        dw2 = dy2.t() @ (F.gelu(a2, approximate="tanh") if h is None else h)
+    if ctx.has_b2 and need[4]:
+        db2 = dy2.sum(0)
     return dx, dw1, db1, dw2, db2
 
 

@@ -18,7 +18,7 @@ import torch
 from kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref
 from kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref
 from kernels.linear import dual_linear_fwd, linear_jvp, linear_jvp_ref, linear_ref
-from kernels.mlp import mlp_jvp, mlp_jvp_ref, mlp_ref
+from kernels.mlp import gelu_bwd, gelu_tanh_grad, mlp_jvp, mlp_jvp_ref, mlp_ref
 from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -246,6 +246,37 @@ def test_backward_token_loop(name, steps, monkeypatch):
         assert_within_torch(f"grad {i}", a, t, e, 2, FLOOR[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(150, 100), (37, 1030), (1, 300)])
+def test_gelu_bwd(dtype, shape):
+    """The MLP backward's fused pass (da = gelu'(a) ⊙ dh, h = gelu(a), db = Σ_rows da) against fp64, each
+    within 2× the error of torch's three kernels at the same precision. Shapes: 150 rows = 3 programs
+    of 4 row steps with a masked tail (the interpreter's 64-row programs); 1030 features = two column
+    blocks, the second 6 wide; one row of 300. dh is a column slice, a a column-major view (read in place)."""
+    from kernels.mlp import gelu_tanh
+    M, N = shape
+    dh = _strided(_rand(M, N, dtype=dtype), "slice")
+    a = _strided(_rand(M, N, dtype=dtype, scale=2.0), "transpose")
+    da, h, db = gelu_bwd(dh, a)
+    assert da.dtype == h.dtype == dtype and db.dtype == torch.float32 and da.is_contiguous() and h.is_contiguous()
+    a64, dh64 = a.double(), dh.double()
+    da64 = gelu_tanh_grad(a64) * dh64
+    da_t = torch.ops.aten.gelu_backward(dh, a, approximate="tanh")
+    for what, got, own, exact in (("da", da, da_t, da64), ("h", h, gelu_tanh(a), gelu_tanh(a64)),
+                                  ("db", db, da_t.sum(0), da64.sum(0))):
+        assert_within_torch(f"{what} ({dtype}, {shape})", got, own, exact, _factor(dtype), FLOOR[dtype])
+
+
+def test_gelu_bwd_rejects_bad_input():
+    a = torch.randn(4, 6, device=DEVICE)
+    with pytest.raises(ValueError, match=r"gelu_bwd: dh must have shape \(4, 6\)"):
+        gelu_bwd(torch.randn(4, 5, device=DEVICE), a)
+    with pytest.raises(ValueError, match="gelu_bwd: a must be 2-D"):
+        gelu_bwd(a[None], a[None])
+    with pytest.raises(ValueError, match="gelu_bwd: a has dtype torch.float32 but dh has torch.float16"):
+        gelu_bwd(a.half(), a)
+
+
 def test_backward_launch_shapes():
     """The CUDA launch shapes of the row backwards, worked by hand from the rules in their launchers."""
     from kernels.layernorm_modulate import _bwd_launch
@@ -253,6 +284,11 @@ def test_backward_launch_shapes():
     assert _bwd_launch(64, 256, 2048, True) == (2, 8)      # DiT-XL/2 batch 64 (D 1152): 4 tiles of 2 rows
     assert _bwd_launch(1024, 256, 1024, True) == (4, 16)   # 65536 tiles: 4 per program
     assert _bwd_launch(2, 7, 64, False) == (32, 32)        # the interpreter: one 32-row tile
+    from kernels.mlp import _gelu_bwd_launch
+    assert _gelu_bwd_launch(32768, 3072, True) == (8, 32, 256)  # B/2 batch 128: 4096 × 12 tiles, 4 per program
+    assert _gelu_bwd_launch(16384, 4608, True) == (8, 32, 256)  # XL/2 batch 64: 2048 × 18 tiles, 4 per program
+    assert _gelu_bwd_launch(100, 96, True) == (16, 16, 128)     # small: one step per program
+    assert _gelu_bwd_launch(150, 100, False) == (16, 64, 128)   # the interpreter: 64-row programs
 
 
 def test_steps_per_program():
