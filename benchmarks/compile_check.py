@@ -82,7 +82,7 @@ import kernels.attention as attention_mod  # noqa: E402
 import kernels.gated_residual as gated_mod  # noqa: E402
 import kernels.layernorm_modulate as ln_mod  # noqa: E402
 import kernels.linear as linear_mod  # noqa: E402
-import kernels.mlp as mlp_mod  # noqa: E402,F401  (no kernel of its own: fc1/fc2 are dual_linear launches)
+import kernels.mlp as mlp_mod  # noqa: E402  (fc1/fc2 are dual_linear launches; its own kernel: gelu_bwd)
 
 KERNEL_MODULES = (attention_mod, linear_mod, mlp_mod, ln_mod, gated_mod)
 
@@ -231,6 +231,10 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
                 x, f = _cuda(BATCH, TOKENS, hidden, dtype=dt), _cuda(BATCH, TOKENS, hidden, dtype=dt)
                 gated_mod.gated_residual_fwd(x, _cuda(BATCH, 6 * hidden, dtype=dt).chunk(6, dim=1)[2], f)
 
+            def gelu_bwd(dt=dt, hidden=hidden):  # the MLP backward's GELU pass over (B·N, 4·D)
+                mlp_mod.gelu_bwd(_cuda(BATCH * TOKENS, 4 * hidden, dtype=dt), _cuda(BATCH * TOKENS, 4 * hidden, dtype=dt))
+
+            out.append(Scenario("mlp gelu_bwd", f"{dt_name} hidden={4 * hidden}", gelu_bwd))
             out.append(Scenario("ln_modulate fwd+bwd", f"{dt_name} D={hidden}", ln))
             out.append(Scenario("gated_residual fwd+bwd", f"{dt_name} D={hidden}", gated))
             out.append(Scenario("ln_modulate fwd", f"{dt_name} D={hidden} primal", ln_primal))
