@@ -43,11 +43,14 @@ def test_model_jvp(benchmark, preset, batch, provider):
 
 
 @pytest.mark.parametrize("preset,batch", CASES)
-@pytest.mark.parametrize("provider", ["fm_eager", "fm_compiled", "meanflow_triton", "meanflow_torch"])
+@pytest.mark.parametrize("provider", ["fm_eager", "fm_compiled", "meanflow_triton", "meanflow_tritoncompiled",
+                                      "meanflow_torch"])
 def test_train_step(benchmark, preset, batch, provider):
+    """Flow matching (torch ops) eager and compiled; MeanFlow on the fused kernels eager, and compiled
+    (inductor around the custom ops), and on the explicit torch rules."""
     kind, mode = provider.split("_")
-    model = build_model(preset, dtype=torch.float32, backend="triton" if mode == "triton" else "torch")
-    fn = train_step_fn(model, batch, meanflow=(kind == "meanflow"), compiled=(mode == "compiled"))
+    model = build_model(preset, dtype=torch.float32, backend="triton" if mode.startswith("triton") else "torch")
+    fn = train_step_fn(model, batch, meanflow=(kind == "meanflow"), compiled=mode.endswith("compiled"))
     benchmark.group = f"train step {preset} b{batch}"
     _run(benchmark, fn, rounds=5)
 

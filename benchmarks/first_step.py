@@ -1,11 +1,11 @@
 """Seconds from a cold start to the first MeanFlow training step on the fused path (issue 5: at most
 60 s of compilation and autotuning before the first step), then the steady-state step time.
 
-    PYTHONPATH=. python -m benchmarks.first_step [--preset B/2 --batch 128]
+    PYTHONPATH=. python -m benchmarks.first_step [--preset B/2 --batch 128] [--precompile] [--compile-step]
 
 Run it in a fresh process: it points Triton at an empty cache directory (TRITON_CACHE_DIR, set before
 triton is imported), so every kernel is compiled and autotuned inside the timed first step, as on a
-new machine. ``--device cpu`` is a dry run of the script (TRITON_INTERPRET=1, tiny preset).
+new machine (and inductor at an empty cache too, for ``--compile-step``). ``--device cpu`` is a dry run of the script (TRITON_INTERPRET=1, tiny preset).
 """
 import argparse
 import os
@@ -22,11 +22,15 @@ def main(argv=None) -> int:
     p.add_argument("--keep-cache", action="store_true", help="use Triton's usual cache (a warm start)")
     p.add_argument("--precompile", action="store_true",
                    help="compile every kernel variant of the step in parallel first (kernels/precompile.py)")
+    p.add_argument("--compile-step", action="store_true",
+                   help="time the torch.compile'd step (inductor's compile of the whole step counts in the "
+                        "first step; its cache is emptied too unless --keep-cache)")
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch must be ≥ 1, got {args.batch}")
     if not args.keep_cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
 
     t_import = time.perf_counter()
     import torch
@@ -35,7 +39,7 @@ def main(argv=None) -> int:
     if not common.select_device(args.device, "benchmarks/first_step.py"):
         return 2
     model = common.build_model(args.preset, dtype=torch.float32, backend="triton")
-    step = common.train_step_fn(model, args.batch, meanflow=True)
+    step = common.train_step_fn(model, args.batch, meanflow=True, compiled=args.compile_step)
     setup_s = time.perf_counter() - t_import
     pre = None
     if args.precompile:
@@ -45,11 +49,13 @@ def main(argv=None) -> int:
     steady_ms = common.cuda_time_ms(step, warmup=1, iters=5)
     cache = "warm (Triton's cache)" if args.keep_cache else f"cold ({os.environ['TRITON_CACHE_DIR']})"
     precision = "fp32 master weights + bf16 autocast" if args.device == "cuda" else "fp32 (CPU dry run)"
-    print(f"MeanFlow step, {args.preset} batch {args.batch}, {precision}, backend triton, {cache}:")
+    mode = "torch.compile'd step" if args.compile_step else "eager step"
+    print(f"MeanFlow step, {args.preset} batch {args.batch}, {precision}, backend triton, {mode}, {cache}:")
     print(f"  imports + model build   {setup_s:7.1f} s")
     if pre is not None:
         print(f"  precompile              {pre.seconds:7.1f} s   ({pre})")
-    print(f"  first step              {first_s:7.1f} s   (compilation + autotuning + one step)")
+    print(f"  first step              {first_s:7.1f} s   (compilation + autotuning + one step"
+          f"{'; inductor included' if args.compile_step else ''})")
     print(f"  steady step             {steady_ms:7.1f} ms")
     return 0
 

@@ -2,10 +2,12 @@
 # The one prepared GPU check (H100/H200). Run on the device machine from the repo root:
 #   bash benchmarks/gpu_check.sh            # GPU tests, then the B/2 ratio table (~8-9 min, cold caches)
 #   bash benchmarks/gpu_check.sh tests      # only the GPU tests (pytest -m gpu)
-#   bash benchmarks/gpu_check.sh bench      # only the ratio table; CASES="XL/2:64" picks other cases
+#   bash benchmarks/gpu_check.sh bench      # only the ratio table; CASES="XL/2:64" picks other cases;
+#                                           # REPORT_ARGS=--no-compiled-step skips the compiled MF step row
 #   bash benchmarks/gpu_check.sh sampler    # only the sampler table (batch 1 and 256, graph/eager/compiled)
 #   bash benchmarks/gpu_check.sh firststep  # cold-cache seconds to the first MeanFlow step, with and without
-#                                           # kernels/precompile.py (B/2 b128; CASES_FIRST="XL/2:64" for XL/2)
+#                                           # kernels/precompile.py (B/2 b128; CASES_FIRST="XL/2:64" for XL/2;
+#                                           # FIRST_MODES="--precompile,--compile-step" for the compiled step)
 #   bash benchmarks/gpu_check.sh backward   # each op's primal backward: ours vs torch eager / compiled
 #   bash benchmarks/gpu_check.sh sweep      # every attention config alone: faults, errors, time (D 64/72/80)
 #   bash benchmarks/gpu_check.sh ops        # per-op TFLOP/s or GB/s (benchmarks/bench_dual_ops.py, eager;
@@ -60,7 +62,7 @@ phase_tests() {
 phase_bench() {
     echo "== ratio table: $CASES =="
     # shellcheck disable=SC2086
-    timeout "$(lim 240)" "$PY" -m benchmarks.report --quick --sampler no --cases $CASES \
+    timeout "$(lim 320)" "$PY" -m benchmarks.report --quick --sampler no --cases $CASES ${REPORT_ARGS:-} \
         --out "$OUT/benchmark_results.json" 2>&1 | grep -v '^W[0-9]' | tee "$OUT/report.log"
 }
 
@@ -70,6 +72,7 @@ phase_firststep() {
     for c in ${CASES_FIRST:-"B/2:128"}; do
         for pre in ${FIRST_MODES:-plain --precompile}; do
             [[ $pre == plain ]] && pre=""
+            pre=${pre//,/ }  # one mode of several flags: "--precompile,--compile-step"
             timeout "$(lim 200)" "$PY" -m benchmarks.first_step --preset "${c%%:*}" --batch "${c##*:}" $pre 2>&1 \
                 | grep -v '^W[0-9]' | tee -a "$OUT/first_step.log"
         done
