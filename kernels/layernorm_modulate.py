@@ -50,6 +50,28 @@ def ln_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot,
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
+# Row helpers, shared with kernels/gated_residual_ln.py. Rows are (BLOCK_R, BLOCK_D) fp32 tiles whose
+# columns past D are masked out.
+@triton.jit
+def _ln_rows(x, mask, D, eps):
+    """(μ, 1/σ, y = (x − μ)/σ) of each row of x; y is 0 outside ``mask``. Two-pass variance on the
+    registers (no cancellation)."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    return mean, rstd, xc * rstd[:, None]
+
+
+@triton.jit
+def _ln_project(v, y, rstd, D):
+    """(v − mean(v) − y·mean(y ⊙ v))/σ per row: the LayerNorm Jacobian applied to v. It is symmetric,
+    so the same map gives the tangent (v = ẋ → ẏ) and the backward (v = dy → dx). v must be 0 outside
+    the row (masked loads with other=0), as y is."""
+    v_mean = tl.sum(v, axis=1) / D
+    yv_mean = tl.sum(y * v, axis=1) / D
+    return (v - v_mean[:, None] - y * yv_mean[:, None]) * rstd[:, None]
+
+
 @triton.jit
 def _ln_modulate_fwd_kernel(
     X,              # (M, D) primal rows (M = B·N), any strides
@@ -85,10 +107,7 @@ def _ln_modulate_fwd_kernel(
 
     # Statistics in fp32 (two-pass variance on the registers: no cancellation).
     x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    y = xc * rstd[:, None]                                          # 0 outside the row
+    mean, rstd, y = _ln_rows(x, mask, D, eps)                       # y: 0 outside the row
 
     # Modulation of each row's batch element (B·D values, served from L2 to the N rows that share them).
     b = row // N_TOK
@@ -101,9 +120,7 @@ def _ln_modulate_fwd_kernel(
     if HAS_TANGENT:
         # ẏ = (ẋ − mean ẋ − y·mean(y ⊙ ẋ))·rstd   (DESIGN.md §2)
         xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
-        xd_mean = tl.sum(xd, axis=1) / D
-        yxd_mean = tl.sum(y * xd, axis=1) / D
-        yd = (xd - xd_mean[:, None] - y * yxd_mean[:, None]) * rstd[:, None]
+        yd = _ln_project(xd, y, rstd, D)
         shd = tl.load(SHIFT_D + b[:, None] * stride_shdb + col[None, :] * stride_shdd,
                       mask=mask, other=0.0).to(tl.float32)
         scd = tl.load(SCALE_D + b[:, None] * stride_scdb + col[None, :] * stride_scdd,
@@ -157,10 +174,7 @@ def _ln_modulate_bwd_kernel(
         acc_dshift += tl.sum(dm, axis=0)
         acc_dscale += tl.sum(dm * y, axis=0)
         # LayerNorm backward: dx = (dy − mean(dy) − y·mean(dy ⊙ y))·rstd, dy = dm·(1 + scale)
-        dy = dm * sc1[None, :]
-        dy_mean = tl.sum(dy, axis=1) / D
-        dyy_mean = tl.sum(dy * y, axis=1) / D
-        dx = (dy - dy_mean[:, None] - y * dyy_mean[:, None]) * rstd[:, None]
+        dx = _ln_project(dm * sc1[None, :], y, rstd, D)
         tl.store(DX + row[:, None] * D + col[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     part = (b * P + p) * D + col
     tl.store(DSHIFT_PART + part, acc_dshift, mask=c_mask)
