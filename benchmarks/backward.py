@@ -7,7 +7,8 @@ For each op, the forward runs once with inputs that require grad, then only the 
 (``torch.autograd.grad(y, inputs, dy, retain_graph=True)``):
 
     ours             the backward training runs: of the dual-stream Function (``<op>_jvp``), which is
-                     Triton for LN-modulate, the gated residual and attention (FA2), and cuBLAS GEMMs +
+                     Triton for LN-modulate, the gated residual, the two fused (gated_resid_ln) and
+                     attention (FA2), and cuBLAS GEMMs +
                      one Triton pass (``kernels.mlp.gelu_bwd``: da, the recomputed h, db1) for the MLP
     torch            autograd through the pure-torch ``<op>_ref`` (attention: flash SDPA), eager
     torch compiled   the same under torch.compile (its generated backward)
@@ -31,6 +32,7 @@ def _ops(S, device, dtype):
     """(name, our forward, torch forward, inputs) per op; each forward maps the inputs to one output."""
     from kernels.attention import attention_jvp, attention_ref
     from kernels.gated_residual import gated_residual_jvp, gated_residual_ref
+    from kernels.gated_residual_ln import gated_residual_ln_jvp, gated_residual_ln_ref
     from kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_ref
     from kernels.mlp import mlp_jvp, mlp_ref
     B, N, D, H, HID = S["B"], S["N"], S["D"], S["H"], S["HIDDEN"]
@@ -52,6 +54,10 @@ def _ops(S, device, dtype):
         ("ln_modulate", lambda *a: ln_modulate_jvp(*a, *map(tangent, a), 1e-6)[0],
          lambda *a: ln_modulate_ref(*a, 1e-6), (x, sh, sc)),
         ("gated_residual", lambda *a: gated_residual_jvp(*a, *map(tangent, a))[0], gated_residual_ref, (x, g, f)),
+        # the fused residual + next LN: y and m both take part (the sum), as in the DiT, where y feeds the
+        # next residual and m the attention or MLP
+        ("gated_resid_ln", lambda *a: sum(gated_residual_ln_jvp(*a, *map(tangent, a), 1e-6)[::2]),
+         lambda *a: sum(gated_residual_ln_ref(*a, 1e-6)), (x, g, f, sh, sc)),
         ("mlp", lambda *a: mlp_jvp(*a, tangent(a[0]))[0], mlp_ref, (x, w1, b1, w2, b2)),
         ("attention", lambda *a: attention_jvp(*a, *map(tangent, a))[0], sdpa, (q, k, v)),
     ]

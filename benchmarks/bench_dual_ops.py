@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (benchmarks time GPU kernels)", allow_module_level=True)
 
 from kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref  # noqa: E402
+import kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
 from kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref  # noqa: E402
 from kernels.linear import dual_linear_fwd  # noqa: E402
 from kernels.mlp import gelu_bwd, mlp_jvp, mlp_jvp_ref, mlp_ref  # noqa: E402
@@ -223,3 +224,19 @@ def test_gelu_bwd(benchmark, provider):
     fn = {"triton": gelu_bwd, "torch": _gelu_bwd_torch, "torch_compiled": _gelu_bwd_torch}[provider]
     # compulsory traffic: read dh and a, write da and h (the db partial sums are ~6 % more for ours)
     _run(benchmark, lambda: fn(dh, a), provider == "torch_compiled", 4 * M * HIDDEN * ELEM, "GB/s", baseline)
+
+
+# =================================================================================================
+#   Gated residual fused with the next LN-modulate vs the two kernels apart (gated_residual_ln.FUSE)
+# =================================================================================================
+@pytest.mark.parametrize("provider", ["fused", "apart", "jvp_ref"])
+def test_gated_residual_ln_fwd_tangent(benchmark, provider, gated_inputs, monkeypatch):
+    x, gate, f, xd, gate_d, fd = gated_inputs
+    mod, mod_d = _rand(B, 6 * D, grad=True).chunk(6, dim=1), _rand(B, 6 * D).chunk(6, dim=1)
+    args = (x, gate, f, mod[3], mod[4], xd, gate_d, fd, mod_d[3], mod_d[4], 1e-6)
+    monkeypatch.setattr(gated_ln_mod, "FUSE", provider == "fused")
+    fn = gated_ln_mod.gated_residual_ln_jvp_ref if provider == "jvp_ref" else gated_ln_mod.gated_residual_ln_jvp
+    baseline = _time_ms(lambda: gated_ln_mod.gated_residual_ln_ref(*args[:5]))
+    benchmark.group = "gated_residual + ln_modulate fwd+tangent, DiT-B/2 b128 bf16"
+    # compulsory traffic: read x, f, ẋ, ḟ; write y, ẏ, m, ṁ (the apart kernels also re-read y and ẏ)
+    _run(benchmark, lambda: fn(*args), False, 8 * M * D * ELEM + 2 * M * 4, "GB/s", baseline)

@@ -80,11 +80,12 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.attention as attention_mod  # noqa: E402
 import kernels.gated_residual as gated_mod  # noqa: E402
+import kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
 import kernels.layernorm_modulate as ln_mod  # noqa: E402
 import kernels.linear as linear_mod  # noqa: E402
 import kernels.mlp as mlp_mod  # noqa: E402  (fc1/fc2 are dual_linear launches; its own kernel: gelu_bwd)
 
-KERNEL_MODULES = (attention_mod, linear_mod, mlp_mod, ln_mod, gated_mod)
+KERNEL_MODULES = (attention_mod, linear_mod, mlp_mod, ln_mod, gated_mod, gated_ln_mod)
 
 # Per-target limits (CUDA programming guide, compute capability tables).
 LIMITS = {
@@ -235,6 +236,17 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
                 mlp_mod.gelu_bwd(_cuda(BATCH * TOKENS, 4 * hidden, dtype=dt), _cuda(BATCH * TOKENS, 4 * hidden, dtype=dt))
 
             out.append(Scenario("mlp gelu_bwd", f"{dt_name} hidden={4 * hidden}", gelu_bwd))
+
+            def gated_ln(dt=dt, hidden=hidden):  # the fused residual + next LN, forward with tangent and backward
+                x, f, xd, fd = (_cuda(BATCH, TOKENS, hidden, dtype=dt) for _ in range(4))
+                mods = _cuda(BATCH, 6 * hidden, dtype=dt).chunk(6, dim=1)
+                mods_d = _cuda(BATCH, 6 * hidden, dtype=dt).chunk(6, dim=1)
+                y, _, m, _, mean, rstd = gated_ln_mod.gated_residual_ln_fwd(x, mods[2], f, mods[3], mods[4], xd,
+                                                                            mods_d[2], fd, mods_d[3], mods_d[4])
+                gated_ln_mod.gated_residual_ln_bwd(torch.empty_like(m), torch.empty_like(y), y, f, mods[2], mods[4],
+                                                   mean, rstd)
+
+            out.append(Scenario("gated_residual_ln fwd+bwd", f"{dt_name} D={hidden}", gated_ln))
             out.append(Scenario("ln_modulate fwd+bwd", f"{dt_name} D={hidden}", ln))
             out.append(Scenario("gated_residual fwd+bwd", f"{dt_name} D={hidden}", gated))
             out.append(Scenario("ln_modulate fwd", f"{dt_name} D={hidden} primal", ln_primal))

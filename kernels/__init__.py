@@ -10,12 +10,14 @@ The ``*_jvp`` functions share one contract::
     y, y_dot = op_jvp(primals..., tangents...)
 
 ``y`` is differentiable with respect to the primal inputs and parameters; ``y_dot`` carries no
-autograd graph (MeanFlow puts du/dt inside a stop-gradient, so backward never needs the tangent
+autograd graph (``gated_residual_ln_jvp``, the gated residual fused with the next LayerNorm-modulate,
+returns two such pairs: ``y, y_dot, m, m_dot``) (MeanFlow puts du/dt inside a stop-gradient, so backward never needs the tangent
 stream and nothing of it is kept alive).
 """
 from .attention import attention_ref, attention_jvp_ref, attention_jvp_qkv_ref, split_qkv
 from .layernorm_modulate import ln_modulate_ref, ln_modulate_jvp_ref
 from .gated_residual import gated_residual_ref, gated_residual_jvp_ref
+from .gated_residual_ln import gated_residual_ln_ref, gated_residual_ln_jvp_ref
 from .linear import linear_ref, linear_jvp_ref
 from .mlp import gelu_tanh, gelu_tanh_grad, mlp_ref, mlp_jvp_ref
 
@@ -23,6 +25,7 @@ __all__ = [
     "attention_ref", "attention_jvp_ref", "attention_jvp_qkv_ref", "split_qkv",
     "ln_modulate_ref", "ln_modulate_jvp_ref",
     "gated_residual_ref", "gated_residual_jvp_ref",
+    "gated_residual_ln_ref", "gated_residual_ln_jvp_ref",
     "linear_ref", "linear_jvp_ref",
     "gelu_tanh", "gelu_tanh_grad", "mlp_ref", "mlp_jvp_ref",
 ]

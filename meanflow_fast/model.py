@@ -10,6 +10,10 @@ dr = 0, dt = 1) op by op with the explicit rules of DESIGN.md §2; both through 
 ``meanflow_fast.ops`` (``PrimalOps`` / ``DualOps``). With ``backend="triton"`` the plain forward runs
 the fused LayerNorm-modulate, gated-residual and fc1 + GELU kernels, with the plain linears and fc2 on
 cuBLAS and attention on torch's SDPA; the conditioning (embedders, adaLN) stays in torch either way.
+``forward_jvp`` runs each gated residual fused with the LayerNorm-modulate that follows it
+(``DualOps.gated_residual_ln``: the block's second, the next block's first, the final layer's), so
+the blocks are chained through ``DiTBlock.forward_jvp_after_ln``; ``DiTBlock.forward_jvp`` is one block
+on its own.
 """
 import math
 from dataclasses import asdict, dataclass, replace
@@ -203,16 +207,46 @@ class DiTBlock(nn.Module):
         x = ops.gated_residual(x, g1, self.attn(ops.ln_modulate(x, sh1, sc1, self.eps), ops))
         return ops.gated_residual(x, g2, self.mlp(ops.ln_modulate(x, sh2, sc2, self.eps), ops))
 
-    def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
+    def modulation_jvp(self, c, c_dot):
+        """The six (B, D) adaLN chunks (sh1, sc1, g1, sh2, sc2, g2) and their tangents."""
         mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], c, c_dot)
-        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)
-        dsh1, dsc1, dg1, dsh2, dsc2, dg2 = mod_dot.chunk(6, dim=1)
-        h, h_dot = ops.ln_modulate(x, sh1, sc1, x_dot, dsh1, dsc1, self.eps)
+        return mod.chunk(6, dim=1), mod_dot.chunk(6, dim=1)
+
+    def first_ln(self, mod) -> "LnModulation":
+        """This block's first LayerNorm-modulate, as the previous layer's ``next_ln``."""
+        (sh1, sc1, *_), (dsh1, dsc1, *_) = mod
+        return LnModulation(sh1, sc1, dsh1, dsc1, self.eps)
+
+    def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
+        """The block on its own: (x, ẋ) → (x', ẋ')."""
+        mod = self.modulation_jvp(c, c_dot)
+        ln = self.first_ln(mod)
+        h, h_dot = ops.ln_modulate(x, ln.shift, ln.scale, x_dot, ln.shift_dot, ln.scale_dot, ln.eps)
+        return self.forward_jvp_after_ln(x, x_dot, h, h_dot, mod, ops)[:2]
+
+    def forward_jvp_after_ln(self, x, x_dot, h, h_dot, mod, ops: DualOps, next_ln: Optional["LnModulation"] = None):
+        """The block from its first LayerNorm-modulate's output h = LN(x)·(1 + sc1) + sh1 on, with each
+        gated residual fused with the LayerNorm-modulate that follows it (``ops.gated_residual_ln``): the
+        block's second one, and ``next_ln`` (the next block's first, or the final layer's) when given.
+        Returns (x', ẋ', h', ḣ'), h' = next_ln applied to x' (None, None without ``next_ln``)."""
+        (_, _, g1, sh2, sc2, g2), (_, _, dg1, dsh2, dsc2, dg2) = mod
         f, f_dot = self.attn.forward_jvp(h, h_dot, ops)
-        x, x_dot = ops.gated_residual(x, g1, f, x_dot, dg1, f_dot)
-        h, h_dot = ops.ln_modulate(x, sh2, sc2, x_dot, dsh2, dsc2, self.eps)
+        x, x_dot, h, h_dot = ops.gated_residual_ln(x, g1, f, sh2, sc2, x_dot, dg1, f_dot, dsh2, dsc2, self.eps)
         f, f_dot = self.mlp.forward_jvp(h, h_dot, ops)
-        return ops.gated_residual(x, g2, f, x_dot, dg2, f_dot)
+        if next_ln is None:
+            return (*ops.gated_residual(x, g2, f, x_dot, dg2, f_dot), None, None)
+        n = next_ln
+        return ops.gated_residual_ln(x, g2, f, n.shift, n.scale, x_dot, dg2, f_dot, n.shift_dot, n.scale_dot, n.eps)
+
+
+@dataclass
+class LnModulation:
+    """The (B, D) shift and scale of one LayerNorm-modulate, their tangents and its epsilon."""
+    shift: torch.Tensor
+    scale: torch.Tensor
+    shift_dot: torch.Tensor
+    scale_dot: torch.Tensor
+    eps: float
 
 
 def _adaln_jvp(linear: nn.Linear, c: torch.Tensor, c_dot: torch.Tensor):
@@ -233,11 +267,19 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return ops.linear(ops.ln_modulate(x, shift, scale, self.eps), self.linear.weight, self.linear.bias)
 
-    def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
+    def ln_jvp(self, c, c_dot) -> LnModulation:
+        """The final LayerNorm-modulate's shift and scale (and tangents), from the adaLN of c."""
         mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], c, c_dot)
-        shift, scale = mod.chunk(2, dim=1)
-        dshift, dscale = mod_dot.chunk(2, dim=1)
-        h, h_dot = ops.ln_modulate(x, shift, scale, x_dot, dshift, dscale, self.eps)
+        (shift, scale), (dshift, dscale) = mod.chunk(2, dim=1), mod_dot.chunk(2, dim=1)
+        return LnModulation(shift, scale, dshift, dscale, self.eps)
+
+    def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
+        ln = self.ln_jvp(c, c_dot)
+        h, h_dot = ops.ln_modulate(x, ln.shift, ln.scale, x_dot, ln.shift_dot, ln.scale_dot, ln.eps)
+        return self.head_jvp(h, h_dot, ops)
+
+    def head_jvp(self, h, h_dot, ops: DualOps):
+        """The output linear on the LayerNorm-modulated h."""
         return ops.linear(h, self.linear.weight, self.linear.bias, h_dot)
 
 
@@ -359,10 +401,17 @@ class MeanFlowDiT(nn.Module):
         x = self.patchify(z) + self.pos_embed.to(z.dtype)
         with torch.no_grad():
             x_dot = self.patchify(dz.to(z.dtype), bias=False)
-        for block in self.blocks:
-            x, x_dot = block.forward_jvp(x, x_dot, c, c_dot, ops)
-        x, x_dot = self.final_layer.forward_jvp(x, x_dot, c, c_dot, ops)
-        return self.unpatchify(x), self.unpatchify(x_dot)
+        # Every gated residual is fused with the LayerNorm-modulate that follows it (the next block's
+        # first, or the final layer's: ``ops.gated_residual_ln``), so each block's adaLN chunks are made
+        # first and each block gets the next one's. The first LayerNorm-modulate runs alone.
+        mods = [block.modulation_jvp(c, c_dot) for block in self.blocks]
+        lns = [block.first_ln(mod) for block, mod in zip(self.blocks, mods)] + [self.final_layer.ln_jvp(c, c_dot)]
+        ln = lns[0]
+        h, h_dot = ops.ln_modulate(x, ln.shift, ln.scale, x_dot, ln.shift_dot, ln.scale_dot, ln.eps)
+        for block, mod, next_ln in zip(self.blocks, mods, lns[1:]):
+            x, x_dot, h, h_dot = block.forward_jvp_after_ln(x, x_dot, h, h_dot, mod, ops, next_ln)
+        out, out_dot = self.final_layer.head_jvp(h, h_dot, ops)
+        return self.unpatchify(out), self.unpatchify(out_dot)
 
 
 # =================================================================================================

@@ -29,6 +29,8 @@ class DualOps:
                             # projection in, (B, H, N, D) out
     mlp: Callable           # (x, w1, b1, w2, b2, x_dot) -> (y, y_dot)
     gated_residual: Callable  # (x, gate, f, x_dot, gate_dot, f_dot) -> (y, y_dot)
+    gated_residual_ln: Callable  # (x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps)
+                                 # -> (y, y_dot, m, m_dot): gated_residual, then ln_modulate of its output
 
 
 _TORCH = DualOps(
@@ -37,6 +39,7 @@ _TORCH = DualOps(
     attention=kernels.attention_jvp_qkv_ref,
     mlp=kernels.mlp_jvp_ref,
     gated_residual=kernels.gated_residual_jvp_ref,
+    gated_residual_ln=kernels.gated_residual_ln_jvp_ref,
 )
 
 _CACHE: Dict[str, DualOps] = {"torch": _TORCH}
@@ -84,11 +87,12 @@ def _autocast_inputs(fn: Callable) -> Callable:
 def _triton_ops() -> DualOps:
     from kernels.attention import attention_jvp_qkv
     from kernels.gated_residual import gated_residual_jvp
+    from kernels.gated_residual_ln import gated_residual_ln_jvp
     from kernels.layernorm_modulate import ln_modulate_jvp
     from kernels.linear import linear_jvp
     from kernels.mlp import mlp_jvp
     return DualOps(*(_autocast_inputs(f) for f in (linear_jvp, ln_modulate_jvp, attention_jvp_qkv, mlp_jvp,
-                                                    gated_residual_jvp)))
+                                                    gated_residual_jvp, gated_residual_ln_jvp)))
 
 
 def _triton_primal_ops() -> PrimalOps:

@@ -32,11 +32,12 @@ def randomize_(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
 class OpLog(TorchDispatchMode):
     """Records the top-level ops run inside the ``with`` block by name (``aten.zeros``,
     ``meanflow_fast.attn_bwd_qkv``; a custom op counts as one op, its inside is not seen): ``ops`` all of
-    them in order, ``big`` the set of those that made an activation-sized (≥ 3-D) tensor."""
+    them in order, ``big`` the set of those that made an activation-sized (≥ 3-D) tensor and
+    ``big_calls`` how many times each of those ran."""
 
     def __init__(self):
         super().__init__()
-        self.ops, self.big = [], set()
+        self.ops, self.big, self.big_calls = [], set(), {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -45,4 +46,5 @@ class OpLog(TorchDispatchMode):
         outs = out if isinstance(out, (tuple, list)) else [out]
         if any(isinstance(o, torch.Tensor) and o.dim() >= 3 for o in outs):
             self.big.add(name)
+            self.big_calls[name] = self.big_calls.get(name, 0) + 1
         return out

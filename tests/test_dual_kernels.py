@@ -253,6 +253,16 @@ def test_gelu_bwd(dtype, shape):
     within 2× the error of torch's three kernels at the same precision. Shapes: 150 rows = 3 programs
     of 4 row steps with a masked tail (the interpreter's 64-row programs); 1030 features = two column
     blocks, the second 6 wide; one row of 300. dh is a column slice, a a column-major view (read in place)."""
+    _check_gelu_bwd(dtype, shape)
+
+
+@requires_cuda
+def test_gelu_bwd_bf16_dit_b2_on_gpu():
+    """bf16 at the DiT-B/2 MLP's hidden size (B 4 × N 256 rows, hidden 3072)."""
+    _check_gelu_bwd(torch.bfloat16, (1024, 3072))
+
+
+def _check_gelu_bwd(dtype, shape):
     from kernels.mlp import gelu_tanh
     M, N = shape
     dh = _strided(_rand(M, N, dtype=dtype), "slice")

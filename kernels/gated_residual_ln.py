@@ -1,0 +1,313 @@
+"""Gated residual followed by the next LayerNorm + adaLN modulate, fused, with both tangents:
+
+    y = x + g ⊙ f,                 ẏ = ẋ + ġ ⊙ f + g ⊙ ḟ                  (kernels/gated_residual.py)
+    m = LN(y)·(1 + scale) + shift,  ṁ = LN'(y)ẏ·(1 + scale) + LN(y)·scalė + shifṫ  (kernels/layernorm_modulate.py)
+
+x, f and their tangents: (B, N, D); g, shift, scale and their tangents: (B, D), broadcast over the N
+tokens. In a DiT every gated residual is followed by a LayerNorm-modulate: the second LN of the same
+block, the first LN of the next block, or the final layer's. Fused, the pair reads x, ẋ, f, ḟ once and
+writes y, ẏ, m, ṁ once: 8 activation-sized passes instead of 10 (the LN no longer re-reads y and ẏ).
+
+The backward gains more. y feeds two consumers, the next residual (gradient dy) and the LN (dm); apart,
+autograd runs the LN backward (read dm, y; write dx_LN), adds the two gradients (read 2, write 1) and
+runs the residual backward on the sum (read it and f; write df): 9 passes. Fused: read dm, dy, y, f;
+write dx = dy + LN'(y)ᵀ(dm·(1 + scale)) and df = g ⊙ dx: 6 passes, and no (M, D) temporary. The
+per-(batch, token block) partial sums of dshift, dscale and dg come out of the same pass.
+
+y is rounded to the input dtype before the LayerNorm reads it, and ẏ before its tangent is taken, so
+the fused op equals the two ops run one after the other (the reference composes the two references)
+and the backward sees the same y as the forward. ``FUSE = False`` runs exactly that composition of the
+two Triton ops instead (the same results, for an A/B on a GPU: benchmarks/bench_dual_ops.py).
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import next_pow2, rows, steps_per_program
+from .gated_residual import (_check_gated_residual, gated_residual_bwd_op, gated_residual_jvp, gated_residual_jvp_ref,
+                             gated_residual_ref)
+from .layernorm_modulate import (_check_ln_modulate, _ln_project, _ln_rows, _num_warps, _tile_rows, ln_modulate_jvp,
+                                 ln_modulate_jvp_ref, ln_modulate_ref)
+
+FUSE = True  # False: gated_residual_ln_jvp runs gated_residual_jvp then ln_modulate_jvp (two kernels each way)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (pure torch)
+# ---------------------------------------------------------------------------------------------
+def gated_residual_ln_ref(x, gate, f, shift, scale, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, m): y = x + g ⊙ f, m = LN(y)·(1 + scale) + shift."""
+    y = gated_residual_ref(x, gate, f)
+    return y, ln_modulate_ref(y, shift, scale, eps)
+
+
+def gated_residual_ln_jvp_ref(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
+                              eps: float = 1e-6):
+    """(y, ẏ, m, ṁ); y and m are differentiable, ẏ and ṁ carry no autograd graph."""
+    y, y_dot = gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot)
+    m, m_dot = ln_modulate_jvp_ref(y, shift, scale, y_dot, shift_dot, scale_dot, eps)
+    return y, y_dot, m, m_dot
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _gated_residual_ln_fwd_kernel(
+    X, G, F,                     # (M, D) residual rows, (B, D) gate, (M, D) branch output; any strides
+    XD, GD, FD,                  # their tangents, any strides
+    SHIFT, SCALE,                # (B, D) modulation of the LayerNorm, any strides
+    SHIFT_D, SCALE_D,            # their tangents
+    Y, YD,                       # (M, D) out: y = x + g ⊙ f and ẏ, contiguous
+    OUT, OUT_D,                  # (M, D) out: m and ṁ, contiguous
+    MEAN, RSTD,                  # (M,) out, fp32: the LayerNorm's μ and 1/σ of y (for the backward)
+    n_rows,                      # M = B·N
+    D,                           # features per row
+    N_TOK,                       # tokens per batch element: row r uses the (B, D) rows of batch r // N_TOK
+    eps,                         # LayerNorm epsilon
+    stride_xm, stride_xd, stride_gb, stride_gd, stride_fm, stride_fd,
+    stride_xdm, stride_xdd, stride_gdb, stride_gdd, stride_fdm, stride_fdd,
+    stride_shb, stride_shd, stride_scb, stride_scd,
+    stride_shdb, stride_shdd, stride_scdb, stride_scdd,
+    BLOCK_R: tl.constexpr,       # rows per program
+    BLOCK_D: tl.constexpr,       # next power of two ≥ D (a whole row per tile: the statistics need it)
+):
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    col = tl.arange(0, BLOCK_D).to(tl.int64)
+    r_mask = row < n_rows
+    mask = r_mask[:, None] & (col < D)[None, :]
+    b = row // N_TOK
+    out = row[:, None] * D + col[None, :]
+
+    # Gated residual (0 outside the row: every load is masked with other=0), rounded to the output dtype
+    # before the LayerNorm reads it, as when y goes through memory between two kernels.
+    x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + b[:, None] * stride_gb + col[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(F + row[:, None] * stride_fm + col[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)
+    y = (x + g * f).to(Y.dtype.element_ty)
+    tl.store(Y + out, y, mask=mask)
+    xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
+    gd = tl.load(GD + b[:, None] * stride_gdb + col[None, :] * stride_gdd, mask=mask, other=0.0).to(tl.float32)
+    fd = tl.load(FD + row[:, None] * stride_fdm + col[None, :] * stride_fdd, mask=mask, other=0.0).to(tl.float32)
+    yd = (xd + gd * f + g * fd).to(YD.dtype.element_ty)
+    tl.store(YD + out, yd, mask=mask)
+
+    # LayerNorm + modulate of y, and its tangent (kernels/layernorm_modulate.py, same helpers).
+    mean, rstd, yn = _ln_rows(y.to(tl.float32), mask, D, eps)
+    sh = tl.load(SHIFT + b[:, None] * stride_shb + col[None, :] * stride_shd, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(SCALE + b[:, None] * stride_scb + col[None, :] * stride_scd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + out, (yn * (1.0 + sc) + sh).to(OUT.dtype.element_ty), mask=mask)
+    ydn = _ln_project(yd.to(tl.float32), yn, rstd, D)
+    shd = tl.load(SHIFT_D + b[:, None] * stride_shdb + col[None, :] * stride_shdd, mask=mask, other=0.0).to(tl.float32)
+    scd = tl.load(SCALE_D + b[:, None] * stride_scdb + col[None, :] * stride_scdd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT_D + out, (ydn * (1.0 + sc) + yn * scd + shd).to(OUT_D.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean, mask=r_mask)
+    tl.store(RSTD + row, rstd, mask=r_mask)
+
+
+@triton.jit
+def _gated_residual_ln_bwd_kernel(
+    DM,             # (M, D) gradient of m, any strides
+    DY,             # (M, D) gradient of y from its other consumer, any strides (not read unless HAS_DY)
+    Y,              # (M, D) saved y, any strides
+    F,              # (M, D) saved branch output f, any strides
+    G,              # (B, D) gate, any strides
+    SCALE,          # (B, D) scale, any strides
+    MEAN, RSTD,     # (M,) fp32 saved statistics of y
+    DX,             # (M, D) out: the total gradient of y, which is dx; contiguous
+    DF,             # (M, D) out: g ⊙ dx, contiguous
+    DSHIFT_PART,    # (B, P, D) out, fp32: Σ dm over this program's tokens
+    DSCALE_PART,    # (B, P, D) out, fp32: Σ dm ⊙ LN(y)
+    DG_PART,        # (B, P, D) out, fp32: Σ dx ⊙ f
+    D,              # features per row
+    N_TOK,          # tokens per batch element
+    P,              # programs per batch element = cdiv(N_TOK, ROWS_PER_PROG)
+    stride_dmm, stride_dmd, stride_dym, stride_dyd, stride_ym, stride_yd, stride_fm, stride_fd,
+    stride_gb, stride_gd, stride_scb, stride_scd,
+    HAS_DY: tl.constexpr,          # False: y has no other consumer (the last block's), dy = 0
+    ROWS_PER_PROG: tl.constexpr,   # tokens per program (a multiple of BLOCK_R)
+    BLOCK_R: tl.constexpr,         # rows per step of the token loop
+    BLOCK_D: tl.constexpr,         # next power of two ≥ D
+):
+    # Grid (B, P): every program stays inside one batch element, so its partial sums belong to one
+    # (b, p) slot: a deterministic two-stage reduction, no atomics.
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    col = tl.arange(0, BLOCK_D).to(tl.int64)
+    c_mask = col < D
+    sc1 = 1.0 + tl.load(SCALE + b * stride_scb + col * stride_scd, mask=c_mask, other=0.0).to(tl.float32)
+    g = tl.load(G + b * stride_gb + col * stride_gd, mask=c_mask, other=0.0).to(tl.float32)
+    acc_dshift = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_dscale = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_dg = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        tok = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        r_mask = tok < N_TOK
+        row = b * N_TOK + tok
+        mask = r_mask[:, None] & c_mask[None, :]
+        y = tl.load(Y + row[:, None] * stride_ym + col[None, :] * stride_yd, mask=mask, other=0.0).to(tl.float32)
+        dm = tl.load(DM + row[:, None] * stride_dmm + col[None, :] * stride_dmd, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row, mask=r_mask, other=0.0)
+        rstd = tl.load(RSTD + row, mask=r_mask, other=0.0)
+        yn = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        acc_dshift += tl.sum(dm, axis=0)
+        acc_dscale += tl.sum(dm * yn, axis=0)
+        dx = _ln_project(dm * sc1[None, :], yn, rstd, D)  # the LayerNorm's share of y's gradient
+        if HAS_DY:
+            dx += tl.load(DY + row[:, None] * stride_dym + col[None, :] * stride_dyd, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(F + row[:, None] * stride_fm + col[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)
+        acc_dg += tl.sum(dx * f, axis=0)
+        out = row[:, None] * D + col[None, :]
+        tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DF + out, (g[None, :] * dx).to(DF.dtype.element_ty), mask=mask)
+    part = (b * P + p) * D + col
+    tl.store(DSHIFT_PART + part, acc_dshift, mask=c_mask)
+    tl.store(DSCALE_PART + part, acc_dscale, mask=c_mask)
+    tl.store(DG_PART + part, acc_dg, mask=c_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+# Tiles: the LayerNorm-modulate forward's (whole rows, ~2048 elements per tile: 2 rows at D = 768,
+# 1 at 1152), for the forward and for each step of the backward's token loop (the backward holds
+# more live tiles than LN-modulate's, which takes 4-row steps). The backward walks at least 8 tokens
+# per program, as LN-modulate's (the partial sums then stay at 3/2 of an activation's bytes: three fp32
+# rows per 8 tokens). Not measured on a GPU yet.
+def _bwd_launch(B: int, N: int, block_d: int, cuda: bool) -> Tuple[int, int]:
+    """(rows per step, tokens per program) of the backward."""
+    block_r = _tile_rows(block_d, cuda)
+    min_steps = triton.cdiv(8, block_r) if cuda else 1
+    return block_r, block_r * max(min_steps, steps_per_program(triton.cdiv(B * N, block_r)))
+
+
+def _check(op: str, x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps) -> None:
+    _check_gated_residual(op, x, gate, f, x_dot, gate_dot, f_dot)
+    _check_ln_modulate(op, x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+
+
+def gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
+                          eps: float = 1e-6):
+    """Launch the forward kernel; returns (y, ẏ, m, ṁ, mean, rstd): four (B, N, D) tensors in x's dtype
+    (contiguous) and the fp32 (B·N,) statistics of y. Inputs are read in place through their strides."""
+    _check("gated_residual_ln_jvp", x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps)
+    B, N, D = x.shape
+    x2, f2, xd2, fd2 = rows(x, D), rows(f, D), rows(x_dot, D), rows(f_dot, D)
+    M = x2.shape[0]
+    y, y_dot, m, m_dot = (torch.empty(B, N, D, dtype=x.dtype, device=x.device) for _ in range(4))
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if M > 0:
+        block_d = next_pow2(D)
+        block_r = _tile_rows(block_d, x.is_cuda)
+        _gated_residual_ln_fwd_kernel[(triton.cdiv(M, block_r),)](
+            x2, gate, f2, xd2, gate_dot, fd2, shift, scale, shift_dot, scale_dot,
+            y, y_dot, m, m_dot, mean, rstd, M, D, N, float(eps),
+            x2.stride(0), x2.stride(1), gate.stride(0), gate.stride(1), f2.stride(0), f2.stride(1),
+            xd2.stride(0), xd2.stride(1), gate_dot.stride(0), gate_dot.stride(1), fd2.stride(0), fd2.stride(1),
+            shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
+            shift_dot.stride(0), shift_dot.stride(1), scale_dot.stride(0), scale_dot.stride(1),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d, block_r))
+    return y, y_dot, m, m_dot, mean, rstd
+
+
+def gated_residual_ln_bwd(dm, dy: Optional[torch.Tensor], y, f, gate, scale, mean, rstd):
+    """Launch the backward kernel; returns (dx, df, dgate, dshift, dscale): dx = dy + the LayerNorm's
+    share (dy = None: zero), df = g ⊙ dx (dtype of y), and the three (B, D) sums over the tokens in the
+    dtype of the modulation (fp32 partial sums per (batch, token block), then one torch sum each)."""
+    B, N, D = y.shape
+    dm2, y2, f2 = rows(dm, D), rows(y, D), rows(f, D)
+    dy2 = rows(dy, D) if dy is not None else dm2  # dm2: never read (HAS_DY=False)
+    dx, df = torch.empty(B, N, D, dtype=y.dtype, device=y.device), torch.empty(B, N, D, dtype=y.dtype, device=y.device)
+    block_d = next_pow2(D)
+    block_r, rows_per_prog = _bwd_launch(B, N, block_d, y.is_cuda)
+    P = triton.cdiv(N, rows_per_prog) if N else 0
+    parts = [torch.empty(B, P, D, dtype=torch.float32, device=y.device) for _ in range(3)]  # dshift, dscale, dg
+    if B * N > 0:
+        _gated_residual_ln_bwd_kernel[(B, P)](
+            dm2, dy2, y2, f2, gate, scale, mean, rstd, dx, df, *parts, D, N, P,
+            dm2.stride(0), dm2.stride(1), dy2.stride(0), dy2.stride(1), y2.stride(0), y2.stride(1),
+            f2.stride(0), f2.stride(1), gate.stride(0), gate.stride(1), scale.stride(0), scale.stride(1),
+            HAS_DY=dy is not None, ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=_num_warps(block_d, block_r))
+    dshift, dscale, dgate = (part.sum(1).to(scale.dtype) for part in parts)
+    return dx, df, dgate, dshift, dscale
+
+
+# torch.library custom ops: one opaque node each for torch.compile; register_fake gives the shapes.
+@torch.library.custom_op("meanflow_fast::gated_residual_ln_fwd", mutates_args=())
+def gated_residual_ln_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, shift: torch.Tensor,
+                             scale: torch.Tensor, x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor,
+                             shift_dot: torch.Tensor, scale_dot: torch.Tensor, eps: float
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    return gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps)
+
+
+@gated_residual_ln_fwd_op.register_fake
+def _(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps):
+    _check("gated_residual_ln_jvp", x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps)
+    B, N, D = x.shape
+    stat = x.new_empty(B * N, dtype=torch.float32)
+    return (*(x.new_empty(B, N, D) for _ in range(4)), stat, torch.empty_like(stat))
+
+
+@torch.library.custom_op("meanflow_fast::gated_residual_ln_bwd", mutates_args=())
+def gated_residual_ln_bwd_op(dm: torch.Tensor, dy: Optional[torch.Tensor], y: torch.Tensor, f: torch.Tensor,
+                             gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_ln_bwd(dm, dy, y, f, gate, scale, mean, rstd)
+
+
+@gated_residual_ln_bwd_op.register_fake
+def _(dm, dy, y, f, gate, scale, mean, rstd):
+    return (y.new_empty(y.shape), y.new_empty(y.shape), *(scale.new_empty(scale.shape) for _ in range(3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function
+# ---------------------------------------------------------------------------------------------
+class GatedResidualLnJvpFunction(torch.autograd.Function):
+    """(x, g, f, shift, scale, ẋ, ġ, ḟ, shifṫ, scalė) → (y, ẏ, m, ṁ). Saves y, f, g, scale and the fp32
+    row statistics: what the two ops apart save (g, f; y, scale, μ, 1/σ), nothing of the tangent stream;
+    ẏ and ṁ are non-differentiable. Backward: one Triton pass (``gated_residual_ln_bwd``)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps):
+        y, y_dot, m, m_dot, mean, rstd = gated_residual_ln_fwd_op(x, gate, f, shift, scale, x_dot, gate_dot, f_dot,
+                                                                  shift_dot, scale_dot, float(eps))
+        ctx.save_for_backward(y, f, gate, scale, mean, rstd)
+        ctx.mark_non_differentiable(y_dot, m_dot)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for ẏ, ṁ, or an unused y or m
+        return y, y_dot, m, m_dot
+
+    @staticmethod
+    def backward(ctx, dy, _dy_dot, dm, _dm_dot):
+        y, f, gate, scale, mean, rstd = ctx.saved_tensors
+        dx = df = dgate = dshift = dscale = None
+        if dm is not None:
+            dx, df, dgate, dshift, dscale = gated_residual_ln_bwd_op(dm, dy, y, f, gate, scale, mean, rstd)
+        elif dy is not None:  # m took no part in the loss: the residual's backward alone
+            dx = dy
+            df, dgate = gated_residual_bwd_op(dy, gate, f)
+        need = ctx.needs_input_grad
+        grads = (dx, dgate, df, dshift, dscale)
+        return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def gated_residual_ln_jvp(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
+                          eps: float = 1e-6):
+    """(y, ẏ, m, ṁ): the gated residual y = x + g ⊙ f and the LayerNorm-modulate m of y, with their
+    tangents, in one Triton kernel (``FUSE = False``: the two ops' kernels one after the other). y and m
+    are differentiable, ẏ and ṁ carry no autograd graph. Same signature and contract as
+    ``gated_residual_ln_jvp_ref``."""
+    if not FUSE:
+        y, y_dot = gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot)
+        return (y, y_dot, *ln_modulate_jvp(y, shift, scale, y_dot, shift_dot, scale_dot, eps))
+    return GatedResidualLnJvpFunction.apply(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
+                                            eps)
