@@ -165,7 +165,11 @@ def train_step_fn(model, batch: int, *, meanflow: bool, compiled: bool = False, 
     records).
     """
     cfg = model.config
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    # The Adam update as each setup runs it best: eager steps use torch's fused CUDA Adam (one pass over
+    # parameters, gradients and moments; what meanflow-train uses), compiled steps the foreach Adam
+    # that inductor compiles into the step. Before 2026-11-26 (session 4) every step used the foreach
+    # Adam, so the eager steps of the first H100 run paid its separate elementwise passes.
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=(DEVICE == "cuda" and not compiled))
     # validate=False: no value checks (device syncs, graph breaks under torch.compile) in the timed step;
     # the draws come from the global RNG for the same reason.
     loss_fn = MeanFlowLoss(ratio_r_neq_t=0.25 if meanflow else 0.0, validate=False)
