@@ -191,6 +191,25 @@ class Mlp(nn.Module):
         return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, x_dot)
 
 
+@dataclass
+class LnModulation:
+    """One LayerNorm-modulate of the dual stream: its (B, D) shift and scale, their tangents, its eps."""
+    shift: torch.Tensor
+    scale: torch.Tensor
+    shift_dot: torch.Tensor
+    scale_dot: torch.Tensor
+    eps: float
+
+    def jvp(self, ops: DualOps, x, x_dot):
+        """(m, ṁ) of m = LN(x)·(1 + scale) + shift."""
+        return ops.ln_modulate(x, self.shift, self.scale, x_dot, self.shift_dot, self.scale_dot, self.eps)
+
+    def after_residual_jvp(self, ops: DualOps, x, gate, f, x_dot, gate_dot, f_dot):
+        """(y, ẏ, m, ṁ): the gated residual y = x + g ⊙ f, then this LayerNorm-modulate of y, in one op."""
+        return ops.gated_residual_ln(x, gate, f, self.shift, self.scale, x_dot, gate_dot, f_dot, self.shift_dot,
+                                     self.scale_dot, self.eps)
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block: x += g1·Attn(LN(x)·(1+s1)+b1);  x += g2·MLP(LN(x)·(1+s2)+b2)."""
 
@@ -212,41 +231,30 @@ class DiTBlock(nn.Module):
         mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], c, c_dot)
         return mod.chunk(6, dim=1), mod_dot.chunk(6, dim=1)
 
-    def first_ln(self, mod) -> "LnModulation":
-        """This block's first LayerNorm-modulate, as the previous layer's ``next_ln``."""
-        (sh1, sc1, *_), (dsh1, dsc1, *_) = mod
-        return LnModulation(sh1, sc1, dsh1, dsc1, self.eps)
+    def ln(self, mod, which: int) -> LnModulation:
+        """The block's first (``which`` = 1) or second (2) LayerNorm-modulate, from its adaLN chunks."""
+        (sh1, sc1, _, sh2, sc2, _), (dsh1, dsc1, _, dsh2, dsc2, _) = mod
+        return (LnModulation(sh1, sc1, dsh1, dsc1, self.eps) if which == 1 else
+                LnModulation(sh2, sc2, dsh2, dsc2, self.eps))
 
     def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
         """The block on its own: (x, ẋ) → (x', ẋ')."""
         mod = self.modulation_jvp(c, c_dot)
-        ln = self.first_ln(mod)
-        h, h_dot = ops.ln_modulate(x, ln.shift, ln.scale, x_dot, ln.shift_dot, ln.scale_dot, ln.eps)
+        h, h_dot = self.ln(mod, 1).jvp(ops, x, x_dot)
         return self.forward_jvp_after_ln(x, x_dot, h, h_dot, mod, ops)[:2]
 
-    def forward_jvp_after_ln(self, x, x_dot, h, h_dot, mod, ops: DualOps, next_ln: Optional["LnModulation"] = None):
+    def forward_jvp_after_ln(self, x, x_dot, h, h_dot, mod, ops: DualOps, next_ln: Optional[LnModulation] = None):
         """The block from its first LayerNorm-modulate's output h = LN(x)·(1 + sc1) + sh1 on, with each
         gated residual fused with the LayerNorm-modulate that follows it (``ops.gated_residual_ln``): the
         block's second one, and ``next_ln`` (the next block's first, or the final layer's) when given.
         Returns (x', ẋ', h', ḣ'), h' = next_ln applied to x' (None, None without ``next_ln``)."""
-        (_, _, g1, sh2, sc2, g2), (_, _, dg1, dsh2, dsc2, dg2) = mod
+        (_, _, g1, _, _, g2), (_, _, dg1, _, _, dg2) = mod
         f, f_dot = self.attn.forward_jvp(h, h_dot, ops)
-        x, x_dot, h, h_dot = ops.gated_residual_ln(x, g1, f, sh2, sc2, x_dot, dg1, f_dot, dsh2, dsc2, self.eps)
+        x, x_dot, h, h_dot = self.ln(mod, 2).after_residual_jvp(ops, x, g1, f, x_dot, dg1, f_dot)
         f, f_dot = self.mlp.forward_jvp(h, h_dot, ops)
         if next_ln is None:
             return (*ops.gated_residual(x, g2, f, x_dot, dg2, f_dot), None, None)
-        n = next_ln
-        return ops.gated_residual_ln(x, g2, f, n.shift, n.scale, x_dot, dg2, f_dot, n.shift_dot, n.scale_dot, n.eps)
-
-
-@dataclass
-class LnModulation:
-    """The (B, D) shift and scale of one LayerNorm-modulate, their tangents and its epsilon."""
-    shift: torch.Tensor
-    scale: torch.Tensor
-    shift_dot: torch.Tensor
-    scale_dot: torch.Tensor
-    eps: float
+        return next_ln.after_residual_jvp(ops, x, g2, f, x_dot, dg2, f_dot)
 
 
 def _adaln_jvp(linear: nn.Linear, c: torch.Tensor, c_dot: torch.Tensor):
@@ -274,9 +282,7 @@ class FinalLayer(nn.Module):
         return LnModulation(shift, scale, dshift, dscale, self.eps)
 
     def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
-        ln = self.ln_jvp(c, c_dot)
-        h, h_dot = ops.ln_modulate(x, ln.shift, ln.scale, x_dot, ln.shift_dot, ln.scale_dot, ln.eps)
-        return self.head_jvp(h, h_dot, ops)
+        return self.head_jvp(*self.ln_jvp(c, c_dot).jvp(ops, x, x_dot), ops)
 
     def head_jvp(self, h, h_dot, ops: DualOps):
         """The output linear on the LayerNorm-modulated h."""
@@ -405,9 +411,8 @@ class MeanFlowDiT(nn.Module):
         # first, or the final layer's: ``ops.gated_residual_ln``), so each block's adaLN chunks are made
         # first and each block gets the next one's. The first LayerNorm-modulate runs alone.
         mods = [block.modulation_jvp(c, c_dot) for block in self.blocks]
-        lns = [block.first_ln(mod) for block, mod in zip(self.blocks, mods)] + [self.final_layer.ln_jvp(c, c_dot)]
-        ln = lns[0]
-        h, h_dot = ops.ln_modulate(x, ln.shift, ln.scale, x_dot, ln.shift_dot, ln.scale_dot, ln.eps)
+        lns = [block.ln(mod, 1) for block, mod in zip(self.blocks, mods)] + [self.final_layer.ln_jvp(c, c_dot)]
+        h, h_dot = lns[0].jvp(ops, x, x_dot)
         for block, mod, next_ln in zip(self.blocks, mods, lns[1:]):
             x, x_dot, h, h_dot = block.forward_jvp_after_ln(x, x_dot, h, h_dot, mod, ops, next_ln)
         out, out_dot = self.final_layer.head_jvp(h, h_dot, ops)
