@@ -28,8 +28,8 @@ import triton.language as tl
 from ._triton_utils import next_pow2, rows, steps_per_program
 from .gated_residual import (_check_gated_residual, gated_residual_bwd_op, gated_residual_jvp, gated_residual_jvp_ref,
                              gated_residual_ref)
-from .layernorm_modulate import (_check_ln_modulate, _ln_project, _ln_rows, _num_warps, _tile_rows, ln_modulate_jvp,
-                                 ln_modulate_jvp_ref, ln_modulate_ref)
+from .layernorm_modulate import (_check_ln_modulate, _ln_modulate_bwd_rows, _ln_project, _ln_rows, _num_warps,
+                                 _tile_rows, ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref)
 
 FUSE = True  # False: gated_residual_ln_jvp runs gated_residual_jvp then ln_modulate_jvp (two kernels each way)
 
@@ -147,14 +147,11 @@ def _gated_residual_ln_bwd_kernel(
         r_mask = tok < N_TOK
         row = b * N_TOK + tok
         mask = r_mask[:, None] & c_mask[None, :]
-        y = tl.load(Y + row[:, None] * stride_ym + col[None, :] * stride_yd, mask=mask, other=0.0).to(tl.float32)
-        dm = tl.load(DM + row[:, None] * stride_dmm + col[None, :] * stride_dmd, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row, mask=r_mask, other=0.0)
-        rstd = tl.load(RSTD + row, mask=r_mask, other=0.0)
-        yn = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        # the LayerNorm-modulate's backward (yn = LN(y)), then the residual stream's other gradient
+        dm, yn, dx = _ln_modulate_bwd_rows(DM, Y, MEAN, RSTD, row, r_mask, mask, col, sc1, D,
+                                           stride_dmm, stride_dmd, stride_ym, stride_yd)
         acc_dshift += tl.sum(dm, axis=0)
         acc_dscale += tl.sum(dm * yn, axis=0)
-        dx = _ln_project(dm * sc1[None, :], yn, rstd, D)  # the LayerNorm's share of y's gradient
         if HAS_DY:
             dx += tl.load(DY + row[:, None] * stride_dym + col[None, :] * stride_dyd, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(F + row[:, None] * stride_fm + col[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)

@@ -73,6 +73,21 @@ def _ln_project(v, y, rstd, D):
 
 
 @triton.jit
+def _ln_modulate_bwd_rows(DM, X, MEAN, RSTD, row, r_mask, mask, col, sc1, D, stride_dmm, stride_dmd, stride_xm,
+                          stride_xd):
+    """One step of the LayerNorm-modulate backward over the rows ``row``: (dm, y, dx) in fp32, with
+    y = (x − μ)/σ from the saved statistics and dx = LN'(x)ᵀ(dm ⊙ (1 + scale)) (``sc1`` = 1 + scale);
+    all 0 outside ``mask``."""
+    x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    dm = tl.load(DM + row[:, None] * stride_dmm + col[None, :] * stride_dmd, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + row, mask=r_mask, other=0.0)
+    rstd = tl.load(RSTD + row, mask=r_mask, other=0.0)
+    y = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    # LayerNorm backward: dx = (dy − mean(dy) − y·mean(dy ⊙ y))·rstd, dy = dm·(1 + scale)
+    return dm, y, _ln_project(dm * sc1[None, :], y, rstd, D)
+
+
+@triton.jit
 def _ln_modulate_fwd_kernel(
     X,              # (M, D) primal rows (M = B·N), any strides
     XD,             # (M, D) tangent rows, any strides (not read when HAS_TANGENT is False)
@@ -166,15 +181,10 @@ def _ln_modulate_bwd_kernel(
         r_mask = tok < N_TOK
         row = b * N_TOK + tok
         mask = r_mask[:, None] & c_mask[None, :]
-        x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        dm = tl.load(DM + row[:, None] * stride_dmm + col[None, :] * stride_dmd, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row, mask=r_mask, other=0.0)
-        rstd = tl.load(RSTD + row, mask=r_mask, other=0.0)
-        y = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dm, y, dx = _ln_modulate_bwd_rows(DM, X, MEAN, RSTD, row, r_mask, mask, col, sc1, D,
+                                          stride_dmm, stride_dmd, stride_xm, stride_xd)
         acc_dshift += tl.sum(dm, axis=0)
         acc_dscale += tl.sum(dm * y, axis=0)
-        # LayerNorm backward: dx = (dy − mean(dy) − y·mean(dy ⊙ y))·rstd, dy = dm·(1 + scale)
-        dx = _ln_project(dm * sc1[None, :], y, rstd, D)
         tl.store(DX + row[:, None] * D + col[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     part = (b * P + p) * D + col
     tl.store(DSHIFT_PART + part, acc_dshift, mask=c_mask)
