@@ -24,12 +24,12 @@ high chunk to 64 + 32), to measure that choice; ``--dims`` may name dims outside
 config failed its check.
 """
 import argparse
-import concurrent.futures as cf
 import json
 import os
-import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict
+
+from benchmarks._sweep import check_then_time, failure
 
 KERNELS = ("fwd", "fwd_tangent", "dkdv", "dq")
 
@@ -104,21 +104,8 @@ def worker(job: Dict) -> Dict:
             import triton
             out["ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     except Exception as e:  # noqa: BLE001 - reported per config, the sweep goes on
-        fault = "illegal memory access" in str(e) or type(e).__name__ == "AcceleratorError"
-        out.update(status="FAULT" if fault else "ERROR", error=f"{type(e).__name__}: {str(e).splitlines()[0][:150]}")
+        out.update(failure(e))
     return out
-
-
-def _run_job(job: Dict, timeout: float) -> Dict:
-    cmd = [sys.executable, "-m", "benchmarks.attention_sweep", "--worker", json.dumps(job)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-    except subprocess.TimeoutExpired:
-        return {"status": "TIMEOUT"}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if not lines:  # the process died (e.g. a fault at exit, an abort in the compiler)
-        return {"status": "CRASH", "error": f"exit {r.returncode}: {r.stderr.strip()[-200:]}"}
-    return json.loads(lines[-1])
 
 
 def main(argv=None) -> int:
@@ -164,17 +151,11 @@ def main(argv=None) -> int:
     n_configs = len(_autotuner(A, args.kernel).configs)
     groups = [(D, hi) for D in dims for hi in (his if D & (D - 1) else [None])]  # --hi only where D splits
     base = dict(kernel=args.kernel, shape=shape, dtype=args.dtype, device=args.device)
-    jobs = [dict(base, D=D, hi=hi, config=i, time=False) for D, hi in groups for i in range(n_configs)]
+    jobs = [dict(base, D=D, hi=hi, config=i) for D, hi in groups for i in range(n_configs)]
     print(f"attention sweep: {args.kernel}, B,H,N = {shape}, {args.dtype}, dims {dims}, high chunk "
           f"{[h for h in his if h] or 'default'}: {len(jobs)} runs (check in {args.jobs} processes, then time "
           f"one at a time)", flush=True)
-    with cf.ThreadPoolExecutor(args.jobs) as ex:
-        checked = list(ex.map(lambda j: _run_job(j, args.timeout), jobs))
-    results: List[Dict] = []
-    for job, res in zip(jobs, checked):
-        if res.get("status") == "ok" and args.device == "cuda":
-            res = _run_job(dict(job, time=True), args.timeout)
-        results.append(dict(job, **res))
+    results = check_then_time("benchmarks.attention_sweep", jobs, args.jobs, args.timeout, args.device == "cuda")
 
     print(f"\n{'D':>4} {'hi':>4} {'config':<20} {'status':<7} {'max err':>9} {'ms':>8} {'TFLOP/s':>8}")
     for r in sorted(results, key=lambda r: (r["D"], r["hi"] or 0, r.get("ms", float("inf")))):

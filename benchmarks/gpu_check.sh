@@ -10,6 +10,8 @@
 #                                           # FIRST_MODES="--precompile,--compile-step" for the compiled step)
 #   bash benchmarks/gpu_check.sh backward   # each op's primal backward: ours vs torch eager / compiled
 #   bash benchmarks/gpu_check.sh sweep      # every attention config alone: faults, errors, time (D 64/72/80)
+#   bash benchmarks/gpu_check.sh gemm       # every dual-GEMM config alone at fc1's shapes vs cuBLAS
+#                                           # (GEMM_LAUNCHES="dual_gelu primal_gelu", GEMM_SHAPES=B/2)
 #   bash benchmarks/gpu_check.sh ops        # per-op TFLOP/s or GB/s (benchmarks/bench_dual_ops.py, eager;
 #                                           # OPS_K picks others); dual linear Triton vs cuBLAS;
 #                                           # the MLP backward GELU pass (gelu_bwd) vs torch; residual + LN
@@ -119,6 +121,14 @@ phase_sweep() {
     done
 }
 
+phase_gemm() {
+    echo "== dual GEMM configs one by one at the fc1 shapes, against cuBLAS (B/2 b128, XL/2 b64) =="
+    for l in ${GEMM_LAUNCHES:-dual_gelu}; do
+        timeout "$(lim 200)" "$PY" -m benchmarks.gemm_sweep --launch "$l" --shapes "${GEMM_SHAPES:-B/2,XL/2}" --extra \
+            --jobs 12 --out "$OUT/gemm_$l.json" 2>&1 | grep -v '^W[0-9]' | tee -a "$OUT/gemm.log"
+    done
+}
+
 phase_backward() {
     echo "== primal backward: ours vs torch eager vs torch.compile (issue 4) =="
     timeout "$(lim 240)" "$PY" -m benchmarks.backward --out "$OUT/backward.json" 2>&1 | grep -v '^W[0-9]' \
@@ -133,7 +143,7 @@ phase_sampler() {
 [[ $PHASES == all ]] && PHASES=tests,bench
 for ph in ${PHASES//,/ }; do
     if ! declare -F "phase_$ph" > /dev/null; then
-        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention ops sweep firststep backward sampler)"; exit 2
+        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention ops sweep gemm firststep backward sampler)"; exit 2
     fi
 done
 for ph in ${PHASES//,/ }; do "phase_$ph"; done

@@ -160,11 +160,17 @@ def _dual_linear_fwd_kernel(
 #   768→3072, triton 3.6 and 3.9: the primal configs use 60-247 registers without spills, except
 #   BM128 BN256 (179-255 registers; spills 8-56 B on sm_90 when it also stores the pre-activation,
 #   24-104 B on sm_80) and BM64 BN128 on sm_80 (4 B, 3.6); the autotuner weighs that in its timing.
+# - Occupancy (compile_check, triton 3.6, sm_90, bf16 fc1 + GELU + pre-activation, dual): every config
+#   above 64×64 holds 250-255 registers a thread, so 1 block per SM: 4 or 8 warps to hide memory latency
+#   behind. BM64 BN128 over 8 warps holds 124 (no spills, 96 KiB of shared memory at 3 stages): 2 blocks,
+#   16 warps per SM. Added 2026-11-26 (session 4) for that reason, unmeasured: the autotuner times it
+#   against the others (benchmarks/gemm_sweep.py times every config alone, against cuBLAS).
 # CPU interpreter: one fixed config; program instances run one after another, so fewer, larger
 # programs are faster (a 64×128×64 problem: 0.19 s with 16³ blocks, 0.017 s with 32×64×32).
 _CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),

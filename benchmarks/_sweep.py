@@ -1,0 +1,48 @@
+"""The process runner of the config sweeps (attention_sweep.py, gemm_sweep.py): every config in its own
+process, so that a config that faults (an illegal memory access kills the CUDA context, and with it the
+process) is reported for that config and the sweep goes on. Standard library only: the parent never
+imports torch or the kernels before it has set the environment its workers inherit.
+
+A sweep module has ``main`` parse ``--worker JSON`` and print ``json.dumps(worker(job))`` as the last
+line of its output; ``worker`` returns a dict with ``status`` ("ok", "FAULT", "ERROR") and, when
+``job["time"]`` is set, ``ms``.
+"""
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+
+def run_worker(module: str, job: Dict, timeout: float) -> Dict:
+    """``python -m module --worker JSON`` in a fresh process; its last JSON line, or why there is none."""
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(job)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return {"status": "TIMEOUT"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if not lines:  # the process died (e.g. a fault at exit, an abort in the compiler)
+        return {"status": "CRASH", "error": f"exit {r.returncode}: {r.stderr.strip()[-200:]}"}
+    return json.loads(lines[-1])
+
+
+def check_then_time(module: str, jobs: List[Dict], n_parallel: int, timeout: float, timed: bool) -> List[Dict]:
+    """Each job checked in ``n_parallel`` processes at once (compile, run, compare), then, when ``timed``,
+    each one that passed timed again alone, one process after another (no overlapping timings).
+    Returns the jobs, each merged with its result."""
+    with cf.ThreadPoolExecutor(n_parallel) as ex:
+        checked = list(ex.map(lambda j: run_worker(module, dict(j, time=False), timeout), jobs))
+    results = []
+    for job, res in zip(jobs, checked):
+        if res.get("status") == "ok" and timed:
+            res = run_worker(module, dict(job, time=True), timeout)
+        results.append(dict(job, **res))
+    return results
+
+
+def failure(e: Exception) -> Dict:
+    """The result of a config whose run raised ``e``: FAULT for a CUDA fault, else ERROR."""
+    fault = "illegal memory access" in str(e) or type(e).__name__ == "AcceleratorError"
+    return {"status": "FAULT" if fault else "ERROR", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"}
