@@ -171,8 +171,8 @@ def _gated_residual_ln_bwd_kernel(
 # Tiles: the LayerNorm-modulate forward's (whole rows, ~2048 elements per tile: 2 rows at D = 768,
 # 1 at 1152), for the forward and for each step of the backward's token loop (the backward holds
 # more live tiles than LN-modulate's, which takes 4-row steps). The backward walks at least 8 tokens
-# per program, as LN-modulate's (the partial sums then stay at 3/2 of an activation's bytes: three fp32
-# rows per 8 tokens). Not measured on a GPU yet.
+# per program, as LN-modulate's (the partial sums then take 3/4 of an activation's bytes: three fp32
+# rows per 8 bf16 rows). Not measured on a GPU yet.
 def _bwd_launch(B: int, N: int, block_d: int, cuda: bool) -> Tuple[int, int]:
     """(rows per step, tokens per program) of the backward."""
     block_r = _tile_rows(block_d, cuda)
