@@ -277,6 +277,17 @@ def _check_gelu_bwd(dtype, shape):
         assert_within_torch(f"{what} ({dtype}, {shape})", got, own, exact, _factor(dtype), FLOOR[dtype])
 
 
+def test_gelu_bwd_extreme_pre_activations():
+    """GELU' at |a| up to 1e4 (the exp in σ clamped, e·σ² formed before it meets a): finite, and the limits
+    0 and 1 of the fp64 reference, which torch's own fp32 GELU' reaches too."""
+    a = torch.tensor([[-1e4, -3e3, -50.0, -9.0, 0.0, 9.0, 50.0, 3e3, 1e4]], device=DEVICE)
+    dh = torch.ones_like(a)
+    da, h, db = gelu_bwd(dh, a)
+    exact = gelu_tanh_grad(a.double())
+    assert torch.isfinite(da).all() and torch.isfinite(h).all() and torch.isfinite(db).all(), da
+    assert (da.double() - exact).abs().max() < 1e-6, (da, exact)
+
+
 def test_gelu_bwd_rejects_bad_input():
     a = torch.randn(4, 6, device=DEVICE)
     with pytest.raises(ValueError, match=r"gelu_bwd: dh must have shape \(4, 6\)"):
