@@ -57,7 +57,7 @@ def _gelu_tanh_and_grad(a):
     e = tl.exp(tl.minimum(-2.0 * 0.7978845608028654 * inner, 80.0))  # exp(−2u), √(2/π) = 0.79788…
     s = 1.0 / (1.0 + e)  # σ(2u)
     grad = s + 2.0 * a * (e * s * s) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)  # e·σ² ≤ 1/4 first:
-    # 2a·e alone would overflow for a ≲ −2·10³ (e clamped at 5.5e34)
+    # 2a·e alone would overflow fp32 for a ≲ −3·10³ (e clamped at 5.5e34)
     return a * s, grad
 
 
