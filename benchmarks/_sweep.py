@@ -3,10 +3,12 @@ process, so that a config that faults (an illegal memory access kills the CUDA c
 process) is reported for that config and the sweep goes on. Standard library only: the parent never
 imports torch or the kernels before it has set the environment its workers inherit.
 
-A sweep module has ``main`` parse ``--worker JSON`` and print ``json.dumps(worker(job))`` as the last
-line of its output; ``worker`` returns a dict with ``status`` ("ok", "FAULT", "ERROR") and, when
-``job["time"]`` is set, ``ms``.
+A sweep module's ``main`` adds these options with ``add_runner_args`` and, when it is a worker
+(``--worker JSON``), hands over to ``run_as_worker``, which prints ``json.dumps(worker(job))`` as the last
+line of its output; ``worker`` returns a dict with ``status`` ("ok", "FAULT", "ERROR", ...) and, when
+``job["time"]`` is set, ``ms`` (``time_ms``).
 """
+import argparse
 import concurrent.futures as cf
 import json
 import os
@@ -46,3 +48,35 @@ def failure(e: Exception) -> Dict:
     """The result of a config whose run raised ``e``: FAULT for a CUDA fault, else ERROR."""
     fault = "illegal memory access" in str(e) or type(e).__name__ == "AcceleratorError"
     return {"status": "FAULT" if fault else "ERROR", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"}
+
+
+def add_runner_args(p: argparse.ArgumentParser) -> None:
+    """The options every sweep shares: parallel checks, per-process timeout, device, JSON output, and the
+    hidden ``--worker`` that runs one job."""
+    p.add_argument("--jobs", type=int, default=8, help="parallel processes for the checks")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per process")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def run_as_worker(args, worker) -> bool:
+    """In a worker process (``--worker JSON``): run the job, print its result, return True."""
+    if args.worker is None:
+        return False
+    print(json.dumps(worker(json.loads(args.worker))), flush=True)
+    return True
+
+
+def time_ms(fn) -> float:
+    """Median ms of ``fn`` on the GPU (triton.testing.do_bench)."""
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def finish(results: List[Dict], out: str) -> int:
+    """Write ``results`` as JSON to ``out`` (if given); the exit status: 1 when any job was not ok."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if any(r["status"] != "ok" for r in results) else 0

@@ -24,12 +24,11 @@ high chunk to 64 + 32), to measure that choice; ``--dims`` may name dims outside
 config failed its check.
 """
 import argparse
-import json
 import os
 import sys
 from typing import Dict
 
-from benchmarks._sweep import check_then_time, failure
+from benchmarks._sweep import add_runner_args, check_then_time, failure, finish, run_as_worker, time_ms
 
 KERNELS = ("fwd", "fwd_tangent", "dkdv", "dq")
 
@@ -101,8 +100,7 @@ def worker(job: Dict) -> Dict:
             errs = [(a.float() - t.grad).abs().max().item() for a, t in zip(got, leaves)]
         out.update(status="ok", max_err=max(errs))
         if job["time"] and device == "cuda":
-            import triton
-            out["ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            out["ms"] = time_ms(fn)
     except Exception as e:  # noqa: BLE001 - reported per config, the sweep goes on
         out.update(failure(e))
     return out
@@ -116,14 +114,9 @@ def main(argv=None) -> int:
                                            "(default: the kernels' own choice)")
     p.add_argument("--shape", default="64,16,256", help="B,H,N (default: DiT-XL/2 batch 64)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--jobs", type=int, default=8, help="parallel processes for the checks")
-    p.add_argument("--timeout", type=float, default=300, help="seconds per process")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_runner_args(p)
     args = p.parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+    if run_as_worker(args, worker):
         return 0
 
     try:
@@ -165,11 +158,7 @@ def main(argv=None) -> int:
         print(f"{r['D']:>4} {str(r['hi'] or '-'):>4} {r.get('label', '?'):<20} {r['status']:<7} {err:>9} "
               f"{f'{ms:.4f}' if ms else '—':>8} {f'{tf:.1f}' if tf else '—':>8}"
               + (f"  {r['error']}" if r.get("error") else ""))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    bad = [r for r in results if r["status"] != "ok"]
-    return 1 if bad else 0
+    return finish(results, args.out)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ Exit status 1 when any config failed its check (FAULT, ERROR, CRASH, TIMEOUT, or
 error far above the output's rounding).
 """
 import argparse
-import json
 import os
 import sys
 from typing import Dict
 
-from benchmarks._sweep import check_then_time, failure
+from benchmarks._sweep import add_runner_args, check_then_time, failure, finish, run_as_worker, time_ms
 
 LAUNCHES = ("dual_gelu", "primal_gelu", "dual")
 SHAPES = {"B/2": (128 * 256, 768, 3072), "XL/2": (64 * 256, 1152, 4608)}  # fc1: (rows M, K, N)
@@ -107,8 +106,7 @@ def worker(job: Dict) -> Dict:
         # ~4e-3 in bf16) is not timed
         out.update(status="ok" if err < (2e-2 if dtype == torch.bfloat16 else 5e-3) else "WRONG", rel_err=err)
         if job["time"] and device == "cuda":
-            import triton
-            out["ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            out["ms"] = time_ms(fn)
     except Exception as e:  # noqa: BLE001 - reported per config, the sweep goes on
         out.update(failure(e))
     return out
@@ -120,14 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="B/2,XL/2", help=f"comma-separated, of {sorted(SHAPES)}")
     p.add_argument("--extra", action="store_true", help="also the sweep-only candidates (EXTRA)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--jobs", type=int, default=8, help="parallel processes for the checks")
-    p.add_argument("--timeout", type=float, default=300, help="seconds per process")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_runner_args(p)
     args = p.parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+    if run_as_worker(args, worker):
         return 0
     names = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in names if s not in SHAPES]
@@ -164,10 +157,7 @@ def main(argv=None) -> int:
         err = f"{r['rel_err']:.2e}" if "rel_err" in r else "—"
         print(f"{r['name']:<6} {r.get('label', '?'):<26} {r['status']:<7} {err:>9} {f'{ms:.4f}' if ms else '—':>8} "
               f"{f'{tf:.1f}' if tf else '—':>8}" + (f"  {r['error']}" if r.get("error") else ""))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    return 1 if any(r["status"] != "ok" for r in results) else 0
+    return finish(results, args.out)
 
 
 if __name__ == "__main__":
