@@ -5,7 +5,8 @@
 
 Run it in a fresh process: it points Triton at an empty cache directory (TRITON_CACHE_DIR, set before
 triton is imported), so every kernel is compiled and autotuned inside the timed first step, as on a
-new machine (and inductor at an empty cache too, for ``--compile-step``). ``--device cpu`` is a dry run of the script (TRITON_INTERPRET=1, tiny preset).
+new machine (and inductor at an empty cache too, for ``--compile-step``). ``--device cpu`` is a dry run of
+the script (TRITON_INTERPRET=1, tiny preset).
 """
 import argparse
 import os

@@ -6,7 +6,7 @@ error or a silently wrong answer (STYLE.md §5).
 """
 import math
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -70,6 +70,16 @@ def rows(t: torch.Tensor, width: int) -> torch.Tensor:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def elementwise_tiles(width: int, cuda: bool) -> Tuple[int, int]:
+    """(rows, columns) of the tile of an elementwise, memory-bound kernel over (M, width) rows (the gated
+    residual's kernels, the MLP backward's GELU pass). Not swept (no GPU when written): any tile that keeps
+    the loads coalesced and ≥ 2 programs per SM will do; at most 256 columns × 8 rows = 2048 elements, 8
+    values per thread and tensor at 8 warps. The interpreter prefers few, large programs (up to 1024
+    columns, 2+ rows)."""
+    cols = min(next_pow2(width), 256 if cuda else 1024)
+    return max(1, 2048 // cols), cols
 
 
 def steps_per_program(tiles: int, target_programs: int = 16384, max_steps: int = 8) -> int:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (check_shape, check_tangents_together, check_tensors, next_pow2, pick_function, rows,
+from ._triton_utils import (check_shape, check_tangents_together, check_tensors, elementwise_tiles, pick_function, rows,
                             steps_per_program, zeros_if_none)
 
 
@@ -114,14 +114,8 @@ def _gated_residual_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# Tiles (not swept: no GPU when written): elementwise and memory-bound, so any tile that keeps the
-# loads coalesced and ≥ 2 programs per SM will do; BLOCK_D ≤ 256 columns × 8 rows = 2048 elements,
-# 8 values per thread and tensor at 8 warps. At DiT-B/2 batch 128 (M = 32768, D = 768) that is
-# 4096 × 3 programs. The interpreter prefers few, large programs (BLOCK_D = whole row, 16+ rows).
-def _tiles(D: int, cuda: bool) -> Tuple[int, int]:
-    block_d = min(next_pow2(D), 256 if cuda else 1024)
-    return max(1, 2048 // block_d), block_d
-
+# Tiles: ``elementwise_tiles`` (8 rows × 256 columns on CUDA); at DiT-B/2 batch 128 (M = 32768,
+# D = 768) the forward launches 4096 × 3 programs.
 
 def _check_gated_residual(op: str, x, gate, f, x_dot, gate_dot, f_dot) -> None:
     """Validate a call of ``op`` (``gated_residual`` without the tangents, ``gated_residual_jvp`` with all
@@ -155,7 +149,7 @@ def gated_residual_fwd(x, gate, f, x_dot=None, gate_dot=None, f_dot=None):
     else:  # never read or written (HAS_TANGENT=False)
         xd2, gate_dot, fd2, y_dot = x2, gate, f2, y
     if M > 0 and D > 0:
-        block_r, block_d = _tiles(D, x.is_cuda)
+        block_r, block_d = elementwise_tiles(D, x.is_cuda)
         grid = (triton.cdiv(M, block_r), triton.cdiv(D, block_d))
         _gated_residual_fwd_kernel[grid](
             x2, gate, f2, xd2, gate_dot, fd2, y, y_dot, M, D, N,
@@ -172,7 +166,7 @@ def gated_residual_bwd(dy, gate, f):
     B, N, D = f.shape
     dy2, f2 = rows(dy, D), rows(f, D)
     df = torch.empty(B, N, D, dtype=f.dtype, device=f.device)
-    block_r, block_d = _tiles(D, f.is_cuda)
+    block_r, block_d = elementwise_tiles(D, f.is_cuda)
     # one tile per program at DiT sizes (B/2 batch 128: 128 × 32 × 3 programs), as the forward
     rows_per_prog = block_r * steps_per_program(triton.cdiv(B * N, block_r) * triton.cdiv(D, block_d))
     P = triton.cdiv(N, rows_per_prog) if N else 0

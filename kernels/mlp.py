@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_shape, check_tensors, next_pow2, pick_function, rows, steps_per_program, zeros_if_none
+from ._triton_utils import (check_shape, check_tensors, elementwise_tiles, pick_function, rows, steps_per_program,
+                            zeros_if_none)
 from .linear import _gelu_tanh_and_grad, dual_linear_fwd_op, linear_gelu_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -107,11 +108,10 @@ def _gelu_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 def _gelu_bwd_launch(M: int, N: int, cuda: bool) -> Tuple[int, int, int]:
-    """(rows per step, rows per program, features per program). CUDA: steps of 8 × 256 (2048 elements, 8
-    per thread and tensor at 8 warps, as the gated residual's kernels), as many steps per program as
-    ``steps_per_program`` gives; the interpreter prefers few, large programs (64 rows)."""
-    block_n = min(next_pow2(N), 256 if cuda else 1024)
-    block_r = max(1, 2048 // block_n)
+    """(rows per step, rows per program, features per program). Steps of ``elementwise_tiles`` (8 × 256 on
+    CUDA, as the gated residual's kernels), as many per program as ``steps_per_program`` gives on CUDA;
+    the interpreter prefers few, large programs (64 rows)."""
+    block_r, block_n = elementwise_tiles(N, cuda)
     steps = steps_per_program(triton.cdiv(M, block_r) * triton.cdiv(N, block_n)) if cuda else triton.cdiv(64, block_r)
     return block_r, block_r * steps, block_n
 
