@@ -246,7 +246,13 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
                 gated_ln_mod.gated_residual_ln_bwd(torch.empty_like(m), torch.empty_like(y), y, f, mods[2], mods[4],
                                                    mean, rstd)
 
+            def gated_ln_primal(dt=dt, hidden=hidden):  # the plain forward's (HAS_TANGENT=False)
+                x, f = _cuda(BATCH, TOKENS, hidden, dtype=dt), _cuda(BATCH, TOKENS, hidden, dtype=dt)
+                mods = _cuda(BATCH, 6 * hidden, dtype=dt).chunk(6, dim=1)
+                gated_ln_mod.gated_residual_ln_fwd(x, mods[2], f, mods[3], mods[4])
+
             out.append(Scenario("gated_residual_ln fwd+bwd", f"{dt_name} D={hidden}", gated_ln))
+            out.append(Scenario("gated_residual_ln fwd", f"{dt_name} D={hidden} primal", gated_ln_primal))
             out.append(Scenario("ln_modulate fwd+bwd", f"{dt_name} D={hidden}", ln))
             out.append(Scenario("gated_residual fwd+bwd", f"{dt_name} D={hidden}", gated))
             out.append(Scenario("ln_modulate fwd", f"{dt_name} D={hidden} primal", ln_primal))

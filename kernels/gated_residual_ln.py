@@ -14,6 +14,10 @@ runs the residual backward on the sum (read it and f; write df): 9 passes. Fused
 write dx = dy + LN'(y)ᵀ(dm·(1 + scale)) and df = g ⊙ dx: 6 passes, and no (M, D) temporary. The
 per-(batch, token block) partial sums of dshift, dscale and dg come out of the same pass.
 
+The same kernel with HAS_TANGENT=False is the primal-only ``gated_residual_ln`` of the DiT's plain
+forward (the guided target's no-grad pass, the sampler): it reads x and f and writes y and m, 4 passes
+instead of 5, with the same backward.
+
 y is rounded to the input dtype before the LayerNorm reads it, and ẏ before its tangent is taken, so
 the fused op equals the two ops run one after the other (the reference composes the two references)
 and the backward sees the same y as the forward. ``FUSE = False`` runs exactly that composition of the
@@ -25,13 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import next_pow2, rows, steps_per_program
-from .gated_residual import (_check_gated_residual, gated_residual_bwd_op, gated_residual_jvp, gated_residual_jvp_ref,
-                             gated_residual_ref)
+from ._triton_utils import next_pow2, pick_function, rows, steps_per_program, zeros_if_none
+from .gated_residual import (_check_gated_residual, gated_residual, gated_residual_bwd_op, gated_residual_jvp,
+                             gated_residual_jvp_ref, gated_residual_ref)
 from .layernorm_modulate import (_check_ln_modulate, _ln_modulate_bwd_rows, _ln_project, _ln_rows, _num_warps,
-                                 _tile_rows, ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref)
+                                 _tile_rows, ln_modulate, ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref)
 
-FUSE = True  # False: gated_residual_ln_jvp runs gated_residual_jvp then ln_modulate_jvp (two kernels each way)
+FUSE = True  # False: gated_residual_ln(_jvp) runs gated_residual(_jvp) then ln_modulate(_jvp) (two kernels each way)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,10 +61,10 @@ def gated_residual_ln_jvp_ref(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, 
 @triton.jit
 def _gated_residual_ln_fwd_kernel(
     X, G, F,                     # (M, D) residual rows, (B, D) gate, (M, D) branch output; any strides
-    XD, GD, FD,                  # their tangents, any strides
+    XD, GD, FD,                  # their tangents, any strides (no tangent is read unless HAS_TANGENT)
     SHIFT, SCALE,                # (B, D) modulation of the LayerNorm, any strides
     SHIFT_D, SCALE_D,            # their tangents
-    Y, YD,                       # (M, D) out: y = x + g ⊙ f and ẏ, contiguous
+    Y, YD,                       # (M, D) out: y = x + g ⊙ f and ẏ, contiguous (ẏ, ṁ written if HAS_TANGENT)
     OUT, OUT_D,                  # (M, D) out: m and ṁ, contiguous
     MEAN, RSTD,                  # (M,) out, fp32: the LayerNorm's μ and 1/σ of y (for the backward)
     n_rows,                      # M = B·N
@@ -71,6 +75,7 @@ def _gated_residual_ln_fwd_kernel(
     stride_xdm, stride_xdd, stride_gdb, stride_gdd, stride_fdm, stride_fdd,
     stride_shb, stride_shd, stride_scb, stride_scd,
     stride_shdb, stride_shdd, stride_scdb, stride_scdd,
+    HAS_TANGENT: tl.constexpr,   # False: primal only (y, m and the statistics); the tangents compiled out
     BLOCK_R: tl.constexpr,       # rows per program
     BLOCK_D: tl.constexpr,       # next power of two ≥ D (a whole row per tile: the statistics need it)
 ):
@@ -88,23 +93,27 @@ def _gated_residual_ln_fwd_kernel(
     f = tl.load(F + row[:, None] * stride_fm + col[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)
     y = (x + g * f).to(Y.dtype.element_ty)
     tl.store(Y + out, y, mask=mask)
-    xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
-    gd = tl.load(GD + b[:, None] * stride_gdb + col[None, :] * stride_gdd, mask=mask, other=0.0).to(tl.float32)
-    fd = tl.load(FD + row[:, None] * stride_fdm + col[None, :] * stride_fdd, mask=mask, other=0.0).to(tl.float32)
-    yd = (xd + gd * f + g * fd).to(YD.dtype.element_ty)
-    tl.store(YD + out, yd, mask=mask)
 
-    # LayerNorm + modulate of y, and its tangent (kernels/layernorm_modulate.py, same helpers).
+    # LayerNorm + modulate of y (kernels/layernorm_modulate.py, same helpers).
     mean, rstd, yn = _ln_rows(y.to(tl.float32), mask, D, eps)
     sh = tl.load(SHIFT + b[:, None] * stride_shb + col[None, :] * stride_shd, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(SCALE + b[:, None] * stride_scb + col[None, :] * stride_scd, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + out, (yn * (1.0 + sc) + sh).to(OUT.dtype.element_ty), mask=mask)
-    ydn = _ln_project(yd.to(tl.float32), yn, rstd, D)
-    shd = tl.load(SHIFT_D + b[:, None] * stride_shdb + col[None, :] * stride_shdd, mask=mask, other=0.0).to(tl.float32)
-    scd = tl.load(SCALE_D + b[:, None] * stride_scdb + col[None, :] * stride_scdd, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT_D + out, (ydn * (1.0 + sc) + yn * scd + shd).to(OUT_D.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean, mask=r_mask)
     tl.store(RSTD + row, rstd, mask=r_mask)
+
+    if HAS_TANGENT:  # both tangents; ẏ rounded before the LayerNorm's tangent reads it, as y
+        xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
+        gd = tl.load(GD + b[:, None] * stride_gdb + col[None, :] * stride_gdd, mask=mask, other=0.0).to(tl.float32)
+        fd = tl.load(FD + row[:, None] * stride_fdm + col[None, :] * stride_fdd, mask=mask, other=0.0).to(tl.float32)
+        yd = (xd + gd * f + g * fd).to(YD.dtype.element_ty)
+        tl.store(YD + out, yd, mask=mask)
+        ydn = _ln_project(yd.to(tl.float32), yn, rstd, D)
+        shd = tl.load(SHIFT_D + b[:, None] * stride_shdb + col[None, :] * stride_shdd, mask=mask,
+                      other=0.0).to(tl.float32)
+        scd = tl.load(SCALE_D + b[:, None] * stride_scdb + col[None, :] * stride_scdd, mask=mask,
+                      other=0.0).to(tl.float32)
+        tl.store(OUT_D + out, (ydn * (1.0 + sc) + yn * scd + shd).to(OUT_D.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -185,15 +194,23 @@ def _check(op: str, x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot,
     _check_ln_modulate(op, x, shift, scale, x_dot, shift_dot, scale_dot, eps)
 
 
-def gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
-                          eps: float = 1e-6):
+def gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot=None, gate_dot=None, f_dot=None, shift_dot=None,
+                          scale_dot=None, eps: float = 1e-6):
     """Launch the forward kernel; returns (y, ẏ, m, ṁ, mean, rstd): four (B, N, D) tensors in x's dtype
-    (contiguous) and the fp32 (B·N,) statistics of y. Inputs are read in place through their strides."""
-    _check("gated_residual_ln_jvp", x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps)
+    (contiguous) and the fp32 (B·N,) statistics of y. Without the tangents (all five None) the kernel
+    runs primal only (HAS_TANGENT=False) and ẏ, ṁ are None. Inputs are read in place through their
+    strides."""
+    tangents = (x_dot, gate_dot, f_dot, shift_dot, scale_dot)
+    has_tangent = any(t is not None for t in tangents)
+    _check("gated_residual_ln_jvp" if has_tangent else "gated_residual_ln", x, gate, f, shift, scale, *tangents, eps)
     B, N, D = x.shape
-    x2, f2, xd2, fd2 = rows(x, D), rows(f, D), rows(x_dot, D), rows(f_dot, D)
+    x2, f2 = rows(x, D), rows(f, D)
     M = x2.shape[0]
-    y, y_dot, m, m_dot = (torch.empty(B, N, D, dtype=x.dtype, device=x.device) for _ in range(4))
+    y, m = torch.empty(B, N, D, dtype=x.dtype, device=x.device), torch.empty(B, N, D, dtype=x.dtype, device=x.device)
+    if has_tangent:
+        xd2, fd2, y_dot, m_dot = rows(x_dot, D), rows(f_dot, D), torch.empty_like(y), torch.empty_like(m)
+    else:  # never read or written (HAS_TANGENT=False)
+        xd2, gate_dot, fd2, shift_dot, scale_dot, y_dot, m_dot = x2, gate, f2, shift, scale, y, m
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if M > 0:
@@ -206,7 +223,9 @@ def gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shif
             xd2.stride(0), xd2.stride(1), gate_dot.stride(0), gate_dot.stride(1), fd2.stride(0), fd2.stride(1),
             shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
             shift_dot.stride(0), shift_dot.stride(1), scale_dot.stride(0), scale_dot.stride(1),
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d, block_r))
+            HAS_TANGENT=has_tangent, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d, block_r))
+    if not has_tangent:
+        return y, None, m, None, mean, rstd
     return y, y_dot, m, m_dot, mean, rstd
 
 
@@ -251,6 +270,22 @@ def _(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, ep
     return (*(x.new_empty(B, N, D) for _ in range(4)), stat, torch.empty_like(stat))
 
 
+@torch.library.custom_op("meanflow_fast::gated_residual_ln_primal_fwd", mutates_args=())
+def gated_residual_ln_primal_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, shift: torch.Tensor,
+                                    scale: torch.Tensor, eps: float
+                                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, _, m, _, mean, rstd = gated_residual_ln_fwd(x, gate, f, shift, scale, eps=eps)
+    return y, m, mean, rstd
+
+
+@gated_residual_ln_primal_fwd_op.register_fake
+def _(x, gate, f, shift, scale, eps):
+    _check("gated_residual_ln", x, gate, f, shift, scale, None, None, None, None, None, eps)
+    B, N, D = x.shape
+    stat = x.new_empty(B * N, dtype=torch.float32)
+    return x.new_empty(B, N, D), x.new_empty(B, N, D), stat, torch.empty_like(stat)
+
+
 @torch.library.custom_op("meanflow_fast::gated_residual_ln_bwd", mutates_args=())
 def gated_residual_ln_bwd_op(dm: torch.Tensor, dy: Optional[torch.Tensor], y: torch.Tensor, f: torch.Tensor,
                              gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
@@ -264,8 +299,65 @@ def _(dm, dy, y, f, gate, scale, mean, rstd):
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd.Function
+# autograd.Functions
 # ---------------------------------------------------------------------------------------------
+def _gated_residual_ln_backward(ctx, dy, dm):
+    """(dx, dgate, df, dshift, dscale) from the saved (y, f, g, scale, μ, 1/σ): one Triton pass
+    (``gated_residual_ln_bwd``) when m took part in the loss, the gated residual's backward alone when
+    only y did."""
+    y, f, gate, scale, mean, rstd = ctx.saved_tensors
+    dx = df = dgate = dshift = dscale = None
+    if dm is not None:
+        dx, df, dgate, dshift, dscale = gated_residual_ln_bwd_op(dm, dy, y, f, gate, scale, mean, rstd)
+    elif dy is not None:  # m took no part in the loss: the residual's backward alone
+        dx = dy
+        df, dgate = gated_residual_bwd_op(dy, gate, f)
+    return tuple(g if n else None for g, n in zip((dx, dgate, df, dshift, dscale), ctx.needs_input_grad))
+
+
+class _GatedResidualLnPrimal(torch.autograd.Function):
+    """(x, g, f, shift, scale) → (y, m, mean, rstd), primal only, in the torch.func form (the row
+    statistics are outputs so that setup_context can save them; ``gated_residual_ln`` drops them). Saves
+    what the dual Function saves; the same backward. The variant applied under torch.compile (no
+    ``jvp``; see GatedResidualLnFunction)."""
+
+    @staticmethod
+    def forward(x, gate, f, shift, scale, eps):
+        return gated_residual_ln_primal_fwd_op(x, gate, f, shift, scale, float(eps))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, gate, f, _, scale, eps = inputs
+        y, _, mean, rstd = output
+        ctx.save_for_backward(y, f, gate, scale, mean, rstd)
+        ctx.eps = float(eps)
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused y or m
+
+    @staticmethod
+    def backward(ctx, dy, dm, _dmean, _drstd):
+        return (*_gated_residual_ln_backward(ctx, dy, dm), None)
+
+
+class GatedResidualLnFunction(_GatedResidualLnPrimal):
+    """``_GatedResidualLnPrimal`` plus forward mode: ``jvp`` runs the dual kernel (gate, shift and scale
+    tangents included), so torch.func.jvp over a model that calls ``gated_residual_ln`` stays on the
+    fused kernels."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _GatedResidualLnPrimal.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:5])
+
+    @staticmethod
+    def jvp(ctx, x_t, gate_t, f_t, shift_t, scale_t, _eps_t):
+        x, gate, f, shift, scale = ctx.saved_tensors
+        _, y_dot, _, m_dot, _, _ = gated_residual_ln_fwd_op(
+            x, gate, f, shift, scale, zeros_if_none(x_t, x), zeros_if_none(gate_t, gate), zeros_if_none(f_t, f),
+            zeros_if_none(shift_t, shift), zeros_if_none(scale_t, scale), ctx.eps)
+        return y_dot, m_dot, None, None
+
+
 class GatedResidualLnJvpFunction(torch.autograd.Function):
     """(x, g, f, shift, scale, ẋ, ġ, ḟ, shifṫ, scalė) → (y, ẏ, m, ṁ). Saves y, f, g, scale and the fp32
     row statistics: what the two ops apart save (g, f; y, scale, μ, 1/σ), nothing of the tangent stream;
@@ -282,21 +374,23 @@ class GatedResidualLnJvpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dy_dot, dm, _dm_dot):
-        y, f, gate, scale, mean, rstd = ctx.saved_tensors
-        dx = df = dgate = dshift = dscale = None
-        if dm is not None:
-            dx, df, dgate, dshift, dscale = gated_residual_ln_bwd_op(dm, dy, y, f, gate, scale, mean, rstd)
-        elif dy is not None:  # m took no part in the loss: the residual's backward alone
-            dx = dy
-            df, dgate = gated_residual_bwd_op(dy, gate, f)
-        need = ctx.needs_input_grad
-        grads = (dx, dgate, df, dshift, dscale)
-        return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None, None, None)
+        return (*_gated_residual_ln_backward(ctx, dy, dm), None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public function
+# Public functions
 # ---------------------------------------------------------------------------------------------
+def gated_residual_ln(x, gate, f, shift, scale, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, m): the gated residual y = x + g ⊙ f and the LayerNorm-modulate m of y in one Triton kernel,
+    primal only (``FUSE = False``: ``gated_residual`` then ``ln_modulate``); both differentiable (one
+    Triton backward). Same signature and contract as ``gated_residual_ln_ref``."""
+    if not FUSE:
+        y = gated_residual(x, gate, f)
+        return y, ln_modulate(y, shift, scale, eps)
+    y, m, _, _ = pick_function(GatedResidualLnFunction, _GatedResidualLnPrimal).apply(x, gate, f, shift, scale, eps)
+    return y, m
+
+
 def gated_residual_ln_jvp(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
                           eps: float = 1e-6):
     """(y, ẏ, m, ṁ): the gated residual y = x + g ⊙ f and the LayerNorm-modulate m of y, with their

@@ -10,10 +10,10 @@ dr = 0, dt = 1) op by op with the explicit rules of DESIGN.md §2; both through 
 ``meanflow_fast.ops`` (``PrimalOps`` / ``DualOps``). With ``backend="triton"`` the plain forward runs
 the fused LayerNorm-modulate, gated-residual and fc1 + GELU kernels, with the plain linears and fc2 on
 cuBLAS and attention on torch's SDPA; the conditioning (embedders, adaLN) stays in torch either way.
-``forward_jvp`` runs each gated residual fused with the LayerNorm-modulate that follows it
-(``DualOps.gated_residual_ln``: the block's second, the next block's first, the final layer's), so
-the blocks are chained through ``DiTBlock.forward_jvp_after_ln``; ``DiTBlock.forward_jvp`` is one block
-on its own.
+Both forwards run each gated residual fused with the LayerNorm-modulate that follows it
+(``gated_residual_ln``: the block's second, the next block's first, the final layer's), so the blocks
+are chained through ``DiTBlock.forward_after_ln`` / ``DiTBlock.forward_jvp_after_ln``;
+``DiTBlock.forward`` / ``DiTBlock.forward_jvp`` are one block on its own.
 """
 import math
 from dataclasses import asdict, dataclass, replace
@@ -193,12 +193,21 @@ class Mlp(nn.Module):
 
 @dataclass
 class LnModulation:
-    """One LayerNorm-modulate of the dual stream: its (B, D) shift and scale, their tangents, its eps."""
+    """One LayerNorm-modulate m = LN(x)·(1 + scale) + shift: its (B, D) shift and scale, their tangents
+    (None in the plain forward), its eps."""
     shift: torch.Tensor
     scale: torch.Tensor
-    shift_dot: torch.Tensor
-    scale_dot: torch.Tensor
-    eps: float
+    shift_dot: Optional[torch.Tensor] = None
+    scale_dot: Optional[torch.Tensor] = None
+    eps: float = 1e-6
+
+    def apply(self, ops: PrimalOps, x):
+        """m of the plain forward."""
+        return ops.ln_modulate(x, self.shift, self.scale, self.eps)
+
+    def after_residual(self, ops: PrimalOps, x, gate, f):
+        """(y, m): the gated residual y = x + g ⊙ f, then this LayerNorm-modulate of y, in one op."""
+        return ops.gated_residual_ln(x, gate, f, self.shift, self.scale, self.eps)
 
     def jvp(self, ops: DualOps, x, x_dot):
         """(m, ṁ) of m = LN(x)·(1 + scale) + shift."""
@@ -222,9 +231,24 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
-        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 × (B, D)
-        x = ops.gated_residual(x, g1, self.attn(ops.ln_modulate(x, sh1, sc1, self.eps), ops))
-        return ops.gated_residual(x, g2, self.mlp(ops.ln_modulate(x, sh2, sc2, self.eps), ops))
+        """The block on its own: x → x'."""
+        mod = self.modulation(c)
+        return self.forward_after_ln(x, LnModulation(mod[0], mod[1], eps=self.eps).apply(ops, x), mod, ops)[0]
+
+    def modulation(self, c: torch.Tensor):
+        """The six (B, D) adaLN chunks (sh1, sc1, g1, sh2, sc2, g2)."""
+        return self.adaLN_modulation(c).chunk(6, dim=1)
+
+    def forward_after_ln(self, x, h, mod, ops: PrimalOps, next_ln: Optional[LnModulation] = None):
+        """The plain forward's ``forward_jvp_after_ln``: the block from h = LN(x)·(1 + sc1) + sh1 on, each
+        gated residual fused with the LayerNorm-modulate after it (``ops.gated_residual_ln``). Returns
+        (x', h'), h' = next_ln applied to x' (None without ``next_ln``)."""
+        _, _, g1, sh2, sc2, g2 = mod
+        x, h = ops.gated_residual_ln(x, g1, self.attn(h, ops), sh2, sc2, self.eps)
+        f = self.mlp(h, ops)
+        if next_ln is None:
+            return ops.gated_residual(x, g2, f), None
+        return next_ln.after_residual(ops, x, g2, f)
 
     def modulation_jvp(self, c, c_dot):
         """The six (B, D) adaLN chunks (sh1, sc1, g1, sh2, sc2, g2) and their tangents."""
@@ -272,8 +296,16 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
+        return self.head(self.ln(c).apply(ops, x), ops)
+
+    def ln(self, c) -> LnModulation:
+        """The final LayerNorm-modulate's shift and scale, from the adaLN of c (plain forward)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return ops.linear(ops.ln_modulate(x, shift, scale, self.eps), self.linear.weight, self.linear.bias)
+        return LnModulation(shift, scale, eps=self.eps)
+
+    def head(self, h, ops: PrimalOps):
+        """The output linear on the LayerNorm-modulated h (plain forward)."""
+        return ops.linear(h, self.linear.weight, self.linear.bias)
 
     def ln_jvp(self, c, c_dot) -> LnModulation:
         """The final LayerNorm-modulate's shift and scale (and tangents), from the adaLN of c."""
@@ -381,9 +413,14 @@ class MeanFlowDiT(nn.Module):
         r, t = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
         x = self.patchify(z) + self.pos_embed.to(z.dtype)  # (B, N, D)
         c = self.condition(r, t, y)                         # (B, D)
-        for block in self.blocks:
-            x = block(x, c, ops)
-        return self.unpatchify(self.final_layer(x, c, ops))  # (B, C, H, W)
+        # As in forward_jvp: every gated residual fused with the LayerNorm-modulate after it.
+        mods = [block.modulation(c) for block in self.blocks]
+        lns = [LnModulation(mod[0], mod[1], eps=block.eps) for block, mod in zip(self.blocks, mods)]
+        lns.append(self.final_layer.ln(c))
+        h = lns[0].apply(ops, x)
+        for block, mod, next_ln in zip(self.blocks, mods, lns[1:]):
+            x, h = block.forward_after_ln(x, h, mod, ops, next_ln)
+        return self.unpatchify(self.final_layer.head(h, ops))  # (B, C, H, W)
 
     def forward_jvp(self, z: torch.Tensor, r: Times, t: Times, y: torch.Tensor, dz: torch.Tensor,
                     backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,7 @@ class PrimalOps:
     attention: Callable     # (q, k, v) -> o, layout (B, H, N, D), softmax scale 1/√D
     mlp: Callable           # (x, w1, b1, w2, b2) -> y
     gated_residual: Callable  # (x, gate, f) -> y
+    gated_residual_ln: Callable  # (x, gate, f, shift, scale, eps) -> (y, m): gated_residual, then ln_modulate
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,7 @@ _TORCH_PRIMAL = PrimalOps(
     attention=_sdpa,
     mlp=kernels.mlp_ref,
     gated_residual=kernels.gated_residual_ref,
+    gated_residual_ln=kernels.gated_residual_ln_ref,
 )
 
 _PRIMAL_CACHE: Dict[str, PrimalOps] = {"torch": _TORCH_PRIMAL}
@@ -97,6 +99,7 @@ def _triton_ops() -> DualOps:
 
 def _triton_primal_ops() -> PrimalOps:
     from kernels.gated_residual import gated_residual
+    from kernels.gated_residual_ln import gated_residual_ln
     from kernels.layernorm_modulate import ln_modulate
     from kernels.mlp import mlp
     # The plain linears (qkv, proj, final layer) stay on cuBLAS: with no tangent stream sharing the
@@ -111,6 +114,7 @@ def _triton_primal_ops() -> PrimalOps:
         attention=_sdpa,
         mlp=_autocast_inputs(mlp),
         gated_residual=_autocast_inputs(gated_residual),
+        gated_residual_ln=_autocast_inputs(gated_residual_ln),
     )
 
 

@@ -1,13 +1,15 @@
-"""The fused gated residual + LayerNorm-modulate (kernels/gated_residual_ln.py): forward, tangents and
-gradients against fp64, within 2× the error of torch's own computation at the same precision (the rule
-of tests/test_dual_kernels.py, whose input helpers this file shares). Interpreter on the CPU (fp32,
-fp16, bf16: no tl.dot here), the GPU in bf16 at DiT-B/2 shapes.
+"""The fused gated residual + LayerNorm-modulate (kernels/gated_residual_ln.py), with tangents
+(``gated_residual_ln_jvp``) and primal only (``gated_residual_ln``, the plain forward's): forward,
+tangents and gradients against fp64, within 2× the error of torch's own computation at the same
+precision (the rule of tests/test_dual_kernels.py, whose input helpers this file shares). Interpreter on
+the CPU (fp32, fp16, bf16: no tl.dot here), the GPU in bf16 at DiT-B/2 shapes.
 """
 import pytest
 import torch
 
 import kernels.gated_residual_ln as grl
-from kernels.gated_residual_ln import gated_residual_ln_jvp, gated_residual_ln_jvp_ref, gated_residual_ln_ref
+from kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp, gated_residual_ln_jvp_ref,
+                                      gated_residual_ln_ref)
 from tests.helpers import assert_within_torch, rel_err, requires_cuda
 from tests.test_dual_kernels import FLOOR, _factor, _modulation, _rand, _strided
 
@@ -162,5 +164,128 @@ def test_bf16_dit_b2_shapes_on_gpu():
     g = _grads(gated_residual_ln_jvp, prim, tan, wy, wm, torch.bfloat16)
     g32 = _grads(gated_residual_ln_jvp_ref, prim, tan, wy, wm, torch.float32)
     g_t = _grads(gated_residual_ln_jvp_ref, prim, tan, wy, wm, torch.bfloat16)
+    for i, (a, t, e) in enumerate(zip(g, g_t, g32)):
+        assert_within_torch(f"grad {i}", a, t, e, 2, 1e-3)
+
+
+# =================================================================================================
+#                 Primal only (HAS_TANGENT=False): gated_residual_ln of the plain forward
+# =================================================================================================
+def _primal_grads(fn, prim, wy, wm, dtype):
+    """``_grads`` for a primal function (x, gate, f, shift, scale) → (y, m)."""
+    leaves = [p.detach().to(dtype).requires_grad_() for p in prim]
+    y, m = fn(*leaves)
+    loss = sum((out.double() * w.double()).sum() for out, w in ((y, wy), (m, wm)) if w is not None)
+    return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("shape", [(1, 7, 72), (2, 3, 1030)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_primal_forward(dtype, shape, strided):
+    prim, tan = _inputs(*shape, dtype, strided)
+    exact = gated_residual_ln_ref(*_cast(prim, torch.float64))
+    own = gated_residual_ln_ref(*prim)
+    got = gated_residual_ln(*prim)
+    for what, g, o, e in zip(("y", "m"), got, own, exact):
+        assert g.dtype == dtype and g.shape == e.shape and g.is_contiguous(), what
+        assert_within_torch(f"{what} ({dtype}, {shape})", g, o, e, _factor(dtype), FLOOR[dtype])
+    # HAS_TANGENT=False only drops the tangents: y, m and the statistics equal the dual launch's, bit for bit
+    primal, dual = grl.gated_residual_ln_fwd(*prim), grl.gated_residual_ln_fwd(*prim, *tan)
+    assert primal[1] is None and primal[3] is None
+    for i in (0, 2, 4, 5):
+        assert torch.equal(primal[i], dual[i]), i
+
+
+@pytest.mark.parametrize("uses", ["both", "m_only", "y_only"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_primal_gradients(dtype, uses):
+    B, N, D = 3, 11, 40
+    prim, _ = _inputs(B, N, D, dtype, True)
+    wy = None if uses == "m_only" else _rand(B, N, D, dtype=dtype)
+    wm = None if uses == "y_only" else _rand(B, N, D, dtype=dtype)
+    g = _primal_grads(gated_residual_ln, prim, wy, wm, dtype)
+    g64 = _primal_grads(gated_residual_ln_ref, prim, wy, wm, torch.float64)
+    g_t = _primal_grads(gated_residual_ln_ref, prim, wy, wm, dtype)
+    for name, a, t, e in zip(("x", "gate", "f", "shift", "scale"), g, g_t, g64):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        if uses == "y_only" and name in ("shift", "scale"):
+            assert not a.any(), name
+            continue
+        assert_within_torch(f"grad {name} ({uses}, {dtype})", a, t, e, _factor(dtype), FLOOR[dtype])
+
+
+def test_primal_saves_what_the_dual_saves_and_nothing_without_grad():
+    prim, _ = _inputs(2, 5, 40, torch.float32, False)
+    leaves = [p.detach().requires_grad_() for p in prim]
+    for grad, expected in ((True, 6), (False, 0)):  # y, f, gate, scale, μ, 1/σ
+        saved = []
+        with torch.set_grad_enabled(grad), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y, m = gated_residual_ln(*leaves)
+        assert len(saved) == expected and y.requires_grad == grad and m.requires_grad == grad
+
+
+def test_primal_fuse_switch_gives_the_same_results(monkeypatch):
+    prim, _ = _inputs(2, 9, 40, torch.float32, True)
+    wy, wm = _rand(2, 9, 40, dtype=torch.float32), _rand(2, 9, 40, dtype=torch.float32)
+    fused = (*gated_residual_ln(*prim), *_primal_grads(gated_residual_ln, prim, wy, wm, torch.float32))
+    monkeypatch.setattr(grl, "FUSE", False)
+    apart = (*gated_residual_ln(*prim), *_primal_grads(gated_residual_ln, prim, wy, wm, torch.float32))
+    for a, b in zip(fused, apart):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_func_jvp_over_primal_runs_the_dual_kernel():
+    """torch.func.jvp over ``gated_residual_ln`` (every input with a tangent, the plain forward under
+    forward-mode AD) against torch.func.jvp over the fp64 reference."""
+    prim, tan = _inputs(3, 11, 40, torch.float32, True)
+    out, out_dot = torch.func.jvp(gated_residual_ln, tuple(prim), tuple(tan))
+    ref, ref_dot = torch.func.jvp(gated_residual_ln_ref, tuple(_cast(prim, torch.float64)),
+                                  tuple(_cast(tan, torch.float64)))
+    for what, a, e in zip(("y", "m", "y_dot", "m_dot"), (*out, *out_dot), (*ref, *ref_dot)):
+        assert rel_err(a, e) <= 1e-5, (what, rel_err(a, e))
+
+
+def test_primal_custom_op_passes_opcheck_and_traces():
+    prim, _ = _inputs(2, 5, 40, torch.float32, True)
+    result = torch.library.opcheck(torch.ops.meanflow_fast.gated_residual_ln_primal_fwd.default, (*prim, 1e-6))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    leaves = [p.detach().requires_grad_() for p in prim]
+
+    def f(*a):
+        y, m = gated_residual_ln(*a)
+        return (y * 0.5 + m * m).sum()
+    g = torch.autograd.grad(f(*leaves), leaves)
+    torch._dynamo.reset()
+    g_c = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves), leaves)
+    for a, b in zip(g_c, g):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_primal_bad_input_names_the_argument():
+    prim, tan = _inputs(2, 5, 40, torch.float32, False)
+    x, gate, f, shift, scale = prim
+    with pytest.raises(ValueError, match=r"gated_residual_ln: shift must have shape \(2, 40\)"):
+        gated_residual_ln(x, gate, f, shift[:1], scale)
+    with pytest.raises(ValueError, match=r"gated_residual_ln: gate must have shape \(2, 40\)"):
+        gated_residual_ln(x, x, f, shift, scale)
+    with pytest.raises(ValueError, match="gated_residual_ln: eps must be a non-negative float"):
+        gated_residual_ln(*prim, eps=-1.0)
+    with pytest.raises(ValueError, match="must be given together"):  # some tangents but not all
+        grl.gated_residual_ln_fwd(*prim, tan[0], tan[1], tan[2])
+
+
+@requires_cuda
+def test_primal_bf16_dit_b2_shapes_on_gpu():
+    prim32, _ = _inputs(4, 256, 768, torch.float32, True)
+    prim = _cast(prim32, torch.bfloat16)
+    exact, own = gated_residual_ln_ref(*_cast(prim, torch.float32)), gated_residual_ln_ref(*prim)
+    for what, g, o, e in zip(("y", "m"), gated_residual_ln(*prim), own, exact):
+        assert_within_torch(what, g, o, e, 2, 1e-3)
+    wy, wm = _rand(4, 256, 768, dtype=torch.bfloat16), _rand(4, 256, 768, dtype=torch.bfloat16)
+    g = _primal_grads(gated_residual_ln, prim, wy, wm, torch.bfloat16)
+    g32 = _primal_grads(gated_residual_ln_ref, prim, wy, wm, torch.float32)
+    g_t = _primal_grads(gated_residual_ln_ref, prim, wy, wm, torch.bfloat16)
     for i, (a, t, e) in enumerate(zip(g, g_t, g32)):
         assert_within_torch(f"grad {i}", a, t, e, 2, 1e-3)

@@ -322,3 +322,20 @@ def test_triton_backward_of_forward_jvp_is_lean():
     assert log.big_calls.get("aten.add") == 1, log.big_calls
     wasteful = {"aten.zeros", "aten.zeros_like", "aten.new_zeros", "aten.fill_", "aten.stack", "aten.cat"}
     assert not wasteful & log.big, wasteful & log.big
+
+
+def test_triton_backward_of_plain_forward_is_lean():
+    """The plain forward with backend="triton" chains its blocks as forward_jvp does: every gated
+    residual fused with the LayerNorm-modulate after it, so its backward runs 2 × depth fused backwards,
+    the first LayerNorm-modulate's alone, and autograd's activation-sized add once (the patch
+    embedding's two consumers), not once per residual."""
+    m = _model(torch.float32, input_size=8, hidden_size=64, num_heads=2)
+    z, r, t, y, _ = _inputs(m, 2, torch.float32)
+    u = m(z, r, t, y, backend="triton")
+    with OpLog() as log:
+        (u * torch.randn_like(u)).sum().backward()
+    depth = len(m.blocks)
+    assert log.big_calls.get("meanflow_fast.gated_residual_ln_bwd") == 2 * depth, log.big_calls
+    assert log.big_calls.get("meanflow_fast.ln_modulate_bwd") == 1, log.big_calls
+    assert "meanflow_fast.gated_residual_bwd" not in log.big_calls, log.big_calls
+    assert log.big_calls.get("aten.add") == 1, log.big_calls

@@ -56,13 +56,17 @@ def test_record_launches_sees_every_kernel_of_a_training_step():
     with record_launches(sink):
         step()
     names = {_name(k) for k, _, _ in sink}
-    # (the gated residual's own backward does not run: forward_jvp fuses every gated residual with the
-    # next LayerNorm-modulate; its forward kernel serves the plain guidance forward)
+    # (the gated residual's own kernels do not run: both forward_jvp and the plain guidance forward fuse
+    # every gated residual with the next LayerNorm-modulate, so ``_gated_residual_ln_fwd_kernel`` runs
+    # with and without tangents)
     expected = {"_attn_fwd_jvp_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
                 "_attn_bwd_preprocess_kernel", "_ln_modulate_fwd_kernel", "_ln_modulate_bwd_kernel",
-                "_gated_residual_fwd_kernel", "_gated_residual_ln_fwd_kernel", "_gated_residual_ln_bwd_kernel",
+                "_gated_residual_ln_fwd_kernel", "_gated_residual_ln_bwd_kernel",
                 "_dual_linear_fwd_kernel", "_gelu_bwd_kernel"}
     assert expected <= names, expected - names
+    assert "_gated_residual_fwd_kernel" not in names and "_gated_residual_bwd_kernel" not in names
+    has_tangent = {kw["HAS_TANGENT"] for k, _, kw in sink if _name(k) == "_gated_residual_ln_fwd_kernel"}
+    assert has_tangent == {True, False}, has_tangent
     assert all("grid" in kw for _, _, kw in sink)
 
 
