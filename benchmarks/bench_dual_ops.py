@@ -240,3 +240,42 @@ def test_gated_residual_ln_fwd_tangent(benchmark, provider, gated_inputs, monkey
     benchmark.group = "gated_residual + ln_modulate fwd+tangent, DiT-B/2 b128 bf16"
     # compulsory traffic: read x, f, ẋ, ḟ; write y, ẏ, m, ṁ (the apart kernels also re-read y and ẏ)
     _run(benchmark, lambda: fn(*args), False, 8 * M * D * ELEM + 2 * M * 4, "GB/s", baseline)
+
+
+# =================================================================================================
+#   The plain forward's ops without grad (the guided target's no-grad forward on 2B rows, the sampler)
+# =================================================================================================
+@pytest.mark.parametrize("provider", ["cublaslt", "triton", "torch", "torch_compiled"])
+def test_mlp_plain_no_grad(benchmark, provider, mlp_inputs, monkeypatch):
+    """fc1 + GELU on cuBLASLt's GELU epilogue vs the Triton GEMM (kernels.mlp.NO_GRAD_FC1_IMPL), fc2 on
+    cuBLAS either way; torch: eager and compiled ``mlp_ref``."""
+    import kernels.mlp as mlp_mod
+    from kernels.mlp import mlp
+    x, w1, b1, w2, b2, _ = (t.detach() for t in mlp_inputs)
+    if provider in ("cublaslt", "triton"):
+        monkeypatch.setattr(mlp_mod, "NO_GRAD_FC1_IMPL", provider)
+        fn = mlp
+    else:
+        fn = mlp_ref
+    baseline = _time_ms(lambda: mlp_ref(x, w1, b1, w2, b2))
+    benchmark.group = "mlp plain forward, no grad, DiT-B/2 b128 bf16"
+    with torch.no_grad():
+        _run(benchmark, lambda: fn(x, w1, b1, w2, b2), provider == "torch_compiled", MLP_FLOPS["fwd"], "TFLOP/s",
+             baseline)
+
+
+@pytest.mark.parametrize("provider", ["fused", "apart", "torch", "torch_compiled"])
+def test_gated_residual_ln_plain_no_grad(benchmark, provider, gated_inputs, monkeypatch):
+    """The plain forward's gated residual + next LN-modulate: one kernel (``gated_residual_ln``) vs the
+    two primal kernels apart (``FUSE = False``) vs torch eager and compiled."""
+    x, gate, f = (t.detach() for t in gated_inputs[:3])
+    shift, scale = _rand(B, 6 * D).chunk(6, dim=1)[3:5]
+    args = (x, gate, f, shift, scale, 1e-6)
+    monkeypatch.setattr(gated_ln_mod, "FUSE", provider != "apart")
+    fn = gated_ln_mod.gated_residual_ln if provider in ("fused", "apart") else gated_ln_mod.gated_residual_ln_ref
+    baseline = _time_ms(lambda: gated_ln_mod.gated_residual_ln_ref(*args))
+    benchmark.group = "gated_residual + ln_modulate plain forward, no grad, DiT-B/2 b128 bf16"
+    # compulsory traffic: read x, f; write y, m (+ the fp32 row statistics)
+    with torch.no_grad():
+        _run(benchmark, lambda: fn(*args), provider == "torch_compiled", 4 * M * D * ELEM + 2 * M * 4, "GB/s",
+             baseline)

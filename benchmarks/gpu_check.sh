@@ -15,7 +15,8 @@
 #   bash benchmarks/gpu_check.sh ops        # per-op TFLOP/s or GB/s (benchmarks/bench_dual_ops.py, eager;
 #                                           # OPS_K picks others); dual linear Triton vs cuBLAS;
 #                                           # the MLP backward GELU pass (gelu_bwd) vs torch; residual + LN
-#                                           # fused vs apart (gated_residual_ln.FUSE)
+#                                           # fused vs apart (gated_residual_ln.FUSE); the no-grad plain MLP
+#                                           # (fc1 on cuBLASLt vs Triton) and residual + LN (plain_no_grad)
 #   bash benchmarks/gpu_check.sh attention  # attention fwd + tangent vs torch.func.jvp, jvp_flash_attention
 #                                           # (installed from .gpu_wheels/ when carried: fetch_baselines.sh)
 #   BUDGET=500 bash benchmarks/gpu_check.sh tests,bench,attention
@@ -99,7 +100,7 @@ phase_attention() {
 phase_ops() {
     echo "== per-op figures (eager): fused ops vs their torch references; dual linear Triton vs cuBLAS =="
     timeout "$(lim 240)" "$PY" -m pytest benchmarks/bench_dual_ops.py --benchmark-only -q -p no:cacheprovider \
-        -k "${OPS_K:-dual_linear or gelu_bwd or gated_residual_ln or (eager and not torch_jvp)}" --benchmark-columns=median \
+        -k "${OPS_K:-dual_linear or gelu_bwd or gated_residual_ln_fwd_tangent or (plain_no_grad and not compiled) or (eager and not torch_jvp)}" --benchmark-columns=median \
         --benchmark-json "$OUT/dual_ops.json" > "$OUT/dual_ops.log" 2>&1
     echo "pytest exit $? ($(tail -n 1 "$OUT/dual_ops.log"))"
     [[ -f "$OUT/dual_ops.json" ]] || { echo "(no benchmark JSON written: see $OUT/dual_ops.log)"; return; }

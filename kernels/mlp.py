@@ -10,8 +10,9 @@ written for the backward), then fc2 with the bias on the primal stream only.
 The primal-only ``mlp`` (the DiT's plain forward) runs fc1 + GELU as the same kernel without the
 tangent (HAS_TANGENT=False: one accumulator, h written once instead of a GEMM then an elementwise GELU
 pass over the (M, hidden) activations), and fc2 on cuBLAS (``F.linear``): fc2 has no epilogue to fuse,
-and a Triton GEMM would at best match cuBLAS on a primal-only matmul. Both variants share one
-backward (``_mlp_backward``).
+and a Triton GEMM would at best match cuBLAS on a primal-only matmul. Without a backward to follow, fc1
++ GELU on CUDA is one cuBLASLt GEMM with its GELU epilogue instead (``NO_GRAD_FC1_IMPL``). Both
+variants share one backward (``_mlp_backward``).
 """
 import math
 from typing import Tuple
@@ -176,11 +177,37 @@ def _check_mlp(op: str, x, w1, b1, w2, b2, x_dot) -> None:
         check_shape(op, "b2", b2, (w2.shape[0],), "fc2's out_features")
 
 
+# fc1 + GELU of the primal-only MLP when no backward will run (``store_pre`` False: the guided target's
+# no-grad forward, the sampler), on CUDA:
+#   "cublaslt": torch._addmm_activation(b1, x, W1ᵀ, use_gelu=True), one cuBLASLt GEMM with its GELU
+#               epilogue. On CUDA every path of that op applies the tanh approximation (the DiT's GELU;
+#               the CPU op applies erf, so the CPU never takes this path). It cannot give the
+#               pre-activation the backward needs, so a call with a backward stays on Triton.
+#   "triton":   the Triton GEMM with the GELU epilogue (HAS_TANGENT=False), as when a backward follows.
+# Why "cublaslt" first: on the H100 (benchmarks/RESULTS.md) cuBLAS ran the eager forward's qkv and fc1
+# GEMMs at ~680 TFLOP/s and our dual Triton GEMM at ~474; the primal Triton fc1 was never timed alone.
+# Predicted: B/2 batch 128 plain forward −1 ms (fc1's 1.9 TFLOP at 680 instead of ~480 TFLOP/s). Owed:
+# the A/B on a GPU (benchmarks/bench_dual_ops.py, mlp_plain_no_grad).
+NO_GRAD_FC1_IMPL = "cublaslt"
+_FC1_IMPLS = ("cublaslt", "triton")
+
+
+def _fc1_on_cublaslt(x, b1) -> bool:
+    if NO_GRAD_FC1_IMPL not in _FC1_IMPLS:
+        raise ValueError(f"kernels.mlp.NO_GRAD_FC1_IMPL must be one of {_FC1_IMPLS}, got {NO_GRAD_FC1_IMPL!r}")
+    return NO_GRAD_FC1_IMPL == "cublaslt" and x.is_cuda and b1 is not None
+
+
 def mlp_fwd(x, w1, b1, w2, b2, store_pre: bool = False):
-    """(y, a), primal only: fc1 + GELU in one Triton launch (HAS_TANGENT=False), fc2 on cuBLAS. The
-    pre-activation a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else an empty tensor. h is written
-    once by fc1 and read once by fc2."""
+    """(y, a), primal only: fc1 + GELU in one launch (Triton with HAS_TANGENT=False, or cuBLASLt's GELU
+    epilogue without ``store_pre``: ``NO_GRAD_FC1_IMPL``), fc2 on cuBLAS. The pre-activation
+    a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else an empty tensor. h is written once by fc1 and
+    read once by fc2."""
     _check_mlp("mlp", x, w1, b1, w2, b2, None)
+    if not store_pre and _fc1_on_cublaslt(x, b1):
+        hidden, dim = w1.shape
+        h = torch._addmm_activation(b1, rows(x, dim), w1.t(), use_gelu=True).reshape(*x.shape[:-1], hidden)
+        return F.linear(h, w2, b2), x.new_empty(0)
     h, a = linear_gelu_fwd_op(x, w1, b1, store_pre)
     return F.linear(h, w2, b2), a
 
@@ -308,7 +335,8 @@ def _needs_backward(*tensors) -> bool:
 
 
 def mlp(x, w1, b1, w2, b2) -> torch.Tensor:
-    """y = gelu_tanh(x W1ᵀ + b1) W2ᵀ + b2, primal only: fc1 + GELU in one Triton matmul, fc2 on cuBLAS;
+    """y = gelu_tanh(x W1ᵀ + b1) W2ᵀ + b2, primal only: fc1 + GELU in one Triton matmul (one cuBLASLt
+    GEMM with its GELU epilogue on CUDA when no backward follows: ``NO_GRAD_FC1_IMPL``), fc2 on cuBLAS;
     differentiable. Same signature and contract as ``mlp_ref``."""
     fn = pick_function(MlpFunction, _MlpPrimal)
     return fn.apply(x, w1, b1, w2, b2, _needs_backward(x, w1, b1, w2, b2))[0]

@@ -13,8 +13,9 @@ import torch
 from kernels.gated_residual import gated_residual, gated_residual_fwd, gated_residual_jvp
 from kernels.layernorm_modulate import ln_modulate, ln_modulate_fwd, ln_modulate_jvp, ln_modulate_ref
 from kernels.linear import dual_linear_fwd
+import kernels.mlp as mlp_mod
 from kernels.mlp import mlp, mlp_ref
-from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
+from tests.helpers import HAS_CUDA, OpLog, assert_within_torch, rel_err, requires_cuda
 from tests.test_dual_kernels import DEVICE, FLOOR, OPS, Case, _dit_case, _factor, _grads, _to
 
 PRIMAL = {"ln_modulate": ln_modulate, "gated_residual": gated_residual, "mlp": mlp}
@@ -109,6 +110,36 @@ def test_mlp_partial_grads_and_no_grad():
     (dw2_64,) = torch.autograd.grad(mlp_ref(x.double(), w1.double(), b1.double(), w2_64, b2.double()).sum(), w2_64)
     assert rel_err(dw2, dw2_64) < 1e-5
     assert rel_err(mlp(x, w1, None, w2.detach(), None), mlp_ref(x, w1, None, w2.detach(), None)) < 1e-5
+
+
+def test_no_grad_fc1_impl_is_checked(monkeypatch):
+    case = OPS["mlp"].make(((2, 5), 40, 72), torch.float32, False)
+    monkeypatch.setattr(mlp_mod, "NO_GRAD_FC1_IMPL", "cublas")
+    with pytest.raises(ValueError, match=r"NO_GRAD_FC1_IMPL must be one of \('cublaslt', 'triton'\), got 'cublas'"):
+        with torch.no_grad():
+            mlp(*case.primals)
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["cublaslt", "triton"])
+def test_mlp_no_grad_bf16_dit_b2_on_gpu(impl, monkeypatch):
+    """The no-grad MLP (the guided target's forward, the sampler) in bf16 at DiT-B/2 shapes, fc1 + GELU
+    on cuBLASLt's GELU epilogue or on Triton (``NO_GRAD_FC1_IMPL``), against the fp32 reference within
+    2× torch's own bf16 error; and the chosen implementation is the one that ran."""
+    monkeypatch.setattr(mlp_mod, "NO_GRAD_FC1_IMPL", impl)
+    case = _dit_case("mlp")
+    bf = [_to(p, torch.bfloat16) for p in case.primals]
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
+    try:
+        with torch.no_grad(), OpLog() as log:
+            y = mlp(*bf)
+        y32, y_t = mlp_ref(*[_to(p, torch.float32) for p in bf]), mlp_ref(*bf)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert_within_torch(f"output ({impl})", y, y_t, y32, 2, 1e-3)
+    ran = {"cublaslt": "aten._addmm_activation", "triton": "meanflow_fast.linear_gelu_fwd"}
+    assert ran[impl] in log.ops and all(ran[o] not in log.ops for o in ran if o != impl), log.ops
 
 
 def test_ln_modulate_eps():
