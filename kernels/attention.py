@@ -97,6 +97,13 @@ def _check_qkv(name: str, qkv, num_heads) -> None:
 #   Every dot over D is then two dots, and every (rows, D) accumulator two. Padding D = 72 to one
 #   128-wide tile instead computed 78% more than needed and, in the forward with tangent, held four
 #   128-wide fp32/bf16 row tiles live: 255 registers and spills in every config (compile_check, sm_90);
+# - every (B, H, N) stride and (b, h) offset goes through ``_aligned`` with the launcher's ALIGN, the
+#   largest power of 2 ≤ 8 dividing all of them, so that the compiler sees what it cannot infer on its
+#   own: Triton only specialises integer arguments on divisibility by 16, and at D = 72 the head stride
+#   of the DiT's packed qkv is 72. Without the hint every K/V tile load was scalar (2-byte) and unpipelined
+#   (no cp.async) at D = 72 in the forward, the dQ kernel and half the dK/dV loads: 255 registers and
+#   spills in 4 of 5 forward-with-tangent configs; with it, the same cp.async pipelines as at D = 64 and no
+#   spills (compile_check, triton 3.6, sm_90; benchmarks/RESULTS.md);
 # - all accumulators, softmax statistics and reductions are fp32; P is rounded to the input dtype only
 #   as a tl.dot operand (as FlashAttention does), and fp32 inputs use IEEE dots, not TF32.
 _INTERPRET = interpreting()
@@ -133,12 +140,13 @@ def _fp32_prune(fp32_tiles):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Not swept on a GPU yet: FlashAttention-2-sized tiles, with
 # smaller key blocks for the tangent variant (two fp32 (BLOCK_M, D) accumulators and Q, Q̇ are live).
-# The last one is there for D = 72 with tangent, the only case that still spills (compile_check,
-# triton 3.6, sm_90): it compiles without spills; the first four spill 8-164 B there and none at D = 64.
-# (64, 32, 8 warps, 3 stages), also spill-free there, is left out: on an H100 (triton 3.6) it faults
-# with an illegal memory access at D = 72 with tangent (bf16, N = 256), while every other config and
-# D = 80 / 96 with it ran correctly (benchmarks/RESULTS.md, 2026-11-26): a compiler fault, not ours to
-# keep in the autotuner's list, since one faulting candidate kills the process at the first launch.
+# The last one was added for D = 72 with tangent, when the first four spilled 8-164 B there; since the
+# stride alignment hint (``_aligned``) none spills on sm_90 (compile_check, triton 3.6; on sm_80 three of
+# the five spill 4-16 B at D = 72 with tangent). (64, 32, 8 warps, 3 stages) is left out: on an H100
+# (triton 3.6, before the hint) it faulted with an illegal memory access at D = 72 with tangent (bf16,
+# N = 256), while every other config and D = 80 / 96 with it ran correctly (benchmarks/RESULTS.md,
+# 2026-11-26): a compiler fault, not ours to keep in the autotuner's list, since one faulting candidate
+# kills the process at the first launch. Whether it still faults is for benchmarks/attention_sweep.py.
 _FWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 16, 4, 3)]
 _BWD_DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 _BWD_DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
@@ -179,6 +187,14 @@ def _store_rows(base, offs_r, stride_r, mask_r, offs_d, value, HEAD_DIM: tl.cons
     else:
         mask = mask_r[:, None]
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _aligned(x, ALIGN: tl.constexpr):
+    """x, a stride or an offset in elements, as (x // ALIGN)·ALIGN: the same value (the launcher's ALIGN
+    divides every stride) written so that Triton knows it is a multiple of ALIGN: 16-byte row starts at
+    ALIGN = 8 in 16-bit dtypes, hence vectorised, cp.async-pipelined tile loads."""
+    return x // ALIGN * ALIGN
 
 
 @triton.jit
@@ -251,7 +267,7 @@ def _attn_fwd_jvp_block(
     return acc_o0, acc_o1, acc_d0, acc_d1, m_new, l_i, r_i, c_i
 
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS, 32, 16), key=["N", "HEAD_DIM", "HAS_TANGENT"],
+@triton.autotune(configs=_configs(_FWD_CONFIGS, 32, 16), key=["N", "HEAD_DIM", "HAS_TANGENT", "ALIGN"],
                  prune_configs_by={"early_config_prune": _fp32_prune(_FWD_CONFIGS_FP32)},
                  cache_results=True)
 @triton.jit
@@ -277,6 +293,7 @@ def _attn_fwd_jvp_kernel(
     SPLIT: tl.constexpr,           # D > BLOCK_DLO (else the high chunk is not used)
     HAS_TANGENT: tl.constexpr,     # False: primal forward only (O, LSE)
     DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 inputs, "tf32" (unused) for fp16/bf16
+    ALIGN: tl.constexpr,           # divides every (B, H, N) stride (see ``_aligned``)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -295,8 +312,12 @@ def _attn_fwd_jvp_kernel(
     offs_lo = tl.arange(0, BLOCK_DLO)
     offs_hi = BLOCK_DLO + tl.arange(0, BLOCK_DHI)
 
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    qd_base = QD + off_b * stride_qdb + off_h * stride_qdh
+    stride_qn, stride_kn, stride_vn = _aligned(stride_qn, ALIGN), _aligned(stride_kn, ALIGN), _aligned(stride_vn, ALIGN)
+    stride_qdn, stride_kdn, stride_vdn = (_aligned(stride_qdn, ALIGN), _aligned(stride_kdn, ALIGN),
+                                          _aligned(stride_vdn, ALIGN))
+    stride_on, stride_odn = _aligned(stride_on, ALIGN), _aligned(stride_odn, ALIGN)
+    q_base = Q + _aligned(off_b * stride_qb + off_h * stride_qh, ALIGN)
+    qd_base = QD + _aligned(off_b * stride_qdb + off_h * stride_qdh, ALIGN)
     q0 = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_lo, HEAD_DIM, False)
     q1 = q0
     qd0 = q0
@@ -307,10 +328,10 @@ def _attn_fwd_jvp_kernel(
         qd0 = _load_rows(qd_base, offs_m, stride_qdn, mask_m, offs_lo, HEAD_DIM, False)
         if SPLIT:
             qd1 = _load_rows(qd_base, offs_m, stride_qdn, mask_m, offs_hi, HEAD_DIM, True)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    kd_base = KD + off_b * stride_kdb + off_h * stride_kdh
-    vd_base = VD + off_b * stride_vdb + off_h * stride_vdh
+    k_base = K + _aligned(off_b * stride_kb + off_h * stride_kh, ALIGN)
+    v_base = V + _aligned(off_b * stride_vb + off_h * stride_vh, ALIGN)
+    kd_base = KD + _aligned(off_b * stride_kdb + off_h * stride_kdh, ALIGN)
+    vd_base = VD + _aligned(off_b * stride_vdb + off_h * stride_vdh, ALIGN)
     qk_scale = sm_scale * 1.4426950408889634  # log2 e
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -336,8 +357,8 @@ def _attn_fwd_jvp_kernel(
             HEAD_DIM, BLOCK_N, False, HAS_TANGENT, SPLIT, DOT_PRECISION)
 
     inv_l = 1.0 / l_i
-    o_base = O + off_b * stride_ob + off_h * stride_oh
-    od_base = OD + off_b * stride_odb + off_h * stride_odh
+    o_base = O + _aligned(off_b * stride_ob + off_h * stride_oh, ALIGN)
+    od_base = OD + _aligned(off_b * stride_odb + off_h * stride_odh, ALIGN)
     o0 = acc_o0 * inv_l[:, None]
     _store_rows(o_base, offs_m, stride_on, mask_m, offs_lo, o0, HEAD_DIM, False)
     if SPLIT:
@@ -363,6 +384,7 @@ def _attn_bwd_preprocess_kernel(
     H, N,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,         # next power of 2 ≥ D (elementwise: the padding costs only masked lanes)
+    ALIGN: tl.constexpr,           # divides every (B, H, N) stride (see ``_aligned``)
     BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -373,14 +395,16 @@ def _attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     row_mask = mask_m[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+    o_base = O + _aligned(off_b * stride_ob + off_h * stride_oh, ALIGN)
+    do_base = DO + _aligned(off_b * stride_dob + off_h * stride_doh, ALIGN)
+    o = tl.load(o_base + offs_m[:, None] * _aligned(stride_on, ALIGN) + offs_d[None, :],
                 mask=row_mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
+    do = tl.load(do_base + offs_m[:, None] * _aligned(stride_don, ALIGN) + offs_d[None, :],
+                 mask=row_mask, other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=mask_m)
 
 
-@triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS, 16, 32), key=["N", "HEAD_DIM"],
+@triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS, 16, 32), key=["N", "HEAD_DIM", "ALIGN"],
                  prune_configs_by={"early_config_prune": _fp32_prune(_BWD_DKDV_CONFIGS_FP32)},
                  cache_results=True)
 @triton.jit
@@ -401,6 +425,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_DHI: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,           # divides every (B, H, N) stride (see ``_aligned``)
     BLOCK_M: tl.constexpr,         # queries per inner step
     BLOCK_N: tl.constexpr,         # keys owned by this program
 ):
@@ -415,15 +440,18 @@ def _attn_bwd_dkdv_kernel(
     offs_lo = tl.arange(0, BLOCK_DLO)
     offs_hi = BLOCK_DLO + tl.arange(0, BLOCK_DHI)
 
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    stride_qn, stride_kn, stride_vn = _aligned(stride_qn, ALIGN), _aligned(stride_kn, ALIGN), _aligned(stride_vn, ALIGN)
+    stride_don, stride_dkn, stride_dvn = (_aligned(stride_don, ALIGN), _aligned(stride_dkn, ALIGN),
+                                          _aligned(stride_dvn, ALIGN))
+    k_base = K + _aligned(off_b * stride_kb + off_h * stride_kh, ALIGN)
+    v_base = V + _aligned(off_b * stride_vb + off_h * stride_vh, ALIGN)
     k0 = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_lo, HEAD_DIM, False)
     v0 = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_lo, HEAD_DIM, False)
     if SPLIT:
         k1 = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_hi, HEAD_DIM, True)
         v1 = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_hi, HEAD_DIM, True)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    q_base = Q + _aligned(off_b * stride_qb + off_h * stride_qh, ALIGN)
+    do_base = DO + _aligned(off_b * stride_dob + off_h * stride_doh, ALIGN)
     stat_base = pid_bh.to(tl.int64) * N
     qk_scale = sm_scale * 1.4426950408889634  # log2 e
 
@@ -456,8 +484,8 @@ def _attn_bwd_dkdv_kernel(
         if SPLIT:
             dk1 = tl.dot(ds_t.to(q1.dtype), q1, dk1, input_precision=DOT_PRECISION)
 
-    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
-    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    dk_base = DK + _aligned(off_b * stride_dkb + off_h * stride_dkh, ALIGN)
+    dv_base = DV + _aligned(off_b * stride_dvb + off_h * stride_dvh, ALIGN)
     _store_rows(dk_base, offs_n, stride_dkn, mask_n, offs_lo, dk0 * sm_scale, HEAD_DIM, False)
     _store_rows(dv_base, offs_n, stride_dvn, mask_n, offs_lo, dv0, HEAD_DIM, False)
     if SPLIT:
@@ -465,7 +493,7 @@ def _attn_bwd_dkdv_kernel(
         _store_rows(dv_base, offs_n, stride_dvn, mask_n, offs_hi, dv1, HEAD_DIM, True)
 
 
-@triton.autotune(configs=_configs(_BWD_DQ_CONFIGS, 32, 16), key=["N", "HEAD_DIM"],
+@triton.autotune(configs=_configs(_BWD_DQ_CONFIGS, 32, 16), key=["N", "HEAD_DIM", "ALIGN"],
                  prune_configs_by={"early_config_prune": _fp32_prune(_BWD_DQ_CONFIGS_FP32)},
                  cache_results=True)
 @triton.jit
@@ -485,6 +513,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_DHI: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,           # divides every (B, H, N) stride (see ``_aligned``)
     BLOCK_M: tl.constexpr,         # queries owned by this program
     BLOCK_N: tl.constexpr,         # keys per inner step
 ):
@@ -499,8 +528,10 @@ def _attn_bwd_dq_kernel(
     offs_lo = tl.arange(0, BLOCK_DLO)
     offs_hi = BLOCK_DLO + tl.arange(0, BLOCK_DHI)
 
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    stride_qn, stride_kn, stride_vn = _aligned(stride_qn, ALIGN), _aligned(stride_kn, ALIGN), _aligned(stride_vn, ALIGN)
+    stride_don, stride_dqn = _aligned(stride_don, ALIGN), _aligned(stride_dqn, ALIGN)
+    q_base = Q + _aligned(off_b * stride_qb + off_h * stride_qh, ALIGN)
+    do_base = DO + _aligned(off_b * stride_dob + off_h * stride_doh, ALIGN)
     q0 = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_lo, HEAD_DIM, False)
     do0 = _load_rows(do_base, offs_m, stride_don, mask_m, offs_lo, HEAD_DIM, False)
     if SPLIT:
@@ -509,8 +540,8 @@ def _attn_bwd_dq_kernel(
     stat_base = pid_bh.to(tl.int64) * N
     lse = tl.load(LSE + stat_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + stat_base + offs_m, mask=mask_m, other=0.0)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    k_base = K + _aligned(off_b * stride_kb + off_h * stride_kh, ALIGN)
+    v_base = V + _aligned(off_b * stride_vb + off_h * stride_vh, ALIGN)
     qk_scale = sm_scale * 1.4426950408889634  # log2 e
 
     dq0 = tl.zeros([BLOCK_M, BLOCK_DLO], dtype=tl.float32)
@@ -534,7 +565,7 @@ def _attn_bwd_dq_kernel(
         dq0 = tl.dot(ds.to(k0.dtype), k0, dq0, input_precision=DOT_PRECISION)
         if SPLIT:
             dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
-    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    dq_base = DQ + _aligned(off_b * stride_dqb + off_h * stride_dqh, ALIGN)
     _store_rows(dq_base, offs_m, stride_dqn, mask_m, offs_lo, dq0 * sm_scale, HEAD_DIM, False)
     if SPLIT:
         _store_rows(dq_base, offs_m, stride_dqn, mask_m, offs_hi, dq1 * sm_scale, HEAD_DIM, True)
@@ -619,6 +650,12 @@ def _strides3(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _stride_align(*tensors: torch.Tensor) -> int:
+    """The kernels' ALIGN: the largest power of 2 ≤ 8 dividing every (B, H, N) stride of ``tensors``
+    (8 for the DiT's packed qkv and every contiguous layout at D = 32, 64, 72, 96, 128)."""
+    return math.gcd(8, *(s for t in tensors for s in _strides3(t)))
+
+
 def _head_dim_chunks(D: int) -> dict:
     """The kernels' head-dim chunks (see the conventions above): BLOCK_DLO = the largest power of 2 ≤ D;
     when D is not a power of 2, BLOCK_DHI covers the rest (≥ 16, tl.dot's minimum). Without a high
@@ -668,7 +705,7 @@ def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None,
         *_strides3(o), *_strides3(od),
         H, N, sm_scale,
         HEAD_DIM=D, **_head_dim_chunks(D), HAS_TANGENT=has_tangent,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), ALIGN=_stride_align(q, k, v, qd, kd, vd, o, od),
     )
     return o, (od if has_tangent else None), lse
 
@@ -694,7 +731,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None):
     pre_block_m = 32 if _INTERPRET else 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(N, pre_block_m), B * H)](
         o, do, delta, *_strides3(o), *_strides3(do), H, N,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block_m,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, ALIGN=_stride_align(o, do), BLOCK_M=pre_block_m,
     )
 
     if out is None:
@@ -706,6 +743,8 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None):
                 raise ValueError(f"out's {name} must be {q.dtype} {tuple(q.shape)} on {q.device} with unit "
                                  f"stride on D, got {t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}")
 
+    align = _stride_align(q, k, v, do, dq, dk, dv)
+
     def grid_kv(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), B * H)
 
@@ -713,7 +752,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None):
         q, k, v, do, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         H, N, sm_scale,
-        HEAD_DIM=D, **_head_dim_chunks(D), DOT_PRECISION=precision,
+        HEAD_DIM=D, **_head_dim_chunks(D), DOT_PRECISION=precision, ALIGN=align,
     )
 
     def grid_q(meta):
@@ -723,7 +762,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None):
         q, k, v, do, lse, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
         H, N, sm_scale,
-        HEAD_DIM=D, **_head_dim_chunks(D), DOT_PRECISION=precision,
+        HEAD_DIM=D, **_head_dim_chunks(D), DOT_PRECISION=precision, ALIGN=align,
     )
     return dq, dk, dv
 

@@ -183,6 +183,32 @@ def test_non_contiguous_views_from_qkv():
     assert o.transpose(1, 2).is_contiguous()
 
 
+def test_stride_align_worked_by_hand():
+    """ALIGN, the largest power of 2 ≤ 8 dividing every (B, H, N) stride, which the kernels pass to the
+    compiler (``_aligned``): the DiT's packed qkv at D 72 (head stride 72, row stride 3·H·72), contiguous
+    tensors, and rows padded to 73, 74 and 76 elements."""
+    align = attn_mod._stride_align
+    qkv = torch.empty(2, 5, 3, 4, 72)
+    assert align(*qkv.permute(2, 0, 3, 1, 4).unbind(0)) == 8
+    assert align(torch.empty(2, 3, 5, 72), torch.empty(2, 3, 5, 64)) == 8
+    for width, expected in ((73, 1), (74, 2), (76, 4), (80, 8)):
+        assert align(torch.empty(2, 3, 5, 64), torch.empty(2, 3, 5, width)[..., :72]) == expected, width
+
+
+@pytest.mark.parametrize("width", [73, 74, 76])
+def test_row_strides_not_a_multiple_of_8(width):
+    """Rows padded to ``width`` elements (row and head strides not multiples of 8: ALIGN 1, 2, 4): the
+    kernels must not assume more alignment than there is. Same outputs and gradients as contiguous
+    inputs; a launcher that passed ALIGN = 8 would read every row but the first from the wrong place."""
+    B, H, N, D = 2, 2, 33, 72
+    padded = [torch.randn(B, H, N, width, device=DEVICE)[..., :D] for _ in range(7)]
+    assert attn_mod._stride_align(*padded) == math.gcd(8, width)
+    strided = _kernel_outputs(*padded)
+    dense = _kernel_outputs(*(t.contiguous() for t in padded))
+    for name, a, b in zip(NAMES, strided, dense):  # (a GPU may tune another tile for another ALIGN)
+        assert _max_err(a, b) <= 1e-5 * b.abs().max().item(), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_packed_qkv_against_fp64_reference(dtype):
     """attention_jvp_qkv on the DiT's packed (B, N, 3·H·D) projection: O, Ȯ by torch.func.jvp and the

@@ -41,10 +41,10 @@ def test_record_launches_records_instead_of_running():
     args = (o, do, delta, *o.stride()[:3], *do.stride()[:3], 2, 5)
     sink = []
     with record_launches(sink):
-        attn._attn_bwd_preprocess_kernel[(1, 2)](*args, HEAD_DIM=32, BLOCK_D=32, BLOCK_M=32)
+        attn._attn_bwd_preprocess_kernel[(1, 2)](*args, HEAD_DIM=32, BLOCK_D=32, ALIGN=8, BLOCK_M=32)
     assert torch.isnan(delta).all()
     assert len(sink) == 1 and sink[0][0] is attn._attn_bwd_preprocess_kernel and sink[0][2]["grid"] == (1, 2)
-    attn._attn_bwd_preprocess_kernel[(1, 2)](*args, HEAD_DIM=32, BLOCK_D=32, BLOCK_M=32)
+    attn._attn_bwd_preprocess_kernel[(1, 2)](*args, HEAD_DIM=32, BLOCK_D=32, ALIGN=8, BLOCK_M=32)
     torch.testing.assert_close(delta, (o * do).sum(-1))
 
 
