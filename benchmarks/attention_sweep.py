@@ -1,7 +1,7 @@
 """Every autotune config of an attention kernel on its own: does it run, is it right, how fast is it.
 
-    PYTHONPATH=. python -m benchmarks.attention_sweep [--kernel fwd_tangent] [--dims 64,72] [--hi 16,32]
-                                                      [--shape 64,16,256] [--jobs 8]
+    PYTHONPATH=. python -m benchmarks.attention_sweep [--kernel fwd_tangent] [--dims 64,72] [--hi 16,64]
+                                                      [--shape 64,16,256] [--extra] [--jobs 8]
 
 Why: the autotuner launches every candidate of its list at the first call of a new shape, so one
 candidate that faults (an illegal memory access: a compiler bug, as the (64, 32, 8 warps, 3 stages)
@@ -18,7 +18,8 @@ to that one config) in its own process, so a fault is reported for that config a
 ``--kernel``: ``fwd`` (primal forward), ``fwd_tangent`` (forward with Ȯ), ``dkdv`` or ``dq`` (the backward
 with that kernel's config varied, the other one at its first config). ``--hi`` overrides the width of the
 high head-dim chunk when D is not a power of 2 (kernels/attention.py cuts D = 72 into 64 + 16; 32 pads the
-high chunk to 64 + 32), to measure that choice; ``--dims`` may name dims outside the supported list
+high chunk to 64 + 32; 64 to 64 + 64, one wgmma layout for both chunks at 1.6× the P·V work), to measure
+that choice; ``--extra`` adds the sweep-only candidates of ``EXTRA`` to a forward kernel's list; ``--dims`` may name dims outside the supported list
 (e.g. 80: 64 + 16 without a column mask) for the same purpose. ``--device cpu`` is a dry run of the script
 (TRITON_INTERPRET=1, a tiny shape, the interpreter's single config; no timing). Exit status 1 when any
 config failed its check.
@@ -31,6 +32,13 @@ from typing import Dict
 from benchmarks._sweep import add_runner_args, check_then_time, failure, finish, run_as_worker, time_ms
 
 KERNELS = ("fwd", "fwd_tangent", "dkdv", "dq")
+# Sweep-only forward candidates (BLOCK_M, BLOCK_N, warps, stages), beside kernels/attention._FWD_CONFIGS.
+# (64, 32, 8, 3) faulted at D 72 with tangent on the H100 before the stride alignment hint
+# (benchmarks/RESULTS.md): does it still? The other two are 8-warp, 3-stage versions of listed tiles.
+# compile_check (triton 3.6, sm_90, bf16, with tangent): 139-213 registers at D 64, 181-255 at D 72, no
+# spills, 86-188 KB of shared memory. (128, 128, 8, 2) was rejected there: spills, and over the shared
+# memory at D 72.
+EXTRA = [(64, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 3)]
 
 
 def _flops(kernel: str, B: int, H: int, N: int, D: int) -> float:
@@ -41,6 +49,18 @@ def _flops(kernel: str, B: int, H: int, N: int, D: int) -> float:
 def _autotuner(A, kernel: str):
     return {"fwd": A._attn_fwd_jvp_kernel, "fwd_tangent": A._attn_fwd_jvp_kernel,
             "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
+
+
+def _configs(A, kernel: str, extra: bool):
+    """The kernel's autotune list, plus ``EXTRA`` for the forward kernels when asked (on a GPU: the
+    interpreter's list is its one fixed config)."""
+    import triton
+    out = list(_autotuner(A, kernel).configs)
+    if extra and kernel in ("fwd", "fwd_tangent") and not A._INTERPRET:
+        known = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in out}
+        out += [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m, n, w, st in EXTRA if (m, n, w, st) not in known]
+    return out
 
 
 def config_label(cfg) -> str:
@@ -62,7 +82,7 @@ def worker(job: Dict) -> Dict:
     if hi is not None:
         A._head_dim_chunks = lambda d: {**chunks(d), "BLOCK_DHI": hi} if chunks(d)["SPLIT"] else chunks(d)
     tuner = _autotuner(A, kernel)
-    cfg = tuner.configs[index]
+    cfg = _configs(A, kernel, job["extra"])[index]
     tuner.configs = [cfg]
     if kernel in ("dkdv", "dq"):  # the other backward kernel at its first config: no autotuning in the timing
         other = A._attn_bwd_dq_kernel if kernel == "dkdv" else A._attn_bwd_dkdv_kernel
@@ -114,6 +134,7 @@ def main(argv=None) -> int:
                                            "(default: the kernels' own choice)")
     p.add_argument("--shape", default="64,16,256", help="B,H,N (default: DiT-XL/2 batch 64)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--extra", action="store_true", help="also the sweep-only forward candidates (EXTRA)")
     add_runner_args(p)
     args = p.parse_args(argv)
     if run_as_worker(args, worker):
@@ -141,9 +162,9 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("PYTHONPATH", ".")
     import kernels.attention as A
-    n_configs = len(_autotuner(A, args.kernel).configs)
+    n_configs = len(_configs(A, args.kernel, args.extra))
     groups = [(D, hi) for D in dims for hi in (his if D & (D - 1) else [None])]  # --hi only where D splits
-    base = dict(kernel=args.kernel, shape=shape, dtype=args.dtype, device=args.device)
+    base = dict(kernel=args.kernel, shape=shape, dtype=args.dtype, device=args.device, extra=args.extra)
     jobs = [dict(base, D=D, hi=hi, config=i) for D, hi in groups for i in range(n_configs)]
     print(f"attention sweep: {args.kernel}, B,H,N = {shape}, {args.dtype}, dims {dims}, high chunk "
           f"{[h for h in his if h] or 'default'}: {len(jobs)} runs (check in {args.jobs} processes, then time "

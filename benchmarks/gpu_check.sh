@@ -9,7 +9,8 @@
 #                                           # kernels/precompile.py (B/2 b128; CASES_FIRST="XL/2:64" for XL/2;
 #                                           # FIRST_MODES="--precompile,--compile-step" for the compiled step)
 #   bash benchmarks/gpu_check.sh backward   # each op's primal backward: ours vs torch eager / compiled
-#   bash benchmarks/gpu_check.sh sweep      # every attention config alone: faults, errors, time (D 64/72/80)
+#   bash benchmarks/gpu_check.sh sweep      # every attention config alone (+ sweep-only ones): faults, errors,
+#                                           # time (D 64/72/80; D 72's high chunk 16 or 64 wide)
 #   bash benchmarks/gpu_check.sh gemm       # every dual-GEMM config alone at fc1's shapes vs cuBLAS
 #                                           # (GEMM_LAUNCHES="dual_gelu primal_gelu", GEMM_SHAPES=B/2)
 #   bash benchmarks/gpu_check.sh ops        # per-op TFLOP/s or GB/s (benchmarks/bench_dual_ops.py, eager;
@@ -117,7 +118,7 @@ phase_sweep() {
     echo "== attention configs one by one (fault / error / time), XL/2 batch-64 shape =="
     for k in ${SWEEP_KERNELS:-fwd_tangent dkdv dq}; do
         timeout "$(lim 200)" "$PY" -m benchmarks.attention_sweep --kernel "$k" --dims "${SWEEP_DIMS:-64,72,80}" \
-            --hi "${SWEEP_HI:-16,32}" --jobs 12 --out "$OUT/sweep_$k.json" 2>&1 | grep -v '^W[0-9]' \
+            --hi "${SWEEP_HI:-16,64}" --extra --jobs 12 --out "$OUT/sweep_$k.json" 2>&1 | grep -v '^W[0-9]' \
             | tee -a "$OUT/sweep.log"
     done
 }
