@@ -23,7 +23,10 @@ triton version. The signature therefore follows the launchers: a new argument or
 change here; a new launcher or kernel module needs a scenario in ``scenarios()``.
 
 For each compiled kernel it prints registers/thread, spill stores/loads (ptxas ``-v``), the shared
-memory Triton requests at launch (``metadata.shared``) and the resident blocks per SM these allow.
+memory Triton requests at launch (``metadata.shared``), the resident blocks per SM these allow, and
+how many of its loads Triton turned into asynchronous copies (``cp.async``/TMA ops in the TTGIR: the
+pipelined tile loads of a matmul kernel; 0 in a tl.dot kernel means every tile is a register load,
+as the D 72 attention kernels had before their stride alignment hint, benchmarks/RESULTS.md).
 A row is
   OK     compiled and fits the target;
   SPILL  compiled, ptxas spilled registers to local memory (slow, but runs);
@@ -317,6 +320,7 @@ class Job:
     shared: Optional[int] = None
     warps: Optional[int] = None
     blocks_sm: Optional[int] = None
+    async_copies: Optional[int] = None      # cp.async / TMA copy ops in the TTGIR
     error: str = ""
     seconds: float = 0.0
 
@@ -473,6 +477,8 @@ def compile_job(job: Job) -> Job:
             job.error = tb[-2000:]
         return job
     md = kernel.metadata
+    ttgir = kernel.asm.get("ttgir", "")
+    job.async_copies = len(re.findall(r"async_copy_global_to_local|async_tma_copy_global_to_local", ttgir))
     job.shared = int(md.shared)
     job.warps = int(md.num_warps)
     if info is not None:
@@ -496,7 +502,8 @@ def compile_job(job: Job) -> Job:
 
 
 _JOBS: List[Job] = []
-_RESULT_FIELDS = ("status", "regs", "spill_st", "spill_ld", "shared", "warps", "blocks_sm", "error", "seconds")
+_RESULT_FIELDS = ("status", "regs", "spill_st", "spill_ld", "shared", "warps", "blocks_sm", "async_copies", "error",
+                  "seconds")
 
 
 def run_jobs(n_parallel: int, timeout: float) -> List[Job]:
@@ -565,15 +572,16 @@ def run_jobs(n_parallel: int, timeout: float) -> List[Job]:
 # Report
 # ---------------------------------------------------------------------------------------------
 def print_table(jobs: List[Job]) -> None:
-    head = ("kernel", "variant", "config", "target", "regs", "spill st/ld", "shared B", "blk/SM", "compile s",
-            "status")
+    head = ("kernel", "variant", "config", "target", "regs", "spill st/ld", "shared B", "blk/SM", "cp.async",
+            "compile s", "status")
     rows = []
     for j in jobs:
         variant = j.variant + (f" (+{len(j.also)} alike)" if j.also else "")
         spill = "-" if j.spill_st is None else f"{j.spill_st}/{j.spill_ld}"
         rows.append((j.kernel, variant, j.config, LIMITS[j.capability]["name"],
                      "-" if j.regs is None else str(j.regs), spill, "-" if j.shared is None else str(j.shared),
-                     "-" if j.blocks_sm is None else str(j.blocks_sm), f"{j.seconds:.1f}", j.status))
+                     "-" if j.blocks_sm is None else str(j.blocks_sm),
+                     "-" if j.async_copies is None else str(j.async_copies), f"{j.seconds:.1f}", j.status))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)] if rows else [len(h) for h in head]
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
     print(line)
