@@ -233,11 +233,15 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
         """The block on its own: x → x'."""
         mod = self.modulation(c)
-        return self.forward_after_ln(x, LnModulation(mod[0], mod[1], eps=self.eps).apply(ops, x), mod, ops)[0]
+        return self.forward_after_ln(x, self.first_ln(mod).apply(ops, x), mod, ops)[0]
 
     def modulation(self, c: torch.Tensor):
         """The six (B, D) adaLN chunks (sh1, sc1, g1, sh2, sc2, g2)."""
         return self.adaLN_modulation(c).chunk(6, dim=1)
+
+    def first_ln(self, mod) -> LnModulation:
+        """The block's first LayerNorm-modulate in the plain forward, from its chunks (``modulation``)."""
+        return LnModulation(mod[0], mod[1], eps=self.eps)
 
     def forward_after_ln(self, x, h, mod, ops: PrimalOps, next_ln: Optional[LnModulation] = None):
         """The plain forward's ``forward_jvp_after_ln``: the block from h = LN(x)·(1 + sc1) + sh1 on, each
@@ -415,7 +419,7 @@ class MeanFlowDiT(nn.Module):
         c = self.condition(r, t, y)                         # (B, D)
         # As in forward_jvp: every gated residual fused with the LayerNorm-modulate after it.
         mods = [block.modulation(c) for block in self.blocks]
-        lns = [LnModulation(mod[0], mod[1], eps=block.eps) for block, mod in zip(self.blocks, mods)]
+        lns = [block.first_ln(mod) for block, mod in zip(self.blocks, mods)]
         lns.append(self.final_layer.ln(c))
         h = lns[0].apply(ops, x)
         for block, mod, next_ln in zip(self.blocks, mods, lns[1:]):

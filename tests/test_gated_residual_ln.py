@@ -56,9 +56,13 @@ def test_forward_and_tangents(dtype, shape, strided):
 
 def _grads(fn, prim, tan, wy, wm, dtype):
     """Gradients of Σ wy ⊙ y + Σ wm ⊙ m (a weight None leaves that output out of the loss) with respect
-    to the five primals, through ``fn`` at ``dtype``."""
+    to the five primals, through ``fn`` at ``dtype``: a dual function (→ y, ẏ, m, ṁ) given the tangents,
+    a primal one (→ y, m) with ``tan`` None."""
     leaves = [p.detach().to(dtype).requires_grad_() for p in prim]
-    y, _, m, _ = fn(*leaves, *_cast(tan, dtype))
+    if tan is None:
+        y, m = fn(*leaves)
+    else:
+        y, _, m, _ = fn(*leaves, *_cast(tan, dtype))
     loss = sum((out.double() * w.double()).sum() for out, w in ((y, wy), (m, wm)) if w is not None)
     return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)  # unused: zeros
 
@@ -171,14 +175,6 @@ def test_bf16_dit_b2_shapes_on_gpu():
 # =================================================================================================
 #                 Primal only (HAS_TANGENT=False): gated_residual_ln of the plain forward
 # =================================================================================================
-def _primal_grads(fn, prim, wy, wm, dtype):
-    """``_grads`` for a primal function (x, gate, f, shift, scale) → (y, m)."""
-    leaves = [p.detach().to(dtype).requires_grad_() for p in prim]
-    y, m = fn(*leaves)
-    loss = sum((out.double() * w.double()).sum() for out, w in ((y, wy), (m, wm)) if w is not None)
-    return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-
-
 @pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
 @pytest.mark.parametrize("shape", [(1, 7, 72), (2, 3, 1030)])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -204,9 +200,9 @@ def test_primal_gradients(dtype, uses):
     prim, _ = _inputs(B, N, D, dtype, True)
     wy = None if uses == "m_only" else _rand(B, N, D, dtype=dtype)
     wm = None if uses == "y_only" else _rand(B, N, D, dtype=dtype)
-    g = _primal_grads(gated_residual_ln, prim, wy, wm, dtype)
-    g64 = _primal_grads(gated_residual_ln_ref, prim, wy, wm, torch.float64)
-    g_t = _primal_grads(gated_residual_ln_ref, prim, wy, wm, dtype)
+    g = _grads(gated_residual_ln, prim, None, wy, wm, dtype)
+    g64 = _grads(gated_residual_ln_ref, prim, None, wy, wm, torch.float64)
+    g_t = _grads(gated_residual_ln_ref, prim, None, wy, wm, dtype)
     for name, a, t, e in zip(("x", "gate", "f", "shift", "scale"), g, g_t, g64):
         assert a.dtype == dtype and a.shape == e.shape, name
         if uses == "y_only" and name in ("shift", "scale"):
@@ -229,9 +225,9 @@ def test_primal_saves_what_the_dual_saves_and_nothing_without_grad():
 def test_primal_fuse_switch_gives_the_same_results(monkeypatch):
     prim, _ = _inputs(2, 9, 40, torch.float32, True)
     wy, wm = _rand(2, 9, 40, dtype=torch.float32), _rand(2, 9, 40, dtype=torch.float32)
-    fused = (*gated_residual_ln(*prim), *_primal_grads(gated_residual_ln, prim, wy, wm, torch.float32))
+    fused = (*gated_residual_ln(*prim), *_grads(gated_residual_ln, prim, None, wy, wm, torch.float32))
     monkeypatch.setattr(grl, "FUSE", False)
-    apart = (*gated_residual_ln(*prim), *_primal_grads(gated_residual_ln, prim, wy, wm, torch.float32))
+    apart = (*gated_residual_ln(*prim), *_grads(gated_residual_ln, prim, None, wy, wm, torch.float32))
     for a, b in zip(fused, apart):
         assert rel_err(a, b) <= 1e-6
 
@@ -284,8 +280,8 @@ def test_primal_bf16_dit_b2_shapes_on_gpu():
     for what, g, o, e in zip(("y", "m"), gated_residual_ln(*prim), own, exact):
         assert_within_torch(what, g, o, e, 2, 1e-3)
     wy, wm = _rand(4, 256, 768, dtype=torch.bfloat16), _rand(4, 256, 768, dtype=torch.bfloat16)
-    g = _primal_grads(gated_residual_ln, prim, wy, wm, torch.bfloat16)
-    g32 = _primal_grads(gated_residual_ln_ref, prim, wy, wm, torch.float32)
-    g_t = _primal_grads(gated_residual_ln_ref, prim, wy, wm, torch.bfloat16)
+    g = _grads(gated_residual_ln, prim, None, wy, wm, torch.bfloat16)
+    g32 = _grads(gated_residual_ln_ref, prim, None, wy, wm, torch.float32)
+    g_t = _grads(gated_residual_ln_ref, prim, None, wy, wm, torch.bfloat16)
     for i, (a, t, e) in enumerate(zip(g, g_t, g32)):
         assert_within_torch(f"grad {i}", a, t, e, 2, 1e-3)
