@@ -23,7 +23,10 @@
 #   BUDGET=500 bash benchmarks/gpu_check.sh tests,bench,attention
 #                                           # several phases in one device call, in the order given; with
 #                                           # BUDGET (seconds) every phase's limit shrinks to what is left
-#                                           # of it, so the call ends with its logs inside the lease
+#                                           # of it, so the call ends with its logs inside the lease; the
+#                                           # ratio table measures its must-show rows first and rewrites
+#                                           # its JSON after each row (REPORT_ARGS="--skip ..." drops
+#                                           # optional rows: python -m benchmarks.report --help)
 # Full logs go under $OUT (or ./gpu_check_out when OUT is unset). Each phase has its own time limit, so
 # a slow phase cannot eat the other's budget. Before a session, on any CPU machine:
 #   PYTHONPATH=. python benchmarks/compile_check.py     # every kernel config compiles for sm_90/sm_80
@@ -45,6 +48,11 @@ lim() {
 CASES=${CASES:-"B/2:128"}
 mkdir -p "$OUT"
 export PYTHONPATH=.
+# Triton's and inductor's caches in the git-ignored .gpu_cache/ of the repo copy, which the device tool
+# keeps between calls on a warm machine: a second call reuses the first call's compiled kernels
+# (benchmarks/first_step.py points its cold-start runs at empty directories of their own).
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.gpu_cache/triton}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.gpu_cache/inductor}
 PY=$(command -v python3 || command -v python)  # the device image: python3 (a venv; python may exist too)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"

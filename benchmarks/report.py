@@ -3,10 +3,14 @@
     PYTHONPATH=. python -m benchmarks.report --out results.json [--quick]
 
 Every ratio is measured in this run on this GPU against the baselines of the same model and batch:
-eager PyTorch (flash SDPA) and torch.compile'd PyTorch.
+eager PyTorch (flash SDPA) and torch.compile'd PyTorch. The rows of the must-show ratios are measured
+first, each ratio is printed as soon as its rows exist, and the JSON is rewritten after every row, so a
+run cut short by its time limit keeps what it measured; ``--skip`` leaves optional rows out.
 """
 import argparse
 import json
+import os
+import re
 import sys
 
 import torch
@@ -17,7 +21,7 @@ from benchmarks.common import (CASES, build_model, cuda_time_ms, dit_forward_flo
                                train_step_fn)
 
 
-def _measure(name, fn, rows, flops=None, iters=10):
+def _measure(name, fn, rows, flops=None, iters=10, save=None):
     try:
         first_s = timed_first_call(fn)
         ms = cuda_time_ms(fn, warmup=2, iters=iters)
@@ -25,73 +29,95 @@ def _measure(name, fn, rows, flops=None, iters=10):
     except Exception as e:  # a baseline that cannot run (e.g. OOM) is reported, not fatal
         print(f"  {name:<28} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
         rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        return None
-    row = {"ms": round(ms, 2), "peak_mb": round(mem), "first_call_s": round(first_s, 1)}
-    if flops:
-        row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 1)
-    rows[name] = row
-    print(f"  {name:<28} {ms:9.2f} ms  {row.get('tflops', ''):>7} TFLOP/s  {mem:8.0f} MB  "
-          f"first call {first_s:6.1f} s", flush=True)
+        ms = None
+    else:
+        row = {"ms": round(ms, 2), "peak_mb": round(mem), "first_call_s": round(first_s, 1)}
+        if flops:
+            row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 1)
+        rows[name] = row
+        print(f"  {name:<28} {ms:9.2f} ms  {row.get('tflops', ''):>7} TFLOP/s  {mem:8.0f} MB  "
+              f"first call {first_s:6.1f} s", flush=True)
+    if save is not None:
+        save()
     return ms
 
 
-def _step_ratios(rows, name, key, ms, fm_comp, fm_eager):
-    """Time and peak-memory ratios of the step row ``name`` to the FM steps (keys ``<key>_step_over_...``)."""
-    if ms and fm_comp:
-        rows[f"{key}_step_over_compiled_fm"] = round(ms / fm_comp, 3)
-        if rows["FM step compiled"]["peak_mb"] > 0:
-            rows[f"{key}_mem_over_compiled_fm"] = round(rows[name]["peak_mb"] / rows["FM step compiled"]["peak_mb"], 3)
-    if ms and fm_eager:
-        rows[f"{key}_step_over_eager_fm"] = round(ms / fm_eager, 3)
+def _ratio(rows, key, num, den, num_key="ms"):
+    """rows[key] = rows[num][num_key] / rows[den][num_key], printed, when both rows were measured."""
+    a, b = rows.get(num, {}).get(num_key), rows.get(den, {}).get(num_key)
+    if a and b:
+        rows[key] = round(a / b, 3)
+        print(f"  {key:<36} {rows[key]:.3f}×", flush=True)
 
 
-def model_table(preset, batch, quick, dtype, compiled_step=True):
+# The rows a model table can leave out (--skip): none of them enters a must-show ratio.
+OPTIONAL_ROWS = ("forward triton", "forward_jvp torch", "torch.func.jvp eager", "FM step eager",
+                 "MeanFlow step triton compiled")
+
+
+def _row_key(name: str) -> str:
+    """A row's name with spaces, '_' and '-' alike, so that --skip takes names without spaces."""
+    return re.sub(r"[ _-]+", "-", name.strip().lower())
+
+
+def model_table(preset, batch, quick, dtype, compiled_step=True, skip=(), rows=None, save=None):
+    """The ratio table of one (preset, batch). The JVP row follows the two forward baselines at once (the
+    optional forward rows after it), and each ratio is printed (and, through ``save``, written) as soon as
+    its rows exist, so that a run cut short by its time limit still has them. ``skip``: rows of
+    OPTIONAL_ROWS to leave out. ``rows``: the dict to fill (the caller's, so that ``save`` writes what is
+    measured so far)."""
     print(f"\n== {preset} batch {batch} ({dtype}) ==", flush=True)
-    rows = {}
+    rows = {} if rows is None else rows
+    skip = set(skip) | ({"torch.func.jvp eager"} if quick else set()) \
+        | (set() if compiled_step else {"MeanFlow step triton compiled"})
+
+    def measure(name, fn, flops=None, iters=10):
+        if name not in skip:
+            _measure(name, fn, rows, flops, iters, save)
+
+    def ratio(key, num, den, num_key="ms"):
+        _ratio(rows, key, num, den, num_key)
+        if save is not None:
+            save()
+
     model = build_model(preset, dtype=dtype)
     inp = model_inputs(model, batch, dtype=dtype)
     fwd, jvp = dit_forward_flops(preset, batch), dit_jvp_flops(preset, batch)
-    base = _measure("forward eager", forward_fn(model, inp, "torch"), rows, fwd)
-    comp = _measure("forward compiled", forward_fn(torch.compile(model), inp, "torch"), rows, fwd)
+    measure("forward eager", forward_fn(model, inp, "torch"), fwd)
+    measure("forward compiled", forward_fn(torch.compile(model), inp, "torch"), fwd)
+    measure("forward_jvp triton", forward_jvp_fn(model, inp, "triton"), jvp)
+    ratio("jvp_over_eager_forward", "forward_jvp triton", "forward eager")
+    ratio("jvp_over_compiled_forward", "forward_jvp triton", "forward compiled")
     # The plain forward on the fused primal-only kernels (LN-modulate, gated residual, fc1 + GELU; cuBLAS
     # linears, flash SDPA): where this ratio is < 1 the fused forward is the faster one.
-    fwd_triton = _measure("forward triton", forward_fn(model, inp, "triton"), rows, fwd)
-    if fwd_triton and base:
-        rows["triton_forward_over_eager_forward"] = round(fwd_triton / base, 3)
-    if fwd_triton and comp:
-        rows["triton_forward_over_compiled_forward"] = round(fwd_triton / comp, 3)
-    if not quick:
-        _measure("torch.func.jvp eager", func_jvp_fn(model, inp), rows, jvp)
-    ours = _measure("forward_jvp triton", forward_jvp_fn(model, inp, "triton"), rows, jvp)
-    _measure("forward_jvp torch", forward_jvp_fn(model, inp, "torch"), rows, jvp)
-    if ours and base:
-        rows["jvp_over_eager_forward"] = round(ours / base, 3)
-    if ours and comp:
-        rows["jvp_over_compiled_forward"] = round(ours / comp, 3)
+    measure("forward triton", forward_fn(model, inp, "triton"), fwd)
+    ratio("triton_forward_over_eager_forward", "forward triton", "forward eager")
+    ratio("triton_forward_over_compiled_forward", "forward triton", "forward compiled")
+    measure("forward_jvp torch", forward_jvp_fn(model, inp, "torch"), jvp)
+    measure("torch.func.jvp eager", func_jvp_fn(model, inp), jvp)
     del model
     print("  -- train step (fp32 master weights, bf16 autocast) --", flush=True)
+    # The steps keep the order and the frees of the first H100 run's table (the memory ratio depends on
+    # what is alive): the eager FM step, cheap, before the compiled one; the MeanFlow steps after.
     fm = build_model(preset, dtype=torch.float32)
-    fm_eager = _measure("FM step eager", train_step_fn(fm, batch, meanflow=False), rows, iters=5)
-    fm_comp_fn = train_step_fn(fm, batch, meanflow=False, compiled=True)
-    fm_comp = _measure("FM step compiled", fm_comp_fn, rows, iters=5)
-    del fm, fm_comp_fn
+    measure("FM step eager", train_step_fn(fm, batch, meanflow=False), iters=5)
+    measure("FM step compiled", train_step_fn(fm, batch, meanflow=False, compiled=True), iters=5)
+    del fm
     mf = build_model(preset, dtype=torch.float32, backend="triton")
-    mf_ms = _measure("MeanFlow step triton", train_step_fn(mf, batch, meanflow=True), rows, iters=5)
-    _step_ratios(rows, "MeanFlow step triton", "mf", mf_ms, fm_comp, fm_eager)
-    if compiled_step:
-        # The same step under torch.compile, as the FM baseline is: inductor fuses what lies between the
-        # custom ops (adaLN, embedders, loss, the bf16 casts of the fp32 weights, gradient accumulation,
-        # bias-gradient sums) and the Adam update. first_call_s includes inductor's compile time.
-        torch._dynamo.reset()
-        mfc_ms = _measure("MeanFlow step triton compiled", train_step_fn(mf, batch, meanflow=True, compiled=True),
-                          rows, iters=5)
-        _step_ratios(rows, "MeanFlow step triton compiled", "mf_compiled", mfc_ms, fm_comp, fm_eager)
-    for k in ("triton_forward_over_eager_forward", "triton_forward_over_compiled_forward",
-              "jvp_over_eager_forward", "jvp_over_compiled_forward", "mf_step_over_compiled_fm",
-              "mf_mem_over_compiled_fm", "mf_step_over_eager_fm", "mf_compiled_step_over_compiled_fm",
-              "mf_compiled_mem_over_compiled_fm", "mf_compiled_step_over_eager_fm"):
-        if k in rows:
-            print(f"  {k:<36} {rows[k]:.3f}×", flush=True)
+    for name, compiled, key in (("MeanFlow step triton", False, "mf"),
+                                # The same step under torch.compile, as the FM baseline is: inductor fuses
+                                # what lies between the custom ops (adaLN, embedders, loss, the bf16 casts
+                                # of the fp32 weights, gradient accumulation, bias-gradient sums) and the
+                                # Adam update. first_call_s includes inductor's compile time.
+                                ("MeanFlow step triton compiled", True, "mf_compiled")):
+        if name in skip:
+            continue
+        if compiled:
+            torch._dynamo.reset()
+        measure(name, train_step_fn(mf, batch, meanflow=True, compiled=compiled), iters=5)
+        ratio(f"{key}_step_over_compiled_fm", name, "FM step compiled")
+        ratio(f"{key}_mem_over_compiled_fm", name, "FM step compiled", num_key="peak_mb")
+        ratio(f"{key}_step_over_eager_fm", name, "FM step eager")
     torch.cuda.empty_cache()
     return rows
 
@@ -136,9 +162,18 @@ def main(argv=None):
                    help="the 1-NFE sampler table: with the model tables, without it, or alone")
     p.add_argument("--no-compiled-step", dest="compiled_step", action="store_false",
                    help="skip the torch.compile'd MeanFlow step row (its first call compiles the whole step)")
+    p.add_argument("--skip", default="", metavar="ROW[,ROW...]",
+                   help="optional rows to leave out of the model tables, comma-separated; '-' may stand for "
+                        f"spaces and underscores (forward-jvp-torch): {', '.join(OPTIONAL_ROWS)}")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of this script only (fp32, TRITON_INTERPRET=1, tiny presets)")
     args = p.parse_args(argv)
+    by_key = {_row_key(r): r for r in OPTIONAL_ROWS}
+    asked = [r.strip() for r in args.skip.split(",") if r.strip()]
+    unknown = [r for r in asked if _row_key(r) not in by_key]
+    if unknown:
+        p.error(f"--skip: unknown or required row(s) {unknown}; the optional rows are {list(OPTIONAL_ROWS)}")
+    skip = [by_key[_row_key(r)] for r in asked]
     if not common.select_device(args.device, "benchmarks/report.py"):
         return 2
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -150,16 +185,22 @@ def main(argv=None):
     except ImportError:
         pass
     cases = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cases]
+
+    def save():  # after every row: a run killed by its time limit keeps what it measured
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(args.out + ".tmp", args.out)
+
     for preset, batch in (cases if args.sampler != "only" else []):
-        out[f"{preset} b{batch}"] = model_table(preset, batch, args.quick, dtype, args.compiled_step)
+        out[f"{preset} b{batch}"] = rows = {}
+        model_table(preset, batch, args.quick, dtype, args.compiled_step, skip, rows, save)
     if args.sampler == "no":
         pass
     elif args.device == "cuda":
         out["sampler"] = sampler_table(dtype)
     else:
         out["sampler"] = sampler_table(dtype, preset=cases[0][0], batches=(1, 4))
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    save()
     print(f"\nwrote {args.out}")
     return 0
 
