@@ -30,12 +30,22 @@ def time_grid(steps: int = 1, times: Optional[Sequence[float]] = None) -> Tuple[
 def initial_noise(model, y: torch.Tensor, noise: Optional[torch.Tensor] = None, *,
                   generator: Optional[torch.Generator] = None, shape: Optional[Sequence[int]] = None,
                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Check the labels y (B,) and return the starting noise (B, *shape) on y's device: ``noise`` as
-    given (checked), else drawn from ``generator`` with ``shape`` (default: (C, H, W) from
-    ``model.config``) and ``dtype`` (default: the model's parameter dtype)."""
-    if not torch.is_tensor(y) or y.dim() != 1 or y.numel() == 0 or y.is_floating_point():
+    """Check the labels y (B,), their range too when ``model.config`` gives ``num_classes``, and return
+    the starting noise (B, *shape) on y's device: ``noise`` as given (checked), else drawn from
+    ``generator`` with ``shape`` (default: (C, H, W) from ``model.config``) and ``dtype`` (default: the
+    model's parameter dtype)."""
+    if (not torch.is_tensor(y) or y.dim() != 1 or y.numel() == 0 or y.is_floating_point()
+            or y.dtype == torch.bool):
         raise ValueError(f"y must be a non-empty 1-D integer tensor of labels, got "
                          f"{(y.dtype, tuple(y.shape)) if torch.is_tensor(y) else type(y).__name__}")
+    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    if num_classes is not None:
+        # One device sync per call: a label outside the embedding table would otherwise be a device-side
+        # assert on CUDA, which leaves the process unable to run anything more on the GPU.
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0 or hi > num_classes:
+            raise ValueError(f"y must hold labels in [0, {num_classes}] ({num_classes} = the null label, "
+                             f"unconditional), got min {lo}, max {hi}")
     B, device = y.shape[0], y.device
     if noise is not None:
         if not torch.is_tensor(noise) or noise.shape[0] != B or noise.device != device:

@@ -39,6 +39,9 @@ def test_bad_arguments():
         GraphSampler(model, times=[0.0, 1.0])
     with pytest.raises(ValueError, match="noise must be"):
         GraphSampler(model)(torch.tensor([0, 1]), torch.randn(3, 4, 8, 8))
+    null = model.config.num_classes
+    with pytest.raises(ValueError, match=rf"y must hold labels in \[0, {null}\]"):
+        GraphSampler(model)(torch.tensor([0, null + 1]), torch.randn(2, 4, 8, 8))
 
 
 @requires_cuda

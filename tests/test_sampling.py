@@ -64,6 +64,14 @@ def test_sampler_bad_input():
         sample(model, torch.tensor([0]), times=[1.0, 0.5, 0.7, 0.0])
     with pytest.raises(ValueError, match="y must be a non-empty 1-D integer tensor"):
         sample(model, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="y must be a non-empty 1-D integer tensor"):
+        sample(model, torch.tensor([True]))
+    # labels outside the embedding table (3 classes + the null label 3): a clear error, not an IndexError
+    # here or a device-side assert on CUDA
+    with pytest.raises(ValueError, match=r"y must hold labels in \[0, 3\] .* got min -1, max 2"):
+        sample(model, torch.tensor([2, -1, 0]))
+    with pytest.raises(ValueError, match=r"y must hold labels in \[0, 3\] .* got min 0, max 4"):
+        sample(model, torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"noise must be \(B=2, \.\.\.\)"):
         sample(model, torch.tensor([0, 1]), noise=torch.randn(3, 2, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="shape is required"):
