@@ -21,7 +21,8 @@ __all__ = ["GraphSampler"]
 
 
 class GraphSampler:
-    """``x = GraphSampler(model, steps=1)(y, noise)``: samples (B, C, H, W) from labels y (B,).
+    """``x = GraphSampler(model, steps=1)(y, noise)``: samples (B, C, H, W) from labels y (B,), checked
+    as ``sample`` checks them (range included: one device sync per call, before the replay).
 
     Args:
         model: ``u(z, r, t, y)`` (a MeanFlowDiT, typically the EMA copy) in eval mode.

@@ -70,10 +70,11 @@ def sample(model, y: torch.Tensor, *, steps: int = 1, noise: Optional[torch.Tens
            times: Optional[Sequence[float]] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Class-conditional samples x (B, C, H, W) from ``model(z, r, t, y)``.
 
-    y: (B,) int labels (the null label gives unconditional samples). The starting noise is ``noise``
-    if given, else drawn from ``generator`` (seeded: same generator state → same samples) with
-    ``shape`` (default: the model's (C, H, W) from ``model.config``). ``times`` overrides the uniform
-    grid of ``steps`` steps; it must decrease from 1 to 0.
+    y: (B,) int labels in [0, num_classes] (num_classes, the null label, gives unconditional samples;
+    the range is checked, one device sync). The starting noise is ``noise`` if given, else drawn from
+    ``generator`` (seeded: same generator state → same samples) with ``shape`` (default: the model's
+    (C, H, W) from ``model.config``). ``times`` overrides the uniform grid of ``steps`` steps; it must
+    decrease from 1 to 0.
     """
     grid = time_grid(steps, times)
     noise = initial_noise(model, y, noise, generator=generator, shape=shape, dtype=dtype)
