@@ -24,8 +24,12 @@ def main(argv=None) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
-        report = json.load(f)
+    try:
+        with open(argv[0]) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:  # no JSON: the benchmark run wrote none (skipped, crashed, timed out)
+        print(f"benchmarks/attention_table.py: cannot read the pytest-benchmark JSON {argv[0]!r}: {e}", file=sys.stderr)
+        return 2
     print(f"pytest-benchmark run of {report.get('datetime', '?')}")
     print(f"{'shape':<10} {'provider':<22} {'ms':>9} {'TFLOP/s':>8} {'vs jvp math':>12} {'vs jvp_flash':>13}"
           "  autotuned config")

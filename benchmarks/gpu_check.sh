@@ -27,6 +27,11 @@
 #                                           # ratio table measures its must-show rows first and rewrites
 #                                           # its JSON after each row (REPORT_ARGS="--skip ..." drops
 #                                           # optional rows: python -m benchmarks.report --help)
+#   DRY=1 bash benchmarks/gpu_check.sh tests,bench,...
+#                                           # a dry run on a CPU machine (CI does one): every script with
+#                                           # --device cpu (Triton's interpreter, tiny shapes), the pytest
+#                                           # phases skip; it checks this script, not the kernels
+# The call exits 1, naming them, when a phase's command failed (124: it ran out of its time limit).
 # Full logs go under $OUT (or ./gpu_check_out when OUT is unset). Each phase has its own time limit, so
 # a slow phase cannot eat the other's budget. Before a session, on any CPU machine:
 #   PYTHONPATH=. python benchmarks/compile_check.py     # every kernel config compiles for sm_90/sm_80
@@ -45,7 +50,23 @@ lim() {
     (( l < 5 )) && l=5
     echo "$l"
 }
+# DRY=1: the same phases on a CPU machine, each script with --device cpu at tiny shapes
+DEVICE_ARGS=""
+if [[ ${DRY:-0} == 1 ]]; then
+    DEVICE_ARGS="--device cpu"
+    export TRITON_INTERPRET=1
+    CASES=${CASES:-"tiny:2"} CASES_FIRST=${CASES_FIRST:-"tiny:2"} TEST_WORKERS=${TEST_WORKERS:-2}
+    SWEEP_DIMS=${SWEEP_DIMS:-72} SWEEP_HI=${SWEEP_HI:-16} SWEEP_JOBS=${SWEEP_JOBS:-2} GEMM_SHAPES=${GEMM_SHAPES:-B/2}
+fi
 CASES=${CASES:-"B/2:128"}
+FAILED=()
+# note NAME STATUS: remember a command that failed. pytest's 5 (no test ran: a benchmark module skipped
+# whole, as without CUDA) is a failure on a GPU and expected in a dry run.
+note() {
+    (( $2 == 0 )) && return
+    [[ ${DRY:-0} == 1 && $1 == pytest* && $2 == 5 ]] && return
+    FAILED+=("$1 (exit $2)")
+}
 mkdir -p "$OUT"
 export PYTHONPATH=.
 # Triton's and inductor's caches in the git-ignored .gpu_cache/ of the repo copy, which the device tool
@@ -54,7 +75,11 @@ export PYTHONPATH=.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.gpu_cache/triton}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.gpu_cache/inductor}
 PY=$(command -v python3 || command -v python)  # the device image: python3 (a venv; python may exist too)
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+else
+    echo "no nvidia-smi (DRY=${DRY:-0})" | tee "$OUT/device.txt"
+fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
 phase_tests() {
@@ -68,15 +93,18 @@ phase_tests() {
     # shellcheck disable=SC2086
     timeout "$(lim "${TESTS_LIMIT:-330}")" "$PY" -m pytest tests/ -q -m gpu -p no:cacheprovider -rs --durations=15 $XDIST \
         > "$OUT/tests.log" 2>&1
-    echo "pytest exit $? ($(tail -n 1 "$OUT/tests.log"))"
+    local st=$?
+    echo "pytest exit $st ($(tail -n 1 "$OUT/tests.log"))"
+    note "pytest tests" $st
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 }
 
 phase_bench() {
     echo "== ratio table: $CASES =="
     # shellcheck disable=SC2086
-    timeout "$(lim 320)" "$PY" -m benchmarks.report --quick --sampler no --cases $CASES ${REPORT_ARGS:-} \
+    timeout "$(lim 320)" "$PY" -m benchmarks.report --quick --sampler no --cases $CASES ${REPORT_ARGS:-} $DEVICE_ARGS \
         --out "$OUT/benchmark_results.json" 2>&1 | grep -v '^W[0-9]' | tee "$OUT/report.log"
+    note bench "${PIPESTATUS[0]}"
 }
 
 phase_firststep() {
@@ -86,8 +114,9 @@ phase_firststep() {
         for pre in ${FIRST_MODES:-plain --precompile}; do
             [[ $pre == plain ]] && pre=""
             pre=${pre//,/ }  # one mode of several flags: "--precompile,--compile-step"
-            timeout "$(lim 200)" "$PY" -m benchmarks.first_step --preset "${c%%:*}" --batch "${c##*:}" $pre 2>&1 \
-                | grep -v '^W[0-9]' | tee -a "$OUT/first_step.log"
+            timeout "$(lim 200)" "$PY" -m benchmarks.first_step --preset "${c%%:*}" --batch "${c##*:}" $pre $DEVICE_ARGS \
+                2>&1 | grep -v '^W[0-9]' | tee -a "$OUT/first_step.log"
+            note "firststep $c ${pre:-plain}" "${PIPESTATUS[0]}"
         done
     done
 }
@@ -102,8 +131,12 @@ phase_attention() {
     fi
     timeout "$(lim 240)" "$PY" -m pytest benchmarks/bench_attention.py --benchmark-only -q -p no:cacheprovider -rs \
         --benchmark-json "$OUT/attention.json" > "$OUT/attention.log" 2>&1
-    echo "pytest exit $? ($(tail -n 1 "$OUT/attention.log"))"
+    local st=$?
+    echo "pytest exit $st ($(tail -n 1 "$OUT/attention.log"))"
+    note "pytest attention" $st
+    [[ -f "$OUT/attention.json" ]] || { echo "(no benchmark JSON written: see $OUT/attention.log)"; return; }
     "$PY" -m benchmarks.attention_table "$OUT/attention.json" | tee "$OUT/attention_table.txt"
+    note "attention table" "${PIPESTATUS[0]}"
 }
 
 phase_ops() {
@@ -111,7 +144,9 @@ phase_ops() {
     timeout "$(lim 240)" "$PY" -m pytest benchmarks/bench_dual_ops.py --benchmark-only -q -p no:cacheprovider \
         -k "${OPS_K:-dual_linear or gelu_bwd or gated_residual_ln_fwd_tangent or (plain_no_grad and not compiled) or (eager and not torch_jvp)}" --benchmark-columns=median \
         --benchmark-json "$OUT/dual_ops.json" > "$OUT/dual_ops.log" 2>&1
-    echo "pytest exit $? ($(tail -n 1 "$OUT/dual_ops.log"))"
+    local st=$?
+    echo "pytest exit $st ($(tail -n 1 "$OUT/dual_ops.log"))"
+    note "pytest ops" $st
     [[ -f "$OUT/dual_ops.json" ]] || { echo "(no benchmark JSON written: see $OUT/dual_ops.log)"; return; }
     "$PY" - "$OUT/dual_ops.json" <<'PYEOF'
 import json, sys
@@ -126,8 +161,9 @@ phase_sweep() {
     echo "== attention configs one by one (fault / error / time), XL/2 batch-64 shape =="
     for k in ${SWEEP_KERNELS:-fwd_tangent dkdv dq}; do
         timeout "$(lim 200)" "$PY" -m benchmarks.attention_sweep --kernel "$k" --dims "${SWEEP_DIMS:-64,72,80}" \
-            --hi "${SWEEP_HI:-16,64}" --extra --jobs 12 --out "$OUT/sweep_$k.json" 2>&1 | grep -v '^W[0-9]' \
-            | tee -a "$OUT/sweep.log"
+            --hi "${SWEEP_HI:-16,64}" --extra --jobs "${SWEEP_JOBS:-12}" --out "$OUT/sweep_$k.json" $DEVICE_ARGS 2>&1 \
+            | grep -v '^W[0-9]' | tee -a "$OUT/sweep.log"
+        note "sweep $k" "${PIPESTATUS[0]}"
     done
 }
 
@@ -135,20 +171,25 @@ phase_gemm() {
     echo "== dual GEMM configs one by one at the fc1 shapes, against cuBLAS (B/2 b128, XL/2 b64) =="
     for l in ${GEMM_LAUNCHES:-dual_gelu}; do
         timeout "$(lim 200)" "$PY" -m benchmarks.gemm_sweep --launch "$l" --shapes "${GEMM_SHAPES:-B/2,XL/2}" --extra \
-            --jobs 12 --out "$OUT/gemm_$l.json" 2>&1 | grep -v '^W[0-9]' | tee -a "$OUT/gemm.log"
+            --jobs "${SWEEP_JOBS:-12}" --out "$OUT/gemm_$l.json" $DEVICE_ARGS 2>&1 | grep -v '^W[0-9]' \
+            | tee -a "$OUT/gemm.log"
+        note "gemm $l" "${PIPESTATUS[0]}"
     done
 }
 
 phase_backward() {
     echo "== primal backward: ours vs torch eager vs torch.compile (issue 4) =="
-    timeout "$(lim 240)" "$PY" -m benchmarks.backward --out "$OUT/backward.json" 2>&1 | grep -v '^W[0-9]' \
-        | tee "$OUT/backward.log"
+    timeout "$(lim 240)" "$PY" -m benchmarks.backward --out "$OUT/backward.json" $DEVICE_ARGS 2>&1 \
+        | grep -v '^W[0-9]' | tee "$OUT/backward.log"
+    note backward "${PIPESTATUS[0]}"
 }
 
 phase_sampler() {
     echo "== sampler table =="
-    timeout "$(lim 240)" "$PY" -m benchmarks.report --sampler only --out "$OUT/sampler_results.json" \
-        2>&1 | grep -v '^W[0-9]' | tee "$OUT/sampler.log"
+    # (--cases: only a dry run's sampler reads it, for its tiny preset)
+    timeout "$(lim 240)" "$PY" -m benchmarks.report --sampler only --cases $CASES --out "$OUT/sampler_results.json" \
+        $DEVICE_ARGS 2>&1 | grep -v '^W[0-9]' | tee "$OUT/sampler.log"
+    note sampler "${PIPESTATUS[0]}"
 }
 [[ $PHASES == all ]] && PHASES=tests,bench
 for ph in ${PHASES//,/ }; do
@@ -162,4 +203,8 @@ echo "gpu_check: phases $PHASES done in $(( SECONDS - START )) s"
 if (( $(find "$OUT" -type f | wc -l) > 8 )); then
     tar -czf /tmp/gpu_check_logs.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
         && mv /tmp/gpu_check_logs.tgz "$OUT/" && echo "gpu_check: logs packed into $OUT/gpu_check_logs.tgz"
+fi
+if (( ${#FAILED[@]} )); then
+    echo "gpu_check: failing commands: ${FAILED[*]}"
+    exit 1
 fi

@@ -33,8 +33,12 @@ def test_attention_table_rows_and_ratios(tmp_path, capsys):
     assert rows[0][4:] == ["—", "—"]
 
 
-def test_attention_table_usage(capsys):
+def test_attention_table_usage(capsys, tmp_path):
     assert attention_table.main([]) == 2
+    assert attention_table.main([str(tmp_path / "missing.json")]) == 2
+    assert "cannot read the pytest-benchmark JSON" in capsys.readouterr().err
+    (tmp_path / "cut.json").write_text('{"benchmarks": [')  # a file cut short
+    assert attention_table.main([str(tmp_path / "cut.json")]) == 2
 
 
 # Fake timings (ms, peak MB) per row; each fake "fn" is its row's name, so a row's figures are known
