@@ -24,9 +24,9 @@
 #                                           # several phases in one device call, in the order given; with
 #                                           # BUDGET (seconds) every phase's limit shrinks to what is left
 #                                           # of it, so the call ends with its logs inside the lease; the
-#                                           # ratio table measures its must-show rows first and rewrites
-#                                           # its JSON after each row (REPORT_ARGS="--skip ..." drops
-#                                           # optional rows: python -m benchmarks.report --help)
+#                                           # ratio table times the JVP right after the forward baselines
+#                                           # and rewrites its JSON after each row (REPORT_ARGS="--skip ..."
+#                                           # drops optional rows: python -m benchmarks.report --help)
 #   DRY=1 bash benchmarks/gpu_check.sh tests,bench,...
 #                                           # a dry run on a CPU machine (CI does one): every script with
 #                                           # --device cpu (Triton's interpreter, tiny shapes), the pytest
