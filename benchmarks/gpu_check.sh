@@ -67,6 +67,11 @@ note() {
     [[ ${DRY:-0} == 1 && $1 == pytest* && $2 == 5 ]] && return
     FAILED+=("$1 (exit $2)")
 }
+# pytest_done NAME LOG STATUS: print a pytest phase's exit and summary line, and note a failure
+pytest_done() {
+    echo "pytest exit $3 ($(tail -n 1 "$2"))"
+    note "pytest $1" "$3"
+}
 mkdir -p "$OUT"
 export PYTHONPATH=.
 # Triton's and inductor's caches in the git-ignored .gpu_cache/ of the repo copy, which the device tool
@@ -93,9 +98,7 @@ phase_tests() {
     # shellcheck disable=SC2086
     timeout "$(lim "${TESTS_LIMIT:-330}")" "$PY" -m pytest tests/ -q -m gpu -p no:cacheprovider -rs --durations=15 $XDIST \
         > "$OUT/tests.log" 2>&1
-    local st=$?
-    echo "pytest exit $st ($(tail -n 1 "$OUT/tests.log"))"
-    note "pytest tests" $st
+    pytest_done tests "$OUT/tests.log" $?
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 }
 
@@ -131,9 +134,7 @@ phase_attention() {
     fi
     timeout "$(lim 240)" "$PY" -m pytest benchmarks/bench_attention.py --benchmark-only -q -p no:cacheprovider -rs \
         --benchmark-json "$OUT/attention.json" > "$OUT/attention.log" 2>&1
-    local st=$?
-    echo "pytest exit $st ($(tail -n 1 "$OUT/attention.log"))"
-    note "pytest attention" $st
+    pytest_done attention "$OUT/attention.log" $?
     [[ -f "$OUT/attention.json" ]] || { echo "(no benchmark JSON written: see $OUT/attention.log)"; return; }
     "$PY" -m benchmarks.attention_table "$OUT/attention.json" | tee "$OUT/attention_table.txt"
     note "attention table" "${PIPESTATUS[0]}"
@@ -144,9 +145,7 @@ phase_ops() {
     timeout "$(lim 240)" "$PY" -m pytest benchmarks/bench_dual_ops.py --benchmark-only -q -p no:cacheprovider \
         -k "${OPS_K:-dual_linear or gelu_bwd or gated_residual_ln_fwd_tangent or (plain_no_grad and not compiled) or (eager and not torch_jvp)}" --benchmark-columns=median \
         --benchmark-json "$OUT/dual_ops.json" > "$OUT/dual_ops.log" 2>&1
-    local st=$?
-    echo "pytest exit $st ($(tail -n 1 "$OUT/dual_ops.log"))"
-    note "pytest ops" $st
+    pytest_done ops "$OUT/dual_ops.log" $?
     [[ -f "$OUT/dual_ops.json" ]] || { echo "(no benchmark JSON written: see $OUT/dual_ops.log)"; return; }
     "$PY" - "$OUT/dual_ops.json" <<'PYEOF'
 import json, sys

@@ -3,8 +3,8 @@
     PYTHONPATH=. python -m benchmarks.report --out results.json [--quick]
 
 Every ratio is measured in this run on this GPU against the baselines of the same model and batch:
-eager PyTorch (flash SDPA) and torch.compile'd PyTorch. The rows of the must-show ratios are measured
-first, each ratio is printed as soon as its rows exist, and the JSON is rewritten after every row, so a
+eager PyTorch (flash SDPA) and torch.compile'd PyTorch. The JVP row follows the two forward baselines at
+once, each ratio is printed as soon as its rows exist, and the JSON is rewritten after every row, so a
 run cut short by its time limit keeps what it measured; ``--skip`` leaves optional rows out.
 """
 import argparse
@@ -21,7 +21,7 @@ from benchmarks.common import (CASES, build_model, cuda_time_ms, dit_forward_flo
                                train_step_fn)
 
 
-def _measure(name, fn, rows, flops=None, iters=10, save=None):
+def _measure(name, fn, rows, flops=None, iters=10):
     try:
         first_s = timed_first_call(fn)
         ms = cuda_time_ms(fn, warmup=2, iters=iters)
@@ -29,16 +29,13 @@ def _measure(name, fn, rows, flops=None, iters=10, save=None):
     except Exception as e:  # a baseline that cannot run (e.g. OOM) is reported, not fatal
         print(f"  {name:<28} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
         rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        ms = None
-    else:
-        row = {"ms": round(ms, 2), "peak_mb": round(mem), "first_call_s": round(first_s, 1)}
-        if flops:
-            row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 1)
-        rows[name] = row
-        print(f"  {name:<28} {ms:9.2f} ms  {row.get('tflops', ''):>7} TFLOP/s  {mem:8.0f} MB  "
-              f"first call {first_s:6.1f} s", flush=True)
-    if save is not None:
-        save()
+        return None
+    row = {"ms": round(ms, 2), "peak_mb": round(mem), "first_call_s": round(first_s, 1)}
+    if flops:
+        row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 1)
+    rows[name] = row
+    print(f"  {name:<28} {ms:9.2f} ms  {row.get('tflops', ''):>7} TFLOP/s  {mem:8.0f} MB  "
+          f"first call {first_s:6.1f} s", flush=True)
     return ms
 
 
@@ -71,14 +68,16 @@ def model_table(preset, batch, quick, dtype, compiled_step=True, skip=(), rows=N
     skip = set(skip) | ({"torch.func.jvp eager"} if quick else set()) \
         | (set() if compiled_step else {"MeanFlow step triton compiled"})
 
+    save_rows = save if save is not None else (lambda: None)
+
     def measure(name, fn, flops=None, iters=10):
         if name not in skip:
-            _measure(name, fn, rows, flops, iters, save)
+            _measure(name, fn, rows, flops, iters)
+            save_rows()
 
     def ratio(key, num, den, num_key="ms"):
         _ratio(rows, key, num, den, num_key)
-        if save is not None:
-            save()
+        save_rows()
 
     model = build_model(preset, dtype=dtype)
     inp = model_inputs(model, batch, dtype=dtype)

@@ -30,15 +30,15 @@ def time_grid(steps: int = 1, times: Optional[Sequence[float]] = None) -> Tuple[
 def initial_noise(model, y: torch.Tensor, noise: Optional[torch.Tensor] = None, *,
                   generator: Optional[torch.Generator] = None, shape: Optional[Sequence[int]] = None,
                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Check the labels y (B,), their range too when ``model.config`` gives ``num_classes``, and return
-    the starting noise (B, *shape) on y's device: ``noise`` as given (checked), else drawn from
-    ``generator`` with ``shape`` (default: (C, H, W) from ``model.config``) and ``dtype`` (default: the
-    model's parameter dtype)."""
+    """Check the labels y (B,), their range too when the model has ``num_classes`` (as MeanFlowLoss reads
+    it), and return the starting noise (B, *shape) on y's device: ``noise`` as given (checked), else drawn
+    from ``generator`` with ``shape`` (default: (C, H, W) from ``model.config``) and ``dtype`` (default:
+    the model's parameter dtype)."""
     if (not torch.is_tensor(y) or y.dim() != 1 or y.numel() == 0 or y.is_floating_point()
             or y.dtype == torch.bool):
         raise ValueError(f"y must be a non-empty 1-D integer tensor of labels, got "
                          f"{(y.dtype, tuple(y.shape)) if torch.is_tensor(y) else type(y).__name__}")
-    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    num_classes = getattr(model, "num_classes", None)
     if num_classes is not None:
         # One device sync per call: a label outside the embedding table would otherwise be a device-side
         # assert on CUDA, which leaves the process unable to run anything more on the GPU.
