@@ -18,6 +18,8 @@
 #                                           # the MLP backward GELU pass (gelu_bwd) vs torch; residual + LN
 #                                           # fused vs apart (gated_residual_ln.FUSE); the no-grad plain MLP
 #                                           # (fc1 on cuBLASLt vs Triton) and residual + LN (plain_no_grad)
+#   bash benchmarks/gpu_check.sh train      # meanflow-train end to end on synthetic latents (CUDA path, resume,
+#                                           # images/s at per-rank batch 32 vs 128: TRAIN_BATCHES)
 #   bash benchmarks/gpu_check.sh attention  # attention fwd + tangent vs torch.func.jvp, jvp_flash_attention
 #                                           # (installed from .gpu_wheels/ when carried: fetch_baselines.sh)
 #   BUDGET=500 bash benchmarks/gpu_check.sh tests,bench,attention
@@ -190,10 +192,18 @@ phase_sampler() {
         $DEVICE_ARGS 2>&1 | grep -v '^W[0-9]' | tee "$OUT/sampler.log"
     note sampler "${PIPESTATUS[0]}"
 }
+phase_train() {
+    echo "== meanflow-train on synthetic latents (the trainer's CUDA path; images/s at per-rank batch 32 and 128) =="
+    # shards and checkpoints in a temporary folder (not under \$OUT: the device tool brings back \$OUT)
+    # shellcheck disable=SC2086
+    timeout "$(lim 300)" "$PY" -m benchmarks.train_smoke --batches "${TRAIN_BATCHES:-32,128}" --timeout 150 \
+        --log-dir "$OUT/train" --out "$OUT/train_smoke.json" $DEVICE_ARGS 2>&1 | grep -v '^W[0-9]' | tee "$OUT/train_smoke.log"
+    note train "${PIPESTATUS[0]}"
+}
 [[ $PHASES == all ]] && PHASES=tests,bench
 for ph in ${PHASES//,/ }; do
     if ! declare -F "phase_$ph" > /dev/null; then
-        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention ops sweep gemm firststep backward sampler)"; exit 2
+        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention ops sweep gemm firststep backward sampler train)"; exit 2
     fi
 done
 for ph in ${PHASES//,/ }; do "phase_$ph"; done
