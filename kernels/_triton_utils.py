@@ -4,9 +4,10 @@ Every launcher validates its inputs here before a kernel is launched, so that an
 ends in a ``ValueError`` that names the argument and lists what is allowed, never in a Triton compile
 error or a silently wrong answer (STYLE.md §5).
 """
+import functools
 import math
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -21,6 +22,46 @@ def interpreting() -> bool:
     Triton reads the variable when a ``@triton.jit`` function is *defined*: it must be set before
     ``kernels`` is imported (``tests/conftest.py`` does so on machines without CUDA)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+# When a call must go through the op rather than the launcher: a compile (Dynamo, and AOTAutograd in its
+# session), a dispatch mode (FakeTensorMode, the tracers', a logger), a functorch transform (torch.func.*:
+# its wrapped tensors have no storage to launch on; the op unwraps them level by level), or a first
+# argument that is not a plain tensor (a fake or functional tensor from a tracer that set none of the
+# flags). The two private torch helpers have fallbacks that pick the op, should a torch version lack them.
+_EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
+except ImportError:  # pragma: no cover
+    def _in_dispatch_mode() -> bool:
+        return True
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _needs_op(first) -> bool:
+    return (torch.compiler.is_compiling() or _in_dispatch_mode() or _functorch_active()
+            or type(first) not in _EAGER_TYPES)
+
+
+def kernel_op(name: str) -> Callable:
+    """Decorator: register a kernel launcher as the torch.library custom op ``name`` (one opaque node with
+    its fake shapes for torch.compile) and return a callable that runs the launcher *directly* in plain
+    eager mode and the op wherever something traces, transforms or watches the call (``_needs_op``).
+    The op adds nothing to a plain eager call but host time: the dispatcher and the custom-op autograd
+    wrapper cost ~25 µs a call on this project's CPU machine, and a DiT-B/2 MeanFlow step makes ~430 of
+    them (benchmarks/RESULTS.md, session 7). The callable carries the op as ``.op`` and forwards
+    ``register_fake`` and ``register_autograd`` to it."""
+    def wrap(fn: Callable) -> Callable:
+        op = torch.library.custom_op(name, fn, mutates_args=())
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if _needs_op(args[0]) else fn(*args)
+        call.op = op
+        call.register_fake = op.register_fake
+        call.register_autograd = op.register_autograd
+        return call
+    return wrap
 
 
 def check_tensors(op: str, tensors: Dict[str, Optional[torch.Tensor]]) -> torch.dtype:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._ref_utils import compute_dtype
-from ._triton_utils import interpreting, zeros_if_none
+from ._triton_utils import interpreting, kernel_op, zeros_if_none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -769,9 +769,10 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None):
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops: the launchers as torch.library ops, opaque to torch.compile (which cannot trace into a
-# Triton launch under the interpreter, and need not on a GPU). The autograd Functions below call these.
+# Triton launch under the interpreter, and need not on a GPU). The autograd Functions below call these
+# (``kernel_op``: the launcher directly in eager mode, the op under a tracer).
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("meanflow_fast::attn_fwd", mutates_args=())
+@kernel_op("meanflow_fast::attn_fwd")
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     o, _, lse = attention_fwd(q, k, v, scale=scale)
@@ -784,7 +785,7 @@ def _(q, k, v, scale):
     return _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("meanflow_fast::attn_fwd_jvp", mutates_args=())
+@kernel_op("meanflow_fast::attn_fwd_jvp")
 def _attn_fwd_jvp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torch.Tensor,
                      k_dot: torch.Tensor, v_dot: torch.Tensor,
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -798,7 +799,7 @@ def _(q, k, v, q_dot, k_dot, v_dot, scale):
     return _empty_bnhd(q), _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("meanflow_fast::attn_bwd", mutates_args=())
+@kernel_op("meanflow_fast::attn_bwd")
 def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_bwd(do, q, k, v, o, lse, scale)
@@ -810,7 +811,7 @@ def _(do, q, k, v, o, lse, scale):
     return _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
 
 
-@torch.library.custom_op("meanflow_fast::attn_bwd_qkv", mutates_args=())
+@kernel_op("meanflow_fast::attn_bwd_qkv")
 def _attn_bwd_qkv_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                      lse: torch.Tensor, scale: float) -> torch.Tensor:
     """The backward into one packed (B, N, 3, H, D) gradient: the kernels write dQ, dK, dV straight into
@@ -845,7 +846,7 @@ def _attn_bwd_or_none(ctx, do):
     if do is None:
         return None, None, None
     q, k, v, o, lse = ctx.saved_tensors
-    return torch.ops.meanflow_fast.attn_bwd(do, q, k, v, o, lse, ctx.scale)
+    return _attn_bwd_op(do, q, k, v, o, lse, ctx.scale)
 
 
 def _attn_fwd_backward(ctx, do, *_):
@@ -871,7 +872,7 @@ class AttentionJVPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, q_dot, k_dot, v_dot, scale):
-        return torch.ops.meanflow_fast.attn_fwd_jvp(q, k, v, q_dot, k_dot, v_dot, scale)
+        return _attn_fwd_jvp_op(q, k, v, q_dot, k_dot, v_dot, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -894,8 +895,7 @@ class AttentionQKVJVPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(qkv, qkv_dot, num_heads, scale):
-        return torch.ops.meanflow_fast.attn_fwd_jvp(*split_qkv(qkv, num_heads), *split_qkv(qkv_dot, num_heads),
-                                                    scale)
+        return _attn_fwd_jvp_op(*split_qkv(qkv, num_heads), *split_qkv(qkv_dot, num_heads), scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -911,7 +911,7 @@ class AttentionQKVJVPFunction(torch.autograd.Function):
         if do is None:
             return None, None, None, None
         qkv, o, lse = ctx.saved_tensors
-        dqkv = torch.ops.meanflow_fast.attn_bwd_qkv(do, *split_qkv(qkv, ctx.num_heads), o, lse, ctx.scale)
+        dqkv = _attn_bwd_qkv_op(do, *split_qkv(qkv, ctx.num_heads), o, lse, ctx.scale)
         return dqkv.view(qkv.shape), None, None, None
 
 
@@ -922,7 +922,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, scale):
-        return torch.ops.meanflow_fast.attn_fwd(q, k, v, scale)
+        return _attn_fwd_op(q, k, v, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -943,8 +943,8 @@ class AttentionFunction(torch.autograd.Function):
         # ctx.saved_tensors holds what save_for_forward kept. O is recomputed with Ȯ (one fused pass,
         # 4 of its 6 matmuls are the tangent's) rather than kept: forward does not see the tangents.
         q, k, v = ctx.saved_tensors
-        _, o_dot, _ = torch.ops.meanflow_fast.attn_fwd_jvp(q, k, v, zeros_if_none(q_t, q), zeros_if_none(k_t, k),
-                                                           zeros_if_none(v_t, v), ctx.scale)
+        _, o_dot, _ = _attn_fwd_jvp_op(q, k, v, zeros_if_none(q_t, q), zeros_if_none(k_t, k),
+                                       zeros_if_none(v_t, v), ctx.scale)
         return o_dot, None
 
 

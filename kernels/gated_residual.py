@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (check_shape, check_tangents_together, check_tensors, elementwise_tiles, pick_function, rows,
-                            steps_per_program, zeros_if_none)
+from ._triton_utils import (check_shape, check_tangents_together, check_tensors, elementwise_tiles, kernel_op,
+                            pick_function, rows, steps_per_program, zeros_if_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def gated_residual_bwd(dy, gate, f):
 
 
 # torch.library custom ops: one opaque node each for torch.compile; register_fake gives the shapes.
-@torch.library.custom_op("meanflow_fast::gated_residual_fwd", mutates_args=())
+@kernel_op("meanflow_fast::gated_residual_fwd")
 def gated_residual_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, x_dot: torch.Tensor,
                           gate_dot: torch.Tensor, f_dot: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return gated_residual_fwd(x, gate, f, x_dot, gate_dot, f_dot)
@@ -193,7 +193,7 @@ def _(x, gate, f, x_dot, gate_dot, f_dot):
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
-@torch.library.custom_op("meanflow_fast::gated_residual_primal_fwd", mutates_args=())
+@kernel_op("meanflow_fast::gated_residual_primal_fwd")
 def gated_residual_primal_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return gated_residual_fwd(x, gate, f)[0]
 
@@ -204,7 +204,7 @@ def _(x, gate, f):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("meanflow_fast::gated_residual_bwd", mutates_args=())
+@kernel_op("meanflow_fast::gated_residual_bwd")
 def gated_residual_bwd_op(dy: torch.Tensor, gate: torch.Tensor, f: torch.Tensor
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     return gated_residual_bwd(dy, gate, f)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import next_pow2, pick_function, rows, steps_per_program, zeros_if_none
+from ._triton_utils import kernel_op, next_pow2, pick_function, rows, steps_per_program, zeros_if_none
 from .gated_residual import (_check_gated_residual, gated_residual, gated_residual_bwd_op, gated_residual_jvp,
                              gated_residual_jvp_ref, gated_residual_ref)
 from .layernorm_modulate import (_check_ln_modulate, _ln_modulate_bwd_rows, _ln_project, _ln_rows, _num_warps,
@@ -253,7 +253,7 @@ def gated_residual_ln_bwd(dm, dy: Optional[torch.Tensor], y, f, gate, scale, mea
 
 
 # torch.library custom ops: one opaque node each for torch.compile; register_fake gives the shapes.
-@torch.library.custom_op("meanflow_fast::gated_residual_ln_fwd", mutates_args=())
+@kernel_op("meanflow_fast::gated_residual_ln_fwd")
 def gated_residual_ln_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, shift: torch.Tensor,
                              scale: torch.Tensor, x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor,
                              shift_dot: torch.Tensor, scale_dot: torch.Tensor, eps: float
@@ -270,7 +270,7 @@ def _(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, ep
     return (*(x.new_empty(B, N, D) for _ in range(4)), stat, torch.empty_like(stat))
 
 
-@torch.library.custom_op("meanflow_fast::gated_residual_ln_primal_fwd", mutates_args=())
+@kernel_op("meanflow_fast::gated_residual_ln_primal_fwd")
 def gated_residual_ln_primal_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, shift: torch.Tensor,
                                     scale: torch.Tensor, eps: float
                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -286,7 +286,7 @@ def _(x, gate, f, shift, scale, eps):
     return x.new_empty(B, N, D), x.new_empty(B, N, D), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("meanflow_fast::gated_residual_ln_bwd", mutates_args=())
+@kernel_op("meanflow_fast::gated_residual_ln_bwd")
 def gated_residual_ln_bwd_op(dm: torch.Tensor, dy: Optional[torch.Tensor], y: torch.Tensor, f: torch.Tensor,
                              gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ._ref_utils import compute_dtype
-from ._triton_utils import (check_shape, check_tangents_together, check_tensors, next_pow2, pick_function, rows,
-                            steps_per_program, zeros_if_none)
+from ._triton_utils import (check_shape, check_tangents_together, check_tensors, kernel_op, next_pow2, pick_function,
+                            rows, steps_per_program, zeros_if_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def ln_modulate_bwd(dm, x, scale, mean, rstd):
 
 
 # torch.library custom ops: one opaque node each for torch.compile; register_fake gives the shapes.
-@torch.library.custom_op("meanflow_fast::ln_modulate_fwd", mutates_args=())
+@kernel_op("meanflow_fast::ln_modulate_fwd")
 def ln_modulate_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x_dot: torch.Tensor,
                        shift_dot: torch.Tensor, scale_dot: torch.Tensor, eps: float
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,7 +314,7 @@ def _(x, shift, scale, x_dot, shift_dot, scale_dot, eps):
     return x.new_empty(B, N, D), x.new_empty(B, N, D), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("meanflow_fast::ln_modulate_primal_fwd", mutates_args=())
+@kernel_op("meanflow_fast::ln_modulate_primal_fwd")
 def ln_modulate_primal_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, _, mean, rstd = ln_modulate_fwd(x, shift, scale, eps=eps)
@@ -329,7 +329,7 @@ def _(x, shift, scale, eps):
     return x.new_empty(B, N, D), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("meanflow_fast::ln_modulate_bwd", mutates_args=())
+@kernel_op("meanflow_fast::ln_modulate_bwd")
 def ln_modulate_bwd_op(dm: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
                        rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ln_modulate_bwd(dm, x, scale, mean, rstd)

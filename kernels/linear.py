@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_shape, check_tensors, rows
+from ._triton_utils import check_shape, check_tensors, kernel_op, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 # torch.library custom op: torch.compile treats the launch as one opaque node (it cannot trace into a
 # Triton launch that runs in the interpreter, and need not on CUDA); register_fake gives it shapes.
-@torch.library.custom_op("meanflow_fast::dual_linear_fwd", mutates_args=())
+@kernel_op("meanflow_fast::dual_linear_fwd")
 def dual_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], x_dot: torch.Tensor,
                        gelu: bool, store_pre: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return dual_linear_fwd(x, weight, bias, x_dot, gelu, store_pre)
@@ -320,7 +320,7 @@ def _(x, weight, bias, x_dot, gelu, store_pre):
     return y, torch.empty_like(y), (torch.empty_like(y) if (gelu and store_pre) else x.new_empty(0))
 
 
-@torch.library.custom_op("meanflow_fast::linear_gelu_fwd", mutates_args=())
+@kernel_op("meanflow_fast::linear_gelu_fwd")
 def linear_gelu_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], store_pre: bool
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Primal only: (gelu(a), a or an empty tensor) for a = x Wᵀ + b (fc1 of ``kernels.mlp.mlp``)."""

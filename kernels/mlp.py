@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import (check_shape, check_tensors, elementwise_tiles, pick_function, rows, steps_per_program,
-                            zeros_if_none)
+from ._triton_utils import (check_shape, check_tensors, elementwise_tiles, kernel_op, pick_function, rows,
+                            steps_per_program, zeros_if_none)
 from .linear import _gelu_tanh_and_grad, dual_linear_fwd_op, linear_gelu_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -147,7 +147,7 @@ def gelu_bwd(dh: torch.Tensor, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     return da, h, db_part.sum(0)
 
 
-@torch.library.custom_op("meanflow_fast::gelu_bwd", mutates_args=())
+@kernel_op("meanflow_fast::gelu_bwd")
 def gelu_bwd_op(dh: torch.Tensor, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return gelu_bwd(dh, a)
 
