@@ -126,3 +126,24 @@ def test_report_skip_takes_names_without_spaces(fake_report, monkeypatch, tmp_pa
     table = json.loads(out.read_text())["B/2 b4"]
     assert "forward_jvp torch" not in table and "FM step eager" not in table
     assert table["jvp_over_compiled_forward"] == 2.2
+
+
+def test_host_overhead_runs_each_call_and_backend():
+    """benchmarks/host_overhead.py in its own process (it stubs Triton's launches process-wide): one row
+    per (call, backend) with a positive time; a bad --calls is a usage error naming the allowed calls."""
+    import os
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "benchmarks.host_overhead", "--preset", "tiny", "--reps", "1", "--calls-per-rep", "1"]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = re.findall(r"^  (\w+)\s+(triton|torch)\s+([\d.]+) ms", p.stdout, re.M)
+    assert {(c, b) for c, b, _ in rows} == {(c, b) for c in ("forward", "forward_jvp", "mf_step", "fm_step")
+                                            for b in ("triton", "torch")}, p.stdout
+    assert all(float(ms) > 0 for _, _, ms in rows)
+    bad = subprocess.run(cmd + ["--calls", "forward,backward"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown ['backward']" in bad.stderr and "fm_step" in bad.stderr, bad.stderr
