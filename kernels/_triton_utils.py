@@ -30,11 +30,13 @@ def interpreting() -> bool:
 # argument that is not a plain tensor (a fake or functional tensor from a tracer that set none of the
 # flags). The two private torch helpers have fallbacks that pick the op, should a torch version lack them.
 _EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
-try:
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
-except ImportError:  # pragma: no cover
-    def _in_dispatch_mode() -> bool:
-        return True
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+def _in_dispatch_mode() -> bool:
+    return _dispatch_stack_len() > 0 if _dispatch_stack_len is not None else True
+
+
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
