@@ -14,8 +14,6 @@ import torch
 
 import kernels.attention as attn_mod
 from kernels.attention import (
-    AttentionFunction,
-    AttentionJVPFunction,
     attention,
     attention_jvp,
     attention_jvp_ref,
