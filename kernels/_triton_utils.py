@@ -50,8 +50,8 @@ def kernel_op(name: str) -> Callable:
     its fake shapes for torch.compile) and return a callable that runs the launcher *directly* in plain
     eager mode and the op wherever something traces, transforms or watches the call (``_needs_op``).
     The op adds nothing to a plain eager call but host time: the dispatcher and the custom-op autograd
-    wrapper cost ~25 µs a call on this project's CPU machine, and a DiT-B/2 MeanFlow step makes ~430 of
-    them (benchmarks/RESULTS.md, session 7). The callable carries the op as ``.op`` and forwards
+    wrapper cost ~55 µs a call on this project's CPU machine, and a guided DiT-B/2 MeanFlow step makes 172
+    such calls (``benchmarks/host_overhead.py``: 38.2 → 28.5 ms of host time per step). The callable carries the op as ``.op`` and forwards
     ``register_fake`` and ``register_autograd`` to it."""
     def wrap(fn: Callable) -> Callable:
         op = torch.library.custom_op(name, fn, mutates_args=())
