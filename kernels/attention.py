@@ -862,8 +862,10 @@ _attn_fwd_jvp_op.register_autograd(_attn_fwd_jvp_backward, setup_context=_attn_f
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd Functions (torch.func form: forward without ctx, setup_context; functorch transforms such as
-# torch.func.grad over a training step need that form)
+# Autograd Functions (torch.func form: forward without ctx, setup_context; functorch transforms need that
+# form). torch.func.jvp over them runs the fused kernel (tests). torch.func.grad does not work: in the
+# backward, the custom op's generated autograd wrapper lacks setup_context and torch 2.13 refuses it
+# under the transform; plain autograd (loss.backward) is the supported reverse mode.
 # ---------------------------------------------------------------------------------------------
 class AttentionJVPFunction(torch.autograd.Function):
     """(O, Ȯ, LSE) from (Q, K, V, Q̇, K̇, V̇) by the fused kernel. Saves Q, K, V, O, LSE only; backward is the
