@@ -232,12 +232,13 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
         """The block on its own: x → x'."""
-        mod = self.modulation(c)
+        mod = self.modulation(F.silu(c))
         return self.forward_after_ln(x, self.first_ln(mod).apply(ops, x), mod, ops)[0]
 
-    def modulation(self, c: torch.Tensor):
-        """The six (B, D) adaLN chunks (sh1, sc1, g1, sh2, sc2, g2)."""
-        return self.adaLN_modulation(c).chunk(6, dim=1)
+    def modulation(self, a: torch.Tensor):
+        """The six (B, D) adaLN chunks (sh1, sc1, g1, sh2, sc2, g2) from a = SiLU(c), the SiLU of
+        ``adaLN_modulation`` taken out: the model computes it once for all blocks."""
+        return self.adaLN_modulation[1](a).chunk(6, dim=1)
 
     def first_ln(self, mod) -> LnModulation:
         """The block's first LayerNorm-modulate in the plain forward, from its chunks (``modulation``)."""
@@ -254,9 +255,11 @@ class DiTBlock(nn.Module):
             return ops.gated_residual(x, g2, f), None
         return next_ln.after_residual(ops, x, g2, f)
 
-    def modulation_jvp(self, c, c_dot):
-        """The six (B, D) adaLN chunks (sh1, sc1, g1, sh2, sc2, g2) and their tangents."""
-        mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], c, c_dot)
+    def modulation_jvp(self, a, a_dot):
+        """The six (B, D) adaLN chunks (sh1, sc1, g1, sh2, sc2, g2) and their tangents, from
+        (a, ȧ) = (SiLU(c), its tangent): ``silu_jvp``, which the model computes once for all blocks."""
+        lin = self.adaLN_modulation[1]
+        mod, mod_dot = linear_jvp_ref(a, lin.weight, lin.bias, a_dot)  # small: always in torch
         return mod.chunk(6, dim=1), mod_dot.chunk(6, dim=1)
 
     def ln(self, mod, which: int) -> LnModulation:
@@ -267,7 +270,7 @@ class DiTBlock(nn.Module):
 
     def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
         """The block on its own: (x, ẋ) → (x', ẋ')."""
-        mod = self.modulation_jvp(c, c_dot)
+        mod = self.modulation_jvp(*silu_jvp(c, c_dot))
         h, h_dot = self.ln(mod, 1).jvp(ops, x, x_dot)
         return self.forward_jvp_after_ln(x, x_dot, h, h_dot, mod, ops)[:2]
 
@@ -285,12 +288,6 @@ class DiTBlock(nn.Module):
         return next_ln.after_residual_jvp(ops, x, g2, f, x_dot, dg2, f_dot)
 
 
-def _adaln_jvp(linear: nn.Linear, c: torch.Tensor, c_dot: torch.Tensor):
-    """Linear(SiLU(c)) with its tangent; (B, D) → (B, k·D). Small, so always in torch."""
-    a, a_dot = silu_jvp(c, c_dot)
-    return linear_jvp_ref(a, linear.weight, linear.bias, a_dot)
-
-
 class FinalLayer(nn.Module):
     eps = 1e-6
 
@@ -300,25 +297,27 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ops: PrimalOps = TORCH_OPS) -> torch.Tensor:
-        return self.head(self.ln(c).apply(ops, x), ops)
+        return self.head(self.ln(F.silu(c)).apply(ops, x), ops)
 
-    def ln(self, c) -> LnModulation:
-        """The final LayerNorm-modulate's shift and scale, from the adaLN of c (plain forward)."""
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def ln(self, a) -> LnModulation:
+        """The final LayerNorm-modulate's shift and scale (plain forward), from a = SiLU(c)."""
+        shift, scale = self.adaLN_modulation[1](a).chunk(2, dim=1)
         return LnModulation(shift, scale, eps=self.eps)
 
     def head(self, h, ops: PrimalOps):
         """The output linear on the LayerNorm-modulated h (plain forward)."""
         return ops.linear(h, self.linear.weight, self.linear.bias)
 
-    def ln_jvp(self, c, c_dot) -> LnModulation:
-        """The final LayerNorm-modulate's shift and scale (and tangents), from the adaLN of c."""
-        mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], c, c_dot)
+    def ln_jvp(self, a, a_dot) -> LnModulation:
+        """The final LayerNorm-modulate's shift and scale and their tangents, from (a, ȧ) = (SiLU(c), its
+        tangent)."""
+        lin = self.adaLN_modulation[1]
+        mod, mod_dot = linear_jvp_ref(a, lin.weight, lin.bias, a_dot)
         (shift, scale), (dshift, dscale) = mod.chunk(2, dim=1), mod_dot.chunk(2, dim=1)
         return LnModulation(shift, scale, dshift, dscale, self.eps)
 
     def forward_jvp(self, x, x_dot, c, c_dot, ops: DualOps):
-        return self.head_jvp(*self.ln_jvp(c, c_dot).jvp(ops, x, x_dot), ops)
+        return self.head_jvp(*self.ln_jvp(*silu_jvp(c, c_dot)).jvp(ops, x, x_dot), ops)
 
     def head_jvp(self, h, h_dot, ops: DualOps):
         """The output linear on the LayerNorm-modulated h."""
@@ -417,10 +416,12 @@ class MeanFlowDiT(nn.Module):
         r, t = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
         x = self.patchify(z) + self.pos_embed.to(z.dtype)  # (B, N, D)
         c = self.condition(r, t, y)                         # (B, D)
-        # As in forward_jvp: every gated residual fused with the LayerNorm-modulate after it.
-        mods = [block.modulation(c) for block in self.blocks]
+        # As in forward_jvp: every gated residual fused with the LayerNorm-modulate after it, and every
+        # adaLN fed by one SiLU(c).
+        a = F.silu(c)
+        mods = [block.modulation(a) for block in self.blocks]
         lns = [block.first_ln(mod) for block, mod in zip(self.blocks, mods)]
-        lns.append(self.final_layer.ln(c))
+        lns.append(self.final_layer.ln(a))
         h = lns[0].apply(ops, x)
         for block, mod, next_ln in zip(self.blocks, mods, lns[1:]):
             x, h = block.forward_after_ln(x, h, mod, ops, next_ln)
@@ -450,9 +451,11 @@ class MeanFlowDiT(nn.Module):
             x_dot = self.patchify(dz.to(z.dtype), bias=False)
         # Every gated residual is fused with the LayerNorm-modulate that follows it (the next block's
         # first, or the final layer's: ``ops.gated_residual_ln``), so each block's adaLN chunks are made
-        # first and each block gets the next one's. The first LayerNorm-modulate runs alone.
-        mods = [block.modulation_jvp(c, c_dot) for block in self.blocks]
-        lns = [block.ln(mod, 1) for block, mod in zip(self.blocks, mods)] + [self.final_layer.ln_jvp(c, c_dot)]
+        # first and each block gets the next one's. The first LayerNorm-modulate runs alone. Every adaLN
+        # takes SiLU(c): computed once (with its tangent) for all of them, not once per block.
+        a, a_dot = silu_jvp(c, c_dot)
+        mods = [block.modulation_jvp(a, a_dot) for block in self.blocks]
+        lns = [block.ln(mod, 1) for block, mod in zip(self.blocks, mods)] + [self.final_layer.ln_jvp(a, a_dot)]
         h, h_dot = lns[0].jvp(ops, x, x_dot)
         for block, mod, next_ln in zip(self.blocks, mods, lns[1:]):
             x, x_dot, h, h_dot = block.forward_jvp_after_ln(x, x_dot, h, h_dot, mod, ops, next_ln)
