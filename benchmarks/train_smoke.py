@@ -1,6 +1,7 @@
 """meanflow-train end to end on one GPU, on synthetic latent shards: does the ImageNet trainer run on CUDA
 (bf16 autocast, the Triton backend, precompilation, fused Adam, the EMA sample grid, checkpoints, resume),
-and how many images per second does it train at each per-rank batch?
+and how many images per second (at what peak memory, from the trainer's log line) does it train at each
+per-rank batch?
 
     PYTHONPATH=. python -m benchmarks.train_smoke [--preset B/2] [--batches 32,128] [--steps 30]
 
@@ -32,7 +33,8 @@ import time
 from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOG_RE = re.compile(r"step (\d+)/(\d+) \| loss (\S+) \| raw loss (\S+) \| ([\d.]+) images/s .*\| skipped (\d+)")
+LOG_RE = re.compile(r"step (\d+)/(\d+) \| loss (\S+) \| raw loss (\S+) \| ([\d.]+) images/s .*\| skipped (\d+)"
+                    r"(?:.*peak mem ([\d.]+) GiB)?")
 
 
 def write_shards(folder: str, images: int, latent: int, num_classes: int, per_shard: int = 1024) -> None:
@@ -69,8 +71,8 @@ def run_train(argv: List[str], log_path: str, timeout: float) -> Dict:
             rc = 124
     wall = time.perf_counter() - t0
     text = open(log_path).read().split(f"$ python -m meanflow_fast.imagenet.train {' '.join(argv)}\n")[-1]
-    lines = [dict(step=int(m[1]), loss=float(m[3]), raw=float(m[4]), ips=float(m[5]), skipped=int(m[6]))
-             for m in LOG_RE.finditer(text)]
+    lines = [dict(step=int(m[1]), loss=float(m[3]), raw=float(m[4]), ips=float(m[5]), skipped=int(m[6]),
+                  mem_gib=float(m[7]) if m[7] else None) for m in LOG_RE.finditer(text)]
     return dict(rc=rc, wall_s=wall, lines=lines, text=text)
 
 
@@ -145,12 +147,15 @@ def main(argv=None) -> int:
         row = dict(batch=b, wall_s=round(first["wall_s"], 1),
                    first_interval_s=round(steps // 3 * b / lines[0]["ips"], 1) if lines and lines[0]["ips"] else None,
                    steady_images_per_s=steady, steady_ms_per_step=round(1e3 * b / steady, 2) if steady > 0 else None,
-                   raw_losses=[ln["raw"] for ln in lines], problems=problems, log=log_path)
+                   raw_losses=[ln["raw"] for ln in lines], peak_mem_gib=lines[-1]["mem_gib"] if lines else None,
+                   problems=problems, log=log_path)
         results.append(row)
         failures += [f"batch {b}: {m}" for m in problems]
         print(f"  batch {b:4d}: {'ok' if not problems else 'FAILED: ' + '; '.join(problems)}; process {row['wall_s']} s, "
               f"first {steps // 3} steps {row['first_interval_s']} s (start-up included), steady "
-              f"{steady:.1f} images/s = {row['steady_ms_per_step']} ms/step; raw losses {row['raw_losses']}")
+              f"{steady:.1f} images/s = {row['steady_ms_per_step']} ms/step; "
+              f"{'peak mem %s GiB' % row['peak_mem_gib'] if row['peak_mem_gib'] is not None else 'no peak mem (CPU)'}; "
+              f"raw losses {row['raw_losses']}")
         if problems:
             print("    last lines of its log:\n      " + "\n      ".join(
                 (resumed if resumed["rc"] else first)["text"].strip().splitlines()[-8:]))

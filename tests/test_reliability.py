@@ -492,3 +492,12 @@ def test_extract_skips_corrupt_and_truncated_images(tmp_path, capsys):
     assert summary["num_images"] == 6 and summary["skipped"] == 2
     ds = LatentShards(str(tmp_path / "out"))
     assert len(ds) == 12 and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_log_line_peak_memory_note(monkeypatch):
+    """meanflow-train's log line ends with the rank's peak allocated CUDA memory in GiB; nothing on CPU."""
+    assert train.peak_memory_note(torch.device("cpu")) == ""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: seen.append(device) or 3.5 * 2**30)
+    assert train.peak_memory_note(torch.device("cuda", 1)) == " | peak mem 3.5 GiB"
+    assert seen == [torch.device("cuda", 1)]

@@ -68,6 +68,14 @@ def _gather_objects(obj, env):
     return out
 
 
+def peak_memory_note(device: torch.device) -> str:
+    """' | peak mem X GiB' for the log line: this rank's peak of allocated CUDA memory so far (what
+    ``torch.cuda.max_memory_allocated`` reports; the caching allocator reserves somewhat more); '' on CPU."""
+    if device.type != "cuda":
+        return ""
+    return f" | peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+
+
 def _sum_over_ranks(values, env):
     t = torch.tensor(values, dtype=torch.float64, device=env.device if dist.is_initialized() and
                      dist.get_backend() == "nccl" else "cpu")
@@ -298,7 +306,7 @@ def main(args):
                     ips = (step - step_log) * args.global_batch_size / max(dt, 1e-9)
                     log.info(f"step {step:07d}/{max_steps} | loss {loss_sum / max(n_ok, 1):.4f} | raw loss "
                              f"{raw_sum / max(n_ok, 1):.4f} | {ips:.1f} images/s | grad norm {stats['grad_norm']:.3g}"
-                             f" | skipped {bad.total} | epoch {epoch}")
+                             f" | skipped {bad.total} | epoch {epoch}{peak_memory_note(device)}")
                     acc, t_log, step_log = [0.0, 0.0, 0.0, 0.0], time.time(), step
                 if args.sample_every and step % args.sample_every == 0:
                     sample_grid(step)
