@@ -51,15 +51,14 @@ def kernel_op(name: str) -> Callable:
     eager mode and the op wherever something traces, transforms or watches the call (``_needs_op``).
     The op adds nothing to a plain eager call but host time: the dispatcher and the custom-op autograd
     wrapper cost ~55 µs a call on this project's CPU machine, and a guided DiT-B/2 MeanFlow step makes 172
-    such calls (``benchmarks/host_overhead.py``: 38.2 → 28.5 ms of host time per step). The callable carries the op as ``.op`` and forwards
-    ``register_fake`` and ``register_autograd`` to it."""
+    such calls (``benchmarks/host_overhead.py``: 38.2 → 28.5 ms of host time per step). The callable
+    forwards ``register_fake`` and ``register_autograd`` to the op."""
     def wrap(fn: Callable) -> Callable:
         op = torch.library.custom_op(name, fn, mutates_args=())
 
         @functools.wraps(fn)
         def call(*args):
             return op(*args) if _needs_op(args[0]) else fn(*args)
-        call.op = op
         call.register_fake = op.register_fake
         call.register_autograd = op.register_autograd
         return call

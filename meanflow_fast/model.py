@@ -258,8 +258,7 @@ class DiTBlock(nn.Module):
     def modulation_jvp(self, a, a_dot):
         """The six (B, D) adaLN chunks (sh1, sc1, g1, sh2, sc2, g2) and their tangents, from
         (a, ȧ) = (SiLU(c), its tangent): ``silu_jvp``, which the model computes once for all blocks."""
-        lin = self.adaLN_modulation[1]
-        mod, mod_dot = linear_jvp_ref(a, lin.weight, lin.bias, a_dot)  # small: always in torch
+        mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], a, a_dot)
         return mod.chunk(6, dim=1), mod_dot.chunk(6, dim=1)
 
     def ln(self, mod, which: int) -> LnModulation:
@@ -288,6 +287,12 @@ class DiTBlock(nn.Module):
         return next_ln.after_residual_jvp(ops, x, g2, f, x_dot, dg2, f_dot)
 
 
+def _adaln_jvp(linear: nn.Linear, a: torch.Tensor, a_dot: torch.Tensor):
+    """An adaLN linear on (a, ȧ) = (SiLU(c), its tangent) with its tangent; (B, D) → (B, k·D). Small, so
+    always in torch."""
+    return linear_jvp_ref(a, linear.weight, linear.bias, a_dot)
+
+
 class FinalLayer(nn.Module):
     eps = 1e-6
 
@@ -311,8 +316,7 @@ class FinalLayer(nn.Module):
     def ln_jvp(self, a, a_dot) -> LnModulation:
         """The final LayerNorm-modulate's shift and scale and their tangents, from (a, ȧ) = (SiLU(c), its
         tangent)."""
-        lin = self.adaLN_modulation[1]
-        mod, mod_dot = linear_jvp_ref(a, lin.weight, lin.bias, a_dot)
+        mod, mod_dot = _adaln_jvp(self.adaLN_modulation[1], a, a_dot)
         (shift, scale), (dshift, dscale) = mod.chunk(2, dim=1), mod_dot.chunk(2, dim=1)
         return LnModulation(shift, scale, dshift, dscale, self.eps)
 
