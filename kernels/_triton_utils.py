@@ -28,7 +28,8 @@ def interpreting() -> bool:
 # session), a dispatch mode (FakeTensorMode, the tracers', a logger), a functorch transform (torch.func.*:
 # its wrapped tensors have no storage to launch on; the op unwraps them level by level), or a first
 # argument that is not a plain tensor (a fake or functional tensor from a tracer that set none of the
-# flags). The two private torch helpers have fallbacks that pick the op, should a torch version lack them.
+# flags), or a backward of a Function applied under torch.func (``backward_once``). The two private torch
+# helpers have fallbacks that pick the op, should a torch version lack them.
 _EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
@@ -42,7 +43,7 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 def _needs_op(first) -> bool:
     return (torch.compiler.is_compiling() or _in_dispatch_mode() or _functorch_active()
-            or type(first) not in _EAGER_TYPES)
+            or type(first) not in _EAGER_TYPES or _forced_op_calls > 0)
 
 
 def kernel_op(name: str) -> Callable:
@@ -63,6 +64,95 @@ def kernel_op(name: str) -> Callable:
         call.register_autograd = op.register_autograd
         return call
     return wrap
+
+
+try:  # what torch's apply does to the arguments outside a transform (a finished level's wrappers)
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead
+except ImportError:  # another torch version: nothing to unwrap
+    def _unwrap_dead(args):
+        return args
+
+
+class KernelFunction(torch.autograd.Function):
+    """Base of the autograd.Functions over the kernels, all in the torch.func form (``forward`` without
+    ctx, ``setup_context``) that torch.func transforms require. For that form torch's ``apply`` first
+    re-binds the arguments to forward's signature through ``inspect.signature`` (to fill in defaults),
+    on every call: with ~74 applies per DiT-B/2 ``forward_jvp`` that was ~2.5 ms of its host time on this
+    project's CPU machine (``benchmarks/host_overhead.py``, cProfile: a third of the call). Outside a
+    transform this ``apply`` skips the binding, so every argument of ``forward`` must be passed,
+    positionally (the kernels' forwards have no defaults); under a transform it is torch's own. Dynamo
+    traces ``apply`` itself and never calls this one."""
+
+    @classmethod
+    def apply(cls, *args):
+        if _functorch_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))
+
+
+def backward_once(backward: Callable) -> Callable:
+    """Decorator for the ``backward`` of every autograd.Function over the kernels, so that reverse mode
+    through them works under ``torch.func.grad`` / ``torch.func.vjp`` as it does with ``loss.backward()``.
+
+    The kernels' backward is not itself differentiable (no double backward). Plain autograd records it
+    only when asked to (``create_graph=True``), and then fails when a second backward reaches a backward
+    op (none is registered for it). torch.func always runs a backward as if ``create_graph=True``, so
+    every kernel op there has inputs that require grad at the transform's level; torch wraps such an op
+    in its generated autograd.Function, which torch.func refuses ("must override the setup_context
+    staticmethod"). For a Function applied under torch.func (autograd then calls it through functorch's
+    ``_SingleLevelFunction``), the backward therefore runs unrecorded (``torch.no_grad``) and always
+    through the ops, which unwrap functorch's tensors (after ``torch.func.vjp`` returns, its saved tensors
+    are wrappers of a finished level, which a direct launch cannot read). That is right while nothing
+    else will differentiate the result: the Function's own transform is the only live one, or none is
+    (a ``vjp_fn`` called afterwards). Under any other live transform (a grad of a grad, a jvp of a grad,
+    hessian, a vjp_fn called inside a grad) a silent zero would be wrong: NotImplementedError instead.
+    Plain eager autograd and torch.compile run the backward unchanged."""
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        if torch.compiler.is_compiling() or not _applied_under_func(ctx):
+            return backward(ctx, *grads)
+        _check_single_level(ctx)
+        global _forced_op_calls
+        _forced_op_calls += 1
+        try:
+            with torch.no_grad():
+                return backward(ctx, *grads)
+        finally:
+            _forced_op_calls -= 1
+    return wrapped
+
+
+_forced_op_calls = 0  # > 0 while a backward_once backward of a torch.func-applied Function runs
+_SingleLevelFunction = getattr(torch.autograd.function, "_SingleLevelFunction", None)
+_functorch_c = getattr(torch._C, "_functorch", None)
+
+
+def _applied_under_func(ctx) -> bool:
+    """Was the Function of this backward applied under a torch.func transform? Without the private class
+    (another torch version): whenever a transform is active."""
+    if _SingleLevelFunction is None:
+        return _functorch_active()
+    return issubclass(getattr(ctx, "_forward_cls", object), _SingleLevelFunction)
+
+
+def _check_single_level(ctx) -> None:
+    """Refuse unless no torch.func transform is live or the only live one is the Function's own (the
+    level of its saved tensors). Refuses whenever the private helpers are missing."""
+    try:
+        live = _functorch_c.get_dynamic_layer_stack_depth()
+        if live == 0:
+            return
+        saved = ctx.saved_tensors
+        own = _functorch_c.maybe_get_level(saved[0]) if saved else _functorch_c.maybe_current_level()
+        if live == 1 and own == _functorch_c.maybe_current_level():
+            return
+    except AttributeError:
+        pass
+    raise NotImplementedError(
+        "the Triton kernels' backward is not differentiable: torch.func.grad / vjp over them works under "
+        "one transform, not under a second one (a grad of a grad, a jvp of a grad, hessian, a vjp_fn called "
+        "inside a grad); use the pure-torch backend (backend='torch' / the *_ref functions) for higher "
+        "derivatives")
 
 
 def check_tensors(op: str, tensors: Dict[str, Optional[torch.Tensor]]) -> torch.dtype:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._ref_utils import compute_dtype
-from ._triton_utils import interpreting, kernel_op, zeros_if_none
+from ._triton_utils import KernelFunction, backward_once, interpreting, kernel_op, zeros_if_none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -863,11 +863,10 @@ _attn_fwd_jvp_op.register_autograd(_attn_fwd_jvp_backward, setup_context=_attn_f
 
 # ---------------------------------------------------------------------------------------------
 # Autograd Functions (torch.func form: forward without ctx, setup_context; functorch transforms need that
-# form). torch.func.jvp over them runs the fused kernel (tests). torch.func.grad does not work: in the
-# backward, the custom op's generated autograd wrapper lacks setup_context and torch 2.13 refuses it
-# under the transform; plain autograd (loss.backward) is the supported reverse mode.
+# form). torch.func.jvp over them runs the fused kernel; torch.func.grad / vjp run the FlashAttention-2
+# backward (one transform level: ``backward_once``, which says why). Tests: test_attention, test_func_grad.
 # ---------------------------------------------------------------------------------------------
-class AttentionJVPFunction(torch.autograd.Function):
+class AttentionJVPFunction(KernelFunction):
     """(O, Ȯ, LSE) from (Q, K, V, Q̇, K̇, V̇) by the fused kernel. Saves Q, K, V, O, LSE only; backward is the
     FlashAttention-2 primal backward. Ȯ and LSE are non-differentiable; LSE is an output only because
     setup_context sees nothing else of forward (``attention_jvp`` drops it)."""
@@ -886,11 +885,12 @@ class AttentionJVPFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero-filled gradients for Ȯ and LSE
 
     @staticmethod
+    @backward_once
     def backward(ctx, do, _do_dot, _dlse):
         return (*_attn_bwd_or_none(ctx, do), None, None, None, None)
 
 
-class AttentionQKVJVPFunction(torch.autograd.Function):
+class AttentionQKVJVPFunction(KernelFunction):
     """(O, Ȯ, LSE) from the packed projection (B, N, 3·H·D) and its tangent: the DiT's form. Same kernels
     as AttentionJVPFunction; the gradient comes back packed, (B, N, 3·H·D), from one kernel-written
     buffer, where unbinding Q, K, V in autograd would stack three gradients and copy them again."""
@@ -909,6 +909,7 @@ class AttentionQKVJVPFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero-filled gradients for Ȯ and LSE
 
     @staticmethod
+    @backward_once
     def backward(ctx, do, _do_dot, _dlse):
         if do is None:
             return None, None, None, None
@@ -917,7 +918,7 @@ class AttentionQKVJVPFunction(torch.autograd.Function):
         return dqkv.view(qkv.shape), None, None, None
 
 
-class AttentionFunction(torch.autograd.Function):
+class AttentionFunction(KernelFunction):
     """(O, LSE) = attention(Q, K, V) with reverse mode (FlashAttention-2 backward) and forward mode
     (``jvp`` runs the fused kernel), so torch.func.jvp / torch.autograd.forward_ad over a model calling
     ``attention`` use the fused kernel. LSE is non-differentiable (``attention`` drops it)."""
@@ -937,6 +938,7 @@ class AttentionFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero-filled gradient for LSE
 
     @staticmethod
+    @backward_once
     def backward(ctx, do, _dlse):
         return (*_attn_bwd_or_none(ctx, do), None)
 

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (check_shape, check_tangents_together, check_tensors, elementwise_tiles, kernel_op,
-                            pick_function, rows, steps_per_program, zeros_if_none)
+from ._triton_utils import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
+                            elementwise_tiles, kernel_op, pick_function, rows, steps_per_program, zeros_if_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def _gated_residual_backward(ctx, dy):
     return dy if need[0] else None, dgate if need[1] else None, df if need[2] else None
 
 
-class _GatedResidualPrimal(torch.autograd.Function):
+class _GatedResidualPrimal(KernelFunction):
     """(x, g, f) → x + g ⊙ f, primal only, in the torch.func form. Saves g and f; the backward of the
     dual op. The variant applied under torch.compile (no ``jvp``; see GatedResidualFunction)."""
 
@@ -246,6 +246,7 @@ class _GatedResidualPrimal(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    @backward_once
     def backward(ctx, dy):
         return _gated_residual_backward(ctx, dy)
 
@@ -266,20 +267,23 @@ class GatedResidualFunction(_GatedResidualPrimal):
                                      zeros_if_none(f_t, f))[1]
 
 
-class GatedResidualJvpFunction(torch.autograd.Function):
+class GatedResidualJvpFunction(KernelFunction):
     """(x, g, f, ẋ, ġ, ḟ) → (x + g ⊙ f, ẋ + ġ ⊙ f + g ⊙ ḟ). Saves g and f (what torch's own g ⊙ f
     saves); nothing of the tangent stream, and no zero-filled gradient for ẏ is made. Backward:
     ``_gated_residual_backward``."""
 
     @staticmethod
-    def forward(ctx, x, gate, f, x_dot, gate_dot, f_dot):
-        y, y_dot = gated_residual_fwd_op(x, gate, f, x_dot, gate_dot, f_dot)
-        ctx.save_for_backward(gate, f)
-        ctx.mark_non_differentiable(y_dot)
-        ctx.set_materialize_grads(False)
-        return y, y_dot
+    def forward(x, gate, f, x_dot, gate_dot, f_dot):
+        return gated_residual_fwd_op(x, gate, f, x_dot, gate_dot, f_dot)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:3])  # gate, f
+        ctx.mark_non_differentiable(output[1])  # ẏ
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @backward_once
     def backward(ctx, dy, _dy_dot):
         return _gated_residual_backward(ctx, dy) + (None, None, None)
 

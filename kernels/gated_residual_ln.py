@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import kernel_op, next_pow2, pick_function, rows, steps_per_program, zeros_if_none
+from ._triton_utils import (KernelFunction, backward_once, kernel_op, next_pow2, pick_function, rows, steps_per_program,
+                            zeros_if_none)
 from .gated_residual import (_check_gated_residual, gated_residual, gated_residual_bwd_op, gated_residual_jvp,
                              gated_residual_jvp_ref, gated_residual_ref)
 from .layernorm_modulate import (_check_ln_modulate, _ln_modulate_bwd_rows, _ln_project, _ln_rows, _num_warps,
@@ -315,7 +316,7 @@ def _gated_residual_ln_backward(ctx, dy, dm):
     return tuple(g if n else None for g, n in zip((dx, dgate, df, dshift, dscale), ctx.needs_input_grad))
 
 
-class _GatedResidualLnPrimal(torch.autograd.Function):
+class _GatedResidualLnPrimal(KernelFunction):
     """(x, g, f, shift, scale) → (y, m, mean, rstd), primal only, in the torch.func form (the row
     statistics are outputs so that setup_context can save them; ``gated_residual_ln`` drops them). Saves
     what the dual Function saves; the same backward. The variant applied under torch.compile (no
@@ -335,6 +336,7 @@ class _GatedResidualLnPrimal(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused y or m
 
     @staticmethod
+    @backward_once
     def backward(ctx, dy, dm, _dmean, _drstd):
         return (*_gated_residual_ln_backward(ctx, dy, dm), None)
 
@@ -358,22 +360,28 @@ class GatedResidualLnFunction(_GatedResidualLnPrimal):
         return y_dot, m_dot, None, None
 
 
-class GatedResidualLnJvpFunction(torch.autograd.Function):
+class GatedResidualLnJvpFunction(KernelFunction):
     """(x, g, f, shift, scale, ẋ, ġ, ḟ, shifṫ, scalė) → (y, ẏ, m, ṁ). Saves y, f, g, scale and the fp32
     row statistics: what the two ops apart save (g, f; y, scale, μ, 1/σ), nothing of the tangent stream;
-    ẏ and ṁ are non-differentiable. Backward: one Triton pass (``gated_residual_ln_bwd``)."""
+    ẏ and ṁ are non-differentiable. Backward: one Triton pass (``gated_residual_ln_bwd``). The torch.func
+    form: the statistics are outputs too (``gated_residual_ln_jvp`` drops them)."""
 
     @staticmethod
-    def forward(ctx, x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps):
-        y, y_dot, m, m_dot, mean, rstd = gated_residual_ln_fwd_op(x, gate, f, shift, scale, x_dot, gate_dot, f_dot,
-                                                                  shift_dot, scale_dot, float(eps))
+    def forward(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps):
+        return gated_residual_ln_fwd_op(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
+                                        float(eps))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, gate, f, _, scale = inputs[:5]
+        y, y_dot, _, m_dot, mean, rstd = output
         ctx.save_for_backward(y, f, gate, scale, mean, rstd)
-        ctx.mark_non_differentiable(y_dot, m_dot)
+        ctx.mark_non_differentiable(y_dot, m_dot, mean, rstd)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for ẏ, ṁ, or an unused y or m
-        return y, y_dot, m, m_dot
 
     @staticmethod
-    def backward(ctx, dy, _dy_dot, dm, _dm_dot):
+    @backward_once
+    def backward(ctx, dy, _dy_dot, dm, _dm_dot, _dmean, _drstd):
         return (*_gated_residual_ln_backward(ctx, dy, dm), None, None, None, None, None, None)
 
 
@@ -401,4 +409,4 @@ def gated_residual_ln_jvp(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shif
         y, y_dot = gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot)
         return (y, y_dot, *ln_modulate_jvp(y, shift, scale, y_dot, shift_dot, scale_dot, eps))
     return GatedResidualLnJvpFunction.apply(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
-                                            eps)
+                                            eps)[:4]

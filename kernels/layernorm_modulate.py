@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ._ref_utils import compute_dtype
-from ._triton_utils import (check_shape, check_tangents_together, check_tensors, kernel_op, next_pow2, pick_function,
-                            rows, steps_per_program, zeros_if_none)
+from ._triton_utils import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
+                            kernel_op, next_pow2, pick_function, rows, steps_per_program, zeros_if_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ def _ln_modulate_backward(ctx, dm):
     return dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None
 
 
-class _LnModulatePrimal(torch.autograd.Function):
+class _LnModulatePrimal(KernelFunction):
     """(x, shift, scale) → (m, mean, rstd), primal only, in the torch.func form (the row statistics are
     outputs so that setup_context can save them; ``ln_modulate`` drops them). Saves x, scale and the
     statistics; the backward is the Triton backward of the dual op (it reads nothing of the tangent
@@ -373,6 +373,7 @@ class _LnModulatePrimal(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    @backward_once
     def backward(ctx, dm, _dmean, _drstd):
         return (*_ln_modulate_backward(ctx, dm), None)
 
@@ -394,22 +395,27 @@ class LnModulateFunction(_LnModulatePrimal):
         return m_dot, None, None
 
 
-class LnModulateJvpFunction(torch.autograd.Function):
+class LnModulateJvpFunction(KernelFunction):
     """(x, shift, scale, ẋ, shifṫ, scalė) → (m, ṁ). Saves x, scale and the fp32 row statistics (8 bytes
     a row); nothing of the tangent stream, and no zero-filled gradient for ṁ is made. The backward is a
     Triton kernel: in torch it would take ~6 elementwise passes and (M, D) fp32 temporaries for y, dy and
-    the two reductions."""
+    the two reductions. The torch.func form: the statistics are outputs too (``ln_modulate_jvp`` drops
+    them)."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, x_dot, shift_dot, scale_dot, eps):
-        m, m_dot, mean, rstd = ln_modulate_fwd_op(x, shift, scale, x_dot, shift_dot, scale_dot, float(eps))
-        ctx.save_for_backward(x, scale, mean, rstd)
-        ctx.mark_non_differentiable(m_dot)
+    def forward(x, shift, scale, x_dot, shift_dot, scale_dot, eps):
+        return ln_modulate_fwd_op(x, shift, scale, x_dot, shift_dot, scale_dot, float(eps))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, m_dot, mean, rstd = output
+        ctx.save_for_backward(inputs[0], inputs[2], mean, rstd)  # x, scale, μ, 1/σ
+        ctx.mark_non_differentiable(m_dot, mean, rstd)
         ctx.set_materialize_grads(False)
-        return m, m_dot
 
     @staticmethod
-    def backward(ctx, dm, _dm_dot):
+    @backward_once
+    def backward(ctx, dm, _dm_dot, _dmean, _drstd):
         return (*_ln_modulate_backward(ctx, dm), None, None, None, None)
 
 
@@ -426,4 +432,4 @@ def ln_modulate_jvp(x, shift, scale, x_dot, shift_dot, scale_dot,
                     eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """(m, ṁ) of LayerNorm (no affine) + modulate in one Triton kernel; m is differentiable, ṁ carries
     no autograd graph. Same signature and contract as ``ln_modulate_jvp_ref``."""
-    return LnModulateJvpFunction.apply(x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+    return LnModulateJvpFunction.apply(x, shift, scale, x_dot, shift_dot, scale_dot, eps)[:2]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_shape, check_tensors, kernel_op, rows
+from ._triton_utils import KernelFunction, backward_once, check_shape, check_tensors, kernel_op, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,20 +338,24 @@ def _(x, weight, bias, store_pre):
 # ---------------------------------------------------------------------------------------------
 # autograd.Function
 # ---------------------------------------------------------------------------------------------
-class LinearJvpFunction(torch.autograd.Function):
+class LinearJvpFunction(KernelFunction):
     """(x, W, b, ẋ) → (x Wᵀ + b, ẋ Wᵀ). Backward runs through the primal only (DESIGN.md §2): the
     tangent output is marked non-differentiable and nothing of the tangent stream is saved."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, x_dot):
-        y, y_dot, _ = dual_linear_fwd_op(x, weight, bias, x_dot, False, False)
-        ctx.save_for_backward(x, weight)  # x itself, not its row view: a reshape copy must not live on
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(y_dot)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for ẏ
-        return y, y_dot
+    def forward(x, weight, bias, x_dot):
+        return dual_linear_fwd_op(x, weight, bias, x_dot, False, False)[:2]
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        ctx.save_for_backward(x, weight)  # x itself, not its row view: a reshape copy must not live on
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(output[1])  # ẏ
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for ẏ
+
+    @staticmethod
+    @backward_once
     def backward(ctx, dy, _dy_dot):
         # The backward is the plain linear backward, three GEMMs with nothing to fuse (no tangent stream,
         # no epilogue): torch/cuBLAS runs them at the roofline already, and a hand-written Triton GEMM

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import (check_shape, check_tensors, elementwise_tiles, kernel_op, pick_function, rows,
-                            steps_per_program, zeros_if_none)
+from ._triton_utils import (KernelFunction, backward_once, check_shape, check_tensors, elementwise_tiles, kernel_op,
+                            pick_function, rows, steps_per_program, zeros_if_none)
 from .linear import _gelu_tanh_and_grad, dual_linear_fwd_op, linear_gelu_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -252,7 +252,7 @@ def _mlp_backward(ctx, dy):
     return dx, dw1, db1, dw2, db2
 
 
-class _MlpPrimal(torch.autograd.Function):
+class _MlpPrimal(KernelFunction):
     """(x, W1, b1, W2, b2) → (y, a), primal only, in the torch.func form (the pre-activation a is an
     output so that setup_context can save it; ``mlp`` drops it). Saves x and a, as the dual version
     (torch's eager MLP keeps a and h = gelu(a) besides); backward: ``_mlp_backward``. The variant applied
@@ -273,6 +273,7 @@ class _MlpPrimal(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    @backward_once
     def backward(ctx, dy, _da):
         return _mlp_backward(ctx, dy) + (None,)
 
@@ -306,23 +307,29 @@ class MlpFunction(_MlpPrimal):
         return y_t, None
 
 
-class MlpJvpFunction(torch.autograd.Function):
+class MlpJvpFunction(KernelFunction):
     """(x, W1, b1, W2, b2, ẋ) → (y, ẏ). Saves x and the pre-activation a (h = gelu(a) is recomputed in
     the backward, one elementwise pass instead of a second (M, hidden) tensor kept alive); nothing of
-    the tangent stream is saved, ẏ is marked non-differentiable."""
+    the tangent stream is saved, ẏ is marked non-differentiable. The torch.func form: a is an output too
+    (``mlp_jvp`` drops it)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, x_dot, need_backward: bool):
-        y, y_dot, a = mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre=need_backward)
+    def forward(x, w1, b1, w2, b2, x_dot, need_backward: bool):
+        return mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre=need_backward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w1, b1, w2, b2, _, need_backward = inputs
+        _, y_dot, a = output
         if need_backward:
             ctx.save_for_backward(x, a, w1, w2)
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        ctx.mark_non_differentiable(y_dot)
+        ctx.mark_non_differentiable(y_dot, a)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for ẏ
-        return y, y_dot
 
     @staticmethod
-    def backward(ctx, dy, _dy_dot):
+    @backward_once
+    def backward(ctx, dy, _dy_dot, _da):
         return _mlp_backward(ctx, dy) + (None, None)
 
 
@@ -345,4 +352,4 @@ def mlp(x, w1, b1, w2, b2) -> torch.Tensor:
 def mlp_jvp(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, ẏ) of fc1 → GELU (tanh) → fc2 in two dual-stream Triton matmuls; y is differentiable, ẏ
     carries no autograd graph. Same signature and contract as ``mlp_jvp_ref``."""
-    return MlpJvpFunction.apply(x, w1, b1, w2, b2, x_dot, _needs_backward(x, w1, b1, w2, b2))
+    return MlpJvpFunction.apply(x, w1, b1, w2, b2, x_dot, _needs_backward(x, w1, b1, w2, b2))[:2]
