@@ -91,7 +91,7 @@ def _as_batch_times(name: str, value: Times, z: torch.Tensor) -> torch.Tensor:
     float64 (exact references) and float32 otherwise."""
     batch = z.shape[0]
     if not torch.is_tensor(value):
-        value = torch.tensor(float(value))
+        value = torch.tensor(float(value), dtype=torch.float64)  # rounded once, to the dtype below
     if not value.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor or a float, got dtype {value.dtype}")
     if value.dim() == 0:
@@ -432,10 +432,14 @@ class MeanFlowDiT(nn.Module):
         return self.unpatchify(self.final_layer.head(h, ops))  # (B, C, H, W)
 
     def forward_jvp(self, z: torch.Tensor, r: Times, t: Times, y: torch.Tensor, dz: torch.Tensor,
-                    backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(u, du/dt) along the tangent (dz, dr = 0, dt = 1), by the explicit rules of DESIGN.md §2.
+                    backend: Optional[str] = None, *, dr: Times = 0.0,
+                    dt: Times = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(u, u̇): u(z, r, t | y) and its derivative along the tangent (dz, dr, dt), by the explicit rules
+        of DESIGN.md §2. The default direction (dz, 0, 1) gives MeanFlow's du/dt; ``dr`` and ``dt`` (a
+        float, a 0-d or a (B,) tensor, like r and t) pick another one (e.g. dr = 1, dt = 0 for ∂u/∂r
+        along dz, or a per-sample mix), for objectives that differentiate along other directions.
 
-        ``u`` is differentiable; ``du/dt`` carries no autograd graph. ``backend`` (default:
+        ``u`` is differentiable; ``u̇`` carries no autograd graph. ``backend`` (default:
         ``self.backend``) is one of ``meanflow_fast.ops.BACKENDS``.
         """
         self._check_inputs(z, y)
@@ -444,10 +448,10 @@ class MeanFlowDiT(nn.Module):
                              f"{tuple(dz.shape) if torch.is_tensor(dz) else type(dz).__name__}")
         ops = get_dual_ops(backend or self.backend)
         r, t = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
-        one = torch.ones_like(t)
-        # Conditioning: ċ = E_t'(t)·1 + E_h'(t − r)·(1 − 0); the label embedding is constant.
-        ct, ct_dot = self.t_embedder.forward_jvp(t, one)
-        ch, ch_dot = self.h_embedder.forward_jvp(t - r, one)
+        dr, dt = _as_batch_times("dr", dr, z), _as_batch_times("dt", dt, z)
+        # Conditioning: ċ = E_t'(t)·ṫ + E_h'(t − r)·(ṫ − ṙ); the label embedding is constant.
+        ct, ct_dot = self.t_embedder.forward_jvp(t, dt)
+        ch, ch_dot = self.h_embedder.forward_jvp(t - r, dt - dr)
         c, c_dot = ct + ch + self.y_embedder(y), ct_dot + ch_dot
         # Patch embedding is linear: ẋ = conv(ż) without bias; the fixed pos-embedding adds nothing.
         x = self.patchify(z) + self.pos_embed.to(z.dtype)

@@ -95,6 +95,25 @@ def test_model_forward_jvp_matches_torch_func_jvp(dtype, B):
     assert rel_err(dudt, dudt_ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("direction", ["per-sample", "d/dr", "scalars"])
+def test_model_forward_jvp_along_any_direction(direction):
+    """forward_jvp(dr=..., dt=...) against torch.func.jvp along (dz, dr, dt) in fp64: per-sample (B,)
+    tangents of both times, ∂u/∂r along dz (dr = 1, dt = 0), and 0-d / float ones."""
+    model = _model(torch.float64)
+    B = 3
+    z, r, t, y, dz = _inputs(model, B, torch.float64)
+    dr, dt = {"per-sample": (torch.randn(B, dtype=torch.float64), torch.randn(B, dtype=torch.float64)),
+              "d/dr": (1.0, 0.0),
+              "scalars": (torch.tensor(0.3, dtype=torch.float64), -1.7)}[direction]
+    u, u_dot = model.forward_jvp(z, r, t, y, dz, dr=dr, dt=dt)
+    as_b = lambda v: torch.as_tensor(v, dtype=torch.float64).expand(B)  # noqa: E731
+    u_ref, u_dot_ref = func_jvp(lambda z_, r_, t_: model(z_, r_, t_, y), (z, r, t), (dz, as_b(dr), as_b(dt)))
+    assert rel_err(u, u_ref) <= TOL[torch.float64]
+    assert rel_err(u_dot, u_dot_ref) <= TOL[torch.float64]
+    with pytest.raises(ValueError, match=r"dt must be a float, a 0-d tensor or shape \(3,\)"):
+        model.forward_jvp(z, r, t, y, dz, dt=torch.ones(2, dtype=torch.float64))
+
+
 def test_model_forward_jvp_fp32_close_to_fp64():
     m64 = _model(torch.float64, input_size=8, patch_size=4, hidden_size=64, num_heads=4)
     m32 = MeanFlowDiT(m64.config)
@@ -190,6 +209,22 @@ def test_model_triton_backend_matches_torch_func_jvp(dtype):
         g_ref = torch.autograd.grad((u64 * w).sum(), list(m64.parameters()))
         for (name, _), a, b in zip(m64.named_parameters(), g_triton, g_ref):
             assert rel_err(a.cpu(), b) <= 1e-4, name
+
+
+def test_model_triton_backend_along_any_direction():
+    """The fused path along a per-sample (dz, dr, dt): only the conditioning's tangent changes, the kernels
+    see it through ċ (fp32, against torch.func.jvp over the fp64 model)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m64 = _model(torch.float64, input_size=8, hidden_size=64, num_heads=2)
+    z, r, t, y, dz = _inputs(m64, 2, torch.float64)
+    dr, dt = torch.randn(2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    u_ref, u_dot_ref = func_jvp(lambda z_, r_, t_: m64(z_, r_, t_, y), (z, r, t), (dz, dr, dt))
+    model = MeanFlowDiT(m64.config, backend="triton").to(device)
+    model.load_state_dict(m64.state_dict())
+    f32 = lambda v: v.to(device, torch.float32)  # noqa: E731
+    u, u_dot = model.forward_jvp(f32(z), f32(r), f32(t), y.to(device), f32(dz), dr=f32(dr), dt=f32(dt))
+    assert rel_err(u.cpu(), u_ref) <= TRITON_TOL[torch.float32]
+    assert rel_err(u_dot.cpu(), u_dot_ref) <= TRITON_TOL[torch.float32]
 
 
 # ------------------------------------------------------------------------------- plain forward, triton backend
