@@ -22,7 +22,7 @@ from kernels.linear import linear_jvp, linear_jvp_ref
 from kernels.mlp import mlp, mlp_jvp, mlp_jvp_ref, mlp_ref
 from meanflow_fast import MeanFlowLoss, meanflow_dit
 from meanflow_fast.model import MeanFlowDiT
-from tests.helpers import HAS_CUDA, randomize_, rel_err
+from tests.helpers import HAS_CUDA, randomize_, rel_err, requires_cuda
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 B, N, D, HEADS, HID = 2, 7, 40, 2, 72  # attention: head dim 32 (a supported one), 9 tokens
@@ -113,6 +113,26 @@ def test_func_grad_equals_autograd_and_the_reference(name, seed):
 
 
 @pytest.mark.parametrize("name", ["attention", "mlp_jvp", "gated_residual_ln"])
+@requires_cuda
+@pytest.mark.parametrize("name", ["attention_jvp_qkv", "mlp_jvp", "linear_jvp", "ln_modulate", "gated_residual_ln_jvp"])
+def test_func_grad_equals_autograd_bf16_on_gpu(name):
+    """On CUDA in bf16 (autograd's device threads, the autotuned kernels): torch.func.grad gives what plain
+    autograd gives through the same kernels (deterministic: no atomics; 1e-3 leaves room for a cuBLAS
+    heuristic), and stays near the fp64 reference (bf16: ~1e-2)."""
+    fn, _, inputs = _cases(torch.bfloat16)[name]
+    _, ref, inputs64 = _cases(torch.float64)[name]
+    weights = [torch.randn_like(o) for o in _primals(name, ref)(*inputs64)]
+    loss = _loss(name, fn, [w.bfloat16() for w in weights])
+    got = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    plain = torch.autograd.grad(loss(*leaves), leaves)
+    leaves64 = [t.clone().requires_grad_() for t in inputs64]
+    exact = torch.autograd.grad(_loss(name, ref, weights)(*leaves64), leaves64)
+    for i, (a, p, e) in enumerate(zip(got, plain, exact)):
+        assert rel_err(a, p) <= 1e-3, f"{name}: input {i}: torch.func.grad differs from autograd"
+        assert rel_err(a, e) <= 3e-2, f"{name}: input {i}: rel err {rel_err(a, e):.3g} against fp64"
+
+
 def test_func_vjp_called_after_the_transform(name):
     """torch.func.vjp's vjp_fn runs the backward after the transform has ended, on saved tensors that
     are wrappers of a finished level (the kernels must take the op path there)."""
