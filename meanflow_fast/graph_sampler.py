@@ -57,12 +57,16 @@ class GraphSampler:
                 z = self.decode(z)
         return z
 
-    def _time_buffers(self, B: int, device, dtype=torch.float32):
-        return [(torch.full((B,), t, device=device, dtype=dtype), torch.full((B,), r, device=device, dtype=dtype))
+    def _time_buffers(self, B: int, noise: torch.Tensor):
+        """(t, r) per step as (B,) tensors, in the precision the model turns times into (float64 for
+        float64 noise, else float32), so that the times equal what ``sample``'s floats become."""
+        dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+        return [(torch.full((B,), t, device=noise.device, dtype=dtype),
+                 torch.full((B,), r, device=noise.device, dtype=dtype))
                 for t, r in zip(self.grid, self.grid[1:])]
 
     def _capture(self, noise: torch.Tensor, y: torch.Tensor) -> dict:
-        static = {"noise": noise.clone(), "y": y.clone(), "times": self._time_buffers(len(y), noise.device)}
+        static = {"noise": noise.clone(), "y": y.clone(), "times": self._time_buffers(len(y), noise)}
         side = torch.cuda.Stream(device=noise.device)
         side.wait_stream(torch.cuda.current_stream(noise.device))
         with torch.cuda.stream(side):
@@ -82,7 +86,7 @@ class GraphSampler:
         noise = initial_noise(self.model, y, noise, generator=generator, shape=shape, dtype=dtype)
         B, device = y.shape[0], y.device
         if not (self.use_graph and device.type == "cuda"):
-            out = self._run(noise, y, self._time_buffers(B, device))
+            out = self._run(noise, y, self._time_buffers(B, noise))
         else:
             key = (B, noise.dtype, tuple(noise.shape[1:]), device)
             if key not in self._graphs:
