@@ -4,6 +4,7 @@ Every launcher validates its inputs here before a kernel is launched, so that an
 ends in a ``ValueError`` that names the argument and lists what is allowed, never in a Triton compile
 error or a silently wrong answer (STYLE.md §5).
 """
+import contextlib
 import functools
 import math
 import os
@@ -106,33 +107,52 @@ def backward_once(backward: Callable) -> Callable:
     else will differentiate the result: the Function's own transform is the only live one, or none is
     (a ``vjp_fn`` called afterwards). Under any other live transform (a grad of a grad, a jvp of a grad,
     hessian, a vjp_fn called inside a grad) a silent zero would be wrong: NotImplementedError instead.
-    Plain eager autograd and torch.compile run the backward unchanged."""
+
+    Plain autograd runs the backward as it is, with its kernels launched directly, except under
+    ``create_graph=True`` (grad mode on inside the backward): then through the ops, whose generated
+    autograd wrapper makes a second backward fail loudly ("no autograd formula") where directly launched
+    kernels, which autograd cannot see, would silently drop their share of the second derivative.
+    torch.compile traces the backward unchanged."""
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
-        if torch.compiler.is_compiling() or not _applied_under_func(ctx):
+        if torch.compiler.is_compiling():
             return backward(ctx, *grads)
-        _check_single_level(ctx)
-        global _forced_op_calls
-        _forced_op_calls += 1
-        try:
-            with torch.no_grad():
+        if not _applied_under_func(ctx):
+            if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
                 return backward(ctx, *grads)
-        finally:
-            _forced_op_calls -= 1
+            with _through_ops():
+                return backward(ctx, *grads)
+        _check_single_level(ctx)
+        with torch.no_grad(), _through_ops():
+            return backward(ctx, *grads)
     return wrapped
 
 
-_forced_op_calls = 0  # > 0 while a backward_once backward of a torch.func-applied Function runs
+_forced_op_calls = 0  # > 0 while a backward must call the kernels through their ops (_through_ops)
+
+
+@contextlib.contextmanager
+def _through_ops():
+    """Every kernel_op call inside goes through its torch.library op (``_needs_op``)."""
+    global _forced_op_calls
+    _forced_op_calls += 1
+    try:
+        yield
+    finally:
+        _forced_op_calls -= 1
 _SingleLevelFunction = getattr(torch.autograd.function, "_SingleLevelFunction", None)
 _functorch_c = getattr(torch._C, "_functorch", None)
 
 
 def _applied_under_func(ctx) -> bool:
-    """Was the Function of this backward applied under a torch.func transform? Without the private class
+    """Was the Function of this backward applied under a torch.func transform? Then autograd holds the
+    class functorch generated for it, a direct subclass of ``_SingleLevelFunction``; a plain apply holds
+    our Function, which is one too, through ``torch.autograd.Function``. Without the private class
     (another torch version): whenever a transform is active."""
     if _SingleLevelFunction is None:
         return _functorch_active()
-    return issubclass(getattr(ctx, "_forward_cls", object), _SingleLevelFunction)
+    cls = getattr(ctx, "_forward_cls", torch.autograd.Function)
+    return issubclass(cls, _SingleLevelFunction) and not issubclass(cls, torch.autograd.Function)
 
 
 def _check_single_level(ctx) -> None:

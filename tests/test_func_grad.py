@@ -236,3 +236,30 @@ def test_eager_apply_skips_the_signature_binding(monkeypatch):
     x, sh, sc = cases["ln_modulate"][2]
     torch.func.grad(lambda a: ln_modulate(a, sh, sc).sum())(x)
     assert bound, "under torch.func the Function should go through torch's own apply"
+
+
+def test_plain_backward(monkeypatch):
+    """Outside torch.func: the usual backward launches its kernels directly (not through the custom ops);
+    with create_graph=True it goes through the ops, so that differentiating it again fails loudly at the
+    backward op (no autograd formula) instead of silently dropping the kernels' share of the second
+    derivative (a directly launched kernel is invisible to autograd; here x³ keeps the graph alive)."""
+    import kernels._triton_utils as utils
+    seen = []
+    real = utils._needs_op
+    monkeypatch.setattr(utils, "_needs_op", lambda first: seen.append(real(first)) or seen[-1])
+    x, sh, sc = (t.requires_grad_() for t in _cases(torch.float32)["ln_modulate"][2])
+
+    def loss():
+        y = ln_modulate(x, sh, sc)
+        return (y * y).sum() + (x ** 3).sum()
+
+    first = loss()
+    seen.clear()
+    torch.autograd.grad(first, x)
+    assert seen == [False], seen  # the backward kernel, launched directly
+    first = loss()
+    seen.clear()
+    (gx,) = torch.autograd.grad(first, x, create_graph=True)
+    assert seen == [True], seen
+    with pytest.raises(RuntimeError, match="autograd formula"):
+        gx.sum().backward()
