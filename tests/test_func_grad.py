@@ -95,19 +95,24 @@ def _loss(name, fn, weights):
     return loss
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_func_grad_equals_autograd_and_the_reference(name, seed):
-    fn, _, inputs = _cases(torch.float32, seed)[name]
+def _three_grads(name: str, dtype, seed: int = 0):
+    """Per input of case ``name`` in ``dtype``: (torch.func.grad, plain autograd through the same kernels,
+    autograd of the fp64 reference) of one random-cotangent loss."""
+    fn, _, inputs = _cases(dtype, seed)[name]
     _, ref, inputs64 = _cases(torch.float64, seed)[name]
     weights = [torch.randn_like(o) for o in _primals(name, ref)(*inputs64)]
-    loss = _loss(name, fn, [w.float() for w in weights])
+    loss = _loss(name, fn, [w.to(dtype) for w in weights])
     got = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
-
     leaves = [t.clone().requires_grad_() for t in inputs]
     plain = torch.autograd.grad(loss(*leaves), leaves)
     leaves64 = [t.clone().requires_grad_() for t in inputs64]
     exact = torch.autograd.grad(_loss(name, ref, weights)(*leaves64), leaves64)
-    for i, (a, p, e) in enumerate(zip(got, plain, exact)):
+    return list(zip(got, plain, exact))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_func_grad_equals_autograd_and_the_reference(name, seed):
+    for i, (a, p, e) in enumerate(_three_grads(name, torch.float32, seed)):
         assert torch.equal(a, p), f"{name}: input {i}: torch.func.grad differs from autograd"
         assert rel_err(a, e) <= 1e-5, f"{name}: input {i}: rel err {rel_err(a, e):.3g} against fp64"
 
@@ -118,16 +123,7 @@ def test_func_grad_equals_autograd_bf16_on_gpu(name):
     """On CUDA in bf16 (autograd's device threads, the autotuned kernels): torch.func.grad gives what plain
     autograd gives through the same kernels (deterministic: no atomics; 1e-3 leaves room for a cuBLAS
     heuristic), and stays near the fp64 reference (bf16: ~1e-2)."""
-    fn, _, inputs = _cases(torch.bfloat16)[name]
-    _, ref, inputs64 = _cases(torch.float64)[name]
-    weights = [torch.randn_like(o) for o in _primals(name, ref)(*inputs64)]
-    loss = _loss(name, fn, [w.bfloat16() for w in weights])
-    got = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    plain = torch.autograd.grad(loss(*leaves), leaves)
-    leaves64 = [t.clone().requires_grad_() for t in inputs64]
-    exact = torch.autograd.grad(_loss(name, ref, weights)(*leaves64), leaves64)
-    for i, (a, p, e) in enumerate(zip(got, plain, exact)):
+    for i, (a, p, e) in enumerate(_three_grads(name, torch.bfloat16)):
         assert rel_err(a, p) <= 1e-3, f"{name}: input {i}: torch.func.grad differs from autograd"
         assert rel_err(a, e) <= 3e-2, f"{name}: input {i}: rel err {rel_err(a, e):.3g} against fp64"
 
