@@ -11,8 +11,13 @@ The ``*_jvp`` functions share one contract::
 
 ``y`` is differentiable with respect to the primal inputs and parameters; ``y_dot`` carries no
 autograd graph (``gated_residual_ln_jvp``, the gated residual fused with the next LayerNorm-modulate,
-returns two such pairs: ``y, y_dot, m, m_dot``) (MeanFlow puts du/dt inside a stop-gradient, so backward never needs the tangent
-stream and nothing of it is kept alive).
+returns two such pairs: ``y, y_dot, m, m_dot``). MeanFlow puts du/dt inside a stop-gradient, so
+backward never needs the tangent stream and nothing of it is kept alive.
+
+Every Function derives from ``_triton_utils.KernelFunction`` (the torch.func form, without torch's
+per-call argument binding) and wraps its backward in ``_triton_utils.backward_once``: reverse mode works
+with plain autograd, torch.compile and one torch.func transform (``grad``, ``vjp``); the backward itself
+is not differentiable (a second derivative raises instead of dropping the kernels' share).
 """
 from .attention import attention_ref, attention_jvp_ref, attention_jvp_qkv_ref, split_qkv
 from .layernorm_modulate import ln_modulate_ref, ln_modulate_jvp_ref
