@@ -140,6 +140,8 @@ def _through_ops():
         yield
     finally:
         _forced_op_calls -= 1
+
+
 _SingleLevelFunction = getattr(torch.autograd.function, "_SingleLevelFunction", None)
 _functorch_c = getattr(torch._C, "_functorch", None)
 

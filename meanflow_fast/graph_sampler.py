@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .model import time_dtype
 from .sampling import initial_noise, time_grid
 
 __all__ = ["GraphSampler"]
@@ -60,7 +61,7 @@ class GraphSampler:
     def _time_buffers(self, B: int, noise: torch.Tensor):
         """(t, r) per step as (B,) tensors, in the precision the model turns times into (float64 for
         float64 noise, else float32), so that the times equal what ``sample``'s floats become."""
-        dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+        dtype = time_dtype(noise.dtype)
         return [(torch.full((B,), t, device=noise.device, dtype=dtype),
                  torch.full((B,), r, device=noise.device, dtype=dtype))
                 for t, r in zip(self.grid, self.grid[1:])]

@@ -14,6 +14,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .model import time_dtype
+
 __all__ = ["MeanFlowLoss", "sample_t_r"]
 
 
@@ -117,7 +119,7 @@ class MeanFlowLoss(nn.Module):
         if t is None:
             t, r = sample_t_r(B, mu=self.time_mu, sigma=self.time_sigma, ratio_r_neq_t=self.ratio_r_neq_t,
                               generator=generator, device=dev)
-        tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        tdt = time_dtype(x.dtype)
         t, r = t.to(dev, tdt), r.to(dev, tdt)
         if noise is None:
             noise = _randn(x.shape, generator, dev, x.dtype)

@@ -86,6 +86,12 @@ def silu_jvp(a: torch.Tensor, a_dot: torch.Tensor):
     return y, y_dot
 
 
+def time_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype times and their embeddings' arguments are computed in, for data (or a model) of
+    ``dtype``: float64 for float64 (exact references), float32 otherwise (never half precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _as_batch_times(name: str, value: Times, z: torch.Tensor) -> torch.Tensor:
     """Accept a float, a 0-d tensor or a (B,) tensor; return (B,) on z's device, in float64 when z is
     float64 (exact references) and float32 otherwise."""
@@ -98,7 +104,7 @@ def _as_batch_times(name: str, value: Times, z: torch.Tensor) -> torch.Tensor:
         value = value.expand(batch)
     if value.shape != (batch,):
         raise ValueError(f"{name} must be a float, a 0-d tensor or shape ({batch},), got {tuple(value.shape)}")
-    return value.to(device=z.device, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
+    return value.to(device=z.device, dtype=time_dtype(z.dtype))
 
 
 # =================================================================================================
@@ -114,7 +120,7 @@ class TimestepEmbedder(nn.Module):
 
     def _args(self, s: torch.Tensor):
         """ω and ω·s, (F/2,) and (B, F/2), in fp32 (fp64 for fp64 s) whatever the model's dtype."""
-        dt = torch.float64 if s.dtype == torch.float64 else torch.float32
+        dt = time_dtype(s.dtype)
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=dt, device=s.device) / half)
         return freqs, s.to(dt)[:, None] * freqs[None]
