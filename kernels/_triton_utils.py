@@ -29,8 +29,12 @@ def interpreting() -> bool:
 # session), a dispatch mode (FakeTensorMode, the tracers', a logger), a functorch transform (torch.func.*:
 # its wrapped tensors have no storage to launch on; the op unwraps them level by level), or a first
 # argument that is not a plain tensor (a fake or functional tensor from a tracer that set none of the
-# flags), or a backward of a Function applied under torch.func (``backward_once``). The two private torch
-# helpers have fallbacks that pick the op, should a torch version lack them.
+# flags), a backward of a Function applied under torch.func (``backward_once``), or a call that autograd
+# would record: grad mode on and an input that requires grad (a create_graph=True backward; a launcher
+# called outside its Function). A direct launch is invisible to autograd, so its output would silently
+# carry no gradient; the op's generated autograd wrapper fails loudly instead ("no autograd formula"),
+# or runs the backward registered for it. The two private torch helpers have fallbacks that pick the op,
+# should a torch version lack them.
 _EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
@@ -42,9 +46,10 @@ def _in_dispatch_mode() -> bool:
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
-def _needs_op(first) -> bool:
+def _needs_op(args) -> bool:
     return (torch.compiler.is_compiling() or _in_dispatch_mode() or _functorch_active()
-            or type(first) not in _EAGER_TYPES or _forced_op_calls > 0)
+            or type(args[0]) not in _EAGER_TYPES or _forced_op_calls > 0
+            or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)))
 
 
 def kernel_op(name: str) -> Callable:
@@ -60,7 +65,7 @@ def kernel_op(name: str) -> Callable:
 
         @functools.wraps(fn)
         def call(*args):
-            return op(*args) if _needs_op(args[0]) else fn(*args)
+            return op(*args) if _needs_op(args) else fn(*args)
         call.register_fake = op.register_fake
         call.register_autograd = op.register_autograd
         return call
@@ -108,20 +113,12 @@ def backward_once(backward: Callable) -> Callable:
     (a ``vjp_fn`` called afterwards). Under any other live transform (a grad of a grad, a jvp of a grad,
     hessian, a vjp_fn called inside a grad) a silent zero would be wrong: NotImplementedError instead.
 
-    Plain autograd runs the backward as it is, with its kernels launched directly, except under
-    ``create_graph=True`` (grad mode on inside the backward): then through the ops, whose generated
-    autograd wrapper makes a second backward fail loudly ("no autograd formula") where directly launched
-    kernels, which autograd cannot see, would silently drop their share of the second derivative.
-    torch.compile traces the backward unchanged."""
+    Plain autograd and torch.compile run the backward unchanged (under ``create_graph=True`` its kernel
+    calls take the ops by themselves, ``_needs_op``, so a second backward fails loudly)."""
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not _applied_under_func(ctx):
             return backward(ctx, *grads)
-        if not _applied_under_func(ctx):
-            if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
-                return backward(ctx, *grads)
-            with _through_ops():
-                return backward(ctx, *grads)
         _check_single_level(ctx)
         with torch.no_grad(), _through_ops():
             return backward(ctx, *grads)

@@ -242,7 +242,7 @@ def test_plain_backward(monkeypatch):
     import kernels._triton_utils as utils
     seen = []
     real = utils._needs_op
-    monkeypatch.setattr(utils, "_needs_op", lambda first: seen.append(real(first)) or seen[-1])
+    monkeypatch.setattr(utils, "_needs_op", lambda args: seen.append(real(args)) or seen[-1])
     x, sh, sc = (t.requires_grad_() for t in _cases(torch.float32)["ln_modulate"][2])
 
     def loss():
