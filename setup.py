@@ -24,10 +24,10 @@ setup(
     entry_points={
         "console_scripts": [
             "meanflow-demo=meanflow_fast.demo:cli",
-            "meanflow-extract=meanflow_fast.imagenet.extract:cli",
-            "meanflow-train=meanflow_fast.imagenet.train:cli",
-            "meanflow-sample=meanflow_fast.imagenet.sample:cli",
-            "meanflow-fid=meanflow_fast.imagenet.fid:cli",
+            "meanflow-extract=meanflow_fast.imagenet.extract:console",
+            "meanflow-train=meanflow_fast.imagenet.train:console",
+            "meanflow-sample=meanflow_fast.imagenet.sample:console",
+            "meanflow-fid=meanflow_fast.imagenet.fid:console",
         ],
     },
 )

@@ -3,6 +3,7 @@ gloo) → resume → sample (2 ranks) → FID; the preset table against DESIGN.m
 forward_jvp."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,17 @@ def run(args, nproc=None, timeout=240):
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{' '.join(args[:2])} failed ({p.returncode}):\n{out[-4000:]}"
     return out
+
+
+def console_script(name, args):
+    """Run the console script ``name`` as pip's wrapper does (``sys.exit(<entry point>())``), its entry
+    point read from setup.py, which is what gets installed; return the CompletedProcess."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        m = re.search(rf'"{name}=([\w.]+):(\w+)"', f.read())
+    assert m, f"no console script {name} in setup.py"
+    code = f"import sys; from {m[1]} import {m[2]}; sys.argv[0] = {name!r}; sys.exit({m[2]}())"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=240)
 
 
 # =================================================================================================
@@ -262,6 +274,11 @@ def test_sample_and_fid(trained, vae_dir, workdir, tmp_path):
     assert fid_cmd.cli([str(npz), "--ref", str(npz), "--inception-weights", str(weights), "--device", "cpu"]) \
         == pytest.approx(0.0, abs=1e-6)
     assert json.loads((tmp_path / "fid.json").read_text())["fid"] == pytest.approx(fid)
+    # The meanflow-fid command: exit status 0 and the FID in --out (sys.exit(cli()) exited 1 with the FID).
+    p = console_script("meanflow-fid", [str(npz), "--ref", str(stats), "--inception-weights", str(weights),
+                                        "--out", str(tmp_path / "fid2.json"), "--device", "cpu"])
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert json.loads((tmp_path / "fid2.json").read_text())["fid"] == pytest.approx(fid, rel=1e-9)
 
 
 # =================================================================================================
@@ -271,6 +288,7 @@ DDP_CHECK = textwrap.dedent('''
     import copy, torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     from meanflow_fast import MeanFlowLoss, meanflow_dit
+    from meanflow_fast.imagenet.common import end_process
     from meanflow_fast.training import MeanFlowObjective, train_step
 
     dist.init_process_group("gloo")
@@ -326,11 +344,11 @@ DDP_CHECK = textwrap.dedent('''
     assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), w)
     if rank == 0:
         print("DDP-SYNC-OK")
-    # Teardown: wait for both ranks, then drop DDP's reducer before the group it uses (destroying the
-    # group first aborted ~1 run in 4 at exit with "terminate called without an active exception").
+    # Leave as the commands do: the interpreter's teardown can abort a finished gloo worker (end_process).
     dist.barrier()
     del ddp
     dist.destroy_process_group()
+    end_process(0)
 ''')
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..io import remove_stale_tmp, save_json
 from .common import (UsageError, barrier, cleanup_distributed, get_logger, init_distributed, nonneg_int,
-                     positive_int, run_cli)
+                     positive_int, run_cli, run_command)
 from .config import DEFAULT_VAE, LATENT_SCALE
 from .data import (ImageFolderImages, collate_skip_bad, list_image_folder, read_shard_meta, shard_name,
                    write_shard)
@@ -178,5 +178,10 @@ def cli(argv=None):
     return run_cli(build_parser(), check_args, main, argv)
 
 
+def console() -> None:
+    """The ``meanflow-extract`` command (exit status 0 on success; see ``common.run_command``)."""
+    run_command(cli)
+
+
 if __name__ == "__main__":
-    cli()
+    console()

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..io import save_json, save_npz
 from ..metrics import feature_stats, frechet_distance
-from .common import UsageError, get_logger, positive_int, run_cli
+from .common import UsageError, get_logger, positive_int, run_cli, run_command
 from .inception import FIDInceptionV3, load_fid_inception
 
 __all__ = ["main", "build_parser", "check_args", "cli", "load_images_npz", "inception_features",
@@ -122,5 +122,10 @@ def cli(argv=None):
     return run_cli(build_parser(), check_args, main, argv)
 
 
+def console() -> None:
+    """The ``meanflow-fid`` command (exit status 0 on success; see ``common.run_command``)."""
+    run_command(cli)
+
+
 if __name__ == "__main__":
-    cli()
+    console()

@@ -26,7 +26,7 @@ from ..model import DiTConfig, MeanFlowDiT
 from ..sampling import sample
 from .checkpoint import load_checkpoint, prefixed, resolve_checkpoint
 from .common import (UsageError, barrier, cleanup_distributed, get_logger, init_distributed, positive_int,
-                     run_cli)
+                     run_cli, run_command)
 from .vae import decode_to_uint8, load_vae
 
 __all__ = ["main", "build_parser", "check_args", "cli", "load_model", "sample_noise"]
@@ -155,5 +155,10 @@ def cli(argv=None):
     return run_cli(build_parser(), check_args, main, argv)
 
 
+def console() -> None:
+    """The ``meanflow-sample`` command (exit status 0 on success; see ``common.run_command``)."""
+    run_command(cli)
+
+
 if __name__ == "__main__":
-    cli()
+    console()

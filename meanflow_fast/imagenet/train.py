@@ -34,7 +34,7 @@ from ..training import EMA, BadStepCounter, MeanFlowObjective, NonFiniteTraining
 from .checkpoint import (capture_rng, checkpoint_path, load_checkpoint, optimizer_from_tensors, prefixed,
                          resolve_checkpoint, restore_rng, save_checkpoint)
 from .common import (UsageError, barrier, cleanup_distributed, get_logger, init_distributed, nonneg_int,
-                     positive_float, positive_int, resolve_backend, run_cli)
+                     positive_float, positive_int, resolve_backend, run_cli, run_command)
 from .config import TRAIN_PRESETS
 from .data import LatentShards, ResumableDistributedSampler
 
@@ -447,5 +447,10 @@ def cli(argv=None):
     return run_cli(build_parser(), check_args, main, argv)
 
 
+def console() -> None:
+    """The ``meanflow-train`` command (exit status 0 on success; see ``common.run_command``)."""
+    run_command(cli)
+
+
 if __name__ == "__main__":
-    cli()
+    console()
