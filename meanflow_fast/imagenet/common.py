@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["UsageError", "DistEnv", "init_distributed", "cleanup_distributed", "barrier", "get_logger",
-           "resolve_backend", "run_cli", "run_command", "end_process", "positive_int", "nonneg_int", "positive_float", "unit_interval"]
+           "resolve_backend", "run_cli", "run_command", "end_process", "positive_int", "nonneg_int",
+           "positive_float", "unit_interval"]
 
 
 class UsageError(ValueError):
