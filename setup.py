@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "meanflow_fast", "meanflow_fast.*"]),
+    packages=find_packages(include=["meanflow_fast", "meanflow_fast.*"]),
     install_requires=[
         "torch>=2.4,<2.15",  # 2.13 (CPU, CI) and 2.11 (GPU image) both satisfy it
         "triton>=3.2",       # CUDA kernels; on CPU its interpreter (TRITON_INTERPRET=1) runs the tests

@@ -72,7 +72,7 @@ def config_label(cfg) -> str:
 def worker(job: Dict) -> Dict:
     """One (kernel, D, hi, config) in this process: check it, and time it when job['time'] is set."""
     import torch
-    import kernels.attention as A
+    import meanflow_fast.kernels.attention as A
 
     kernel, D, hi, index = job["kernel"], job["D"], job["hi"], job["config"]
     device = job["device"]
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
             return 2
 
     os.environ.setdefault("PYTHONPATH", ".")
-    import kernels.attention as A
+    import meanflow_fast.kernels.attention as A
     n_configs = len(_configs(A, args.kernel, args.extra))
     groups = [(D, hi) for D in dims for hi in (his if D & (D - 1) else [None])]  # --hi only where D splits
     base = dict(kernel=args.kernel, shape=shape, dtype=args.dtype, device=args.device, extra=args.extra)

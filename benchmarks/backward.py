@@ -30,11 +30,11 @@ SHAPES = {"gpu": dict(B=128, N=256, D=768, H=12, HIDDEN=3072), "cpu": dict(B=2, 
 
 def _ops(S, device, dtype):
     """(name, our forward, torch forward, inputs) per op; each forward maps the inputs to one output."""
-    from kernels.attention import attention_jvp, attention_ref
-    from kernels.gated_residual import gated_residual_jvp, gated_residual_ref
-    from kernels.gated_residual_ln import gated_residual_ln_jvp, gated_residual_ln_ref
-    from kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_ref
-    from kernels.mlp import mlp_jvp, mlp_ref
+    from meanflow_fast.kernels.attention import attention_jvp, attention_ref
+    from meanflow_fast.kernels.gated_residual import gated_residual_jvp, gated_residual_ref
+    from meanflow_fast.kernels.gated_residual_ln import gated_residual_ln_jvp, gated_residual_ln_ref
+    from meanflow_fast.kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_ref
+    from meanflow_fast.kernels.mlp import mlp_jvp, mlp_ref
     B, N, D, H, HID = S["B"], S["N"], S["D"], S["H"], S["HIDDEN"]
 
     def rand(*shape, scale=1.0):

@@ -25,9 +25,9 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import kernels.attention as attn_mod  # noqa: E402
+import meanflow_fast.kernels.attention as attn_mod  # noqa: E402
 from benchmarks.attention_sweep import config_label  # noqa: E402
-from kernels.attention import attention, attention_jvp  # noqa: E402
+from meanflow_fast.kernels.attention import attention, attention_jvp  # noqa: E402
 
 try:  # fwd_dual is the entry point its README gives for torch.func.jvp (tangents before autograd)
     from jvp_flash_attention.jvp_attention import JVPAttn

@@ -20,11 +20,11 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (benchmarks time GPU kernels)", allow_module_level=True)
 
-from kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref  # noqa: E402
-import kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
-from kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref  # noqa: E402
-from kernels.linear import dual_linear_fwd  # noqa: E402
-from kernels.mlp import gelu_bwd, mlp_jvp, mlp_jvp_ref, mlp_ref  # noqa: E402
+from meanflow_fast.kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref  # noqa: E402
+import meanflow_fast.kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
+from meanflow_fast.kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref  # noqa: E402
+from meanflow_fast.kernels.linear import dual_linear_fwd  # noqa: E402
+from meanflow_fast.kernels.mlp import gelu_bwd, mlp_jvp, mlp_jvp_ref, mlp_ref  # noqa: E402
 
 B, N, D, HIDDEN = 128, 256, 768, 3072   # DiT-B/2, batch 128, 32×32 latents / patch 2 → 256 tokens
 M = B * N
@@ -249,8 +249,8 @@ def test_gated_residual_ln_fwd_tangent(benchmark, provider, gated_inputs, monkey
 def test_mlp_plain_no_grad(benchmark, provider, mlp_inputs, monkeypatch):
     """fc1 + GELU on cuBLASLt's GELU epilogue vs the Triton GEMM (kernels.mlp.NO_GRAD_FC1_IMPL), fc2 on
     cuBLAS either way; torch: eager and compiled ``mlp_ref``."""
-    import kernels.mlp as mlp_mod
-    from kernels.mlp import mlp
+    import meanflow_fast.kernels.mlp as mlp_mod
+    from meanflow_fast.kernels.mlp import mlp
     x, w1, b1, w2, b2, _ = (t.detach() for t in mlp_inputs)
     if provider in ("cublaslt", "triton"):
         monkeypatch.setattr(mlp_mod, "NO_GRAD_FC1_IMPL", provider)

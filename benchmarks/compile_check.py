@@ -81,12 +81,12 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels.attention as attention_mod  # noqa: E402
-import kernels.gated_residual as gated_mod  # noqa: E402
-import kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
-import kernels.layernorm_modulate as ln_mod  # noqa: E402
-import kernels.linear as linear_mod  # noqa: E402
-import kernels.mlp as mlp_mod  # noqa: E402  (fc1/fc2 are dual_linear launches; its own kernel: gelu_bwd)
+import meanflow_fast.kernels.attention as attention_mod  # noqa: E402
+import meanflow_fast.kernels.gated_residual as gated_mod  # noqa: E402
+import meanflow_fast.kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
+import meanflow_fast.kernels.layernorm_modulate as ln_mod  # noqa: E402
+import meanflow_fast.kernels.linear as linear_mod  # noqa: E402
+import meanflow_fast.kernels.mlp as mlp_mod  # noqa: E402  (fc1/fc2 are dual_linear launches; its own kernel: gelu_bwd)
 
 KERNEL_MODULES = (attention_mod, linear_mod, mlp_mod, ln_mod, gated_mod, gated_ln_mod)
 

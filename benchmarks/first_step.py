@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     setup_s = time.perf_counter() - t_import
     pre = None
     if args.precompile:
-        from kernels.precompile import precompile
+        from meanflow_fast.kernels.precompile import precompile
         pre = precompile(common.train_step_fn(model, args.batch, meanflow=True, grads_only=True))
     first_s = common.timed_first_call(step)
     steady_ms = common.cuda_time_ms(step, warmup=1, iters=5)

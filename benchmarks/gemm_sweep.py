@@ -39,7 +39,7 @@ BASELINES = {"dual_gelu": ["cublas_gemms"], "primal_gelu": ["cublas_gemms", "cub
 
 def _configs(extra: bool):
     import triton
-    import kernels.linear as L
+    import meanflow_fast.kernels.linear as L
     out = list(L._CUDA_CONFIGS)
     if extra:
         known = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in out}
@@ -61,7 +61,7 @@ def worker(job: Dict) -> Dict:
     """One (launch, shape, config or baseline) in this process: check it, and time it when job['time']."""
     import torch
     import torch.nn.functional as F
-    import kernels.linear as L
+    import meanflow_fast.kernels.linear as L
 
     launch, (M, K, N), device = job["launch"], job["shape"], job["device"]
     dtype = getattr(torch, job["dtype"])
@@ -95,7 +95,7 @@ def worker(job: Dict) -> Dict:
         got = fn()
         got = got if isinstance(got, tuple) else (got,)
         with torch.no_grad():  # fp32 references of what fn returns
-            from kernels.mlp import gelu_tanh, gelu_tanh_grad
+            from meanflow_fast.kernels.mlp import gelu_tanh, gelu_tanh_grad
             a, ad = F.linear(x.float(), w.float(), b.float()), F.linear(xd.float(), w.float())
             if not gelu or job.get("baseline") == "cublas_gemms":  # (the cuBLAS baseline: the GEMMs alone)
                 refs = [a, ad] if dual else [a]

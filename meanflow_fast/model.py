@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import linear_jvp_ref, split_qkv
+from .kernels import linear_jvp_ref, split_qkv
 
 from .ops import BACKENDS, DualOps, PrimalOps, get_dual_ops, get_primal_ops
 

@@ -16,7 +16,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-import kernels
+from . import kernels
 
 BACKENDS = ("torch", "triton")
 
@@ -87,21 +87,21 @@ def _autocast_inputs(fn: Callable) -> Callable:
 
 
 def _triton_ops() -> DualOps:
-    from kernels.attention import attention_jvp_qkv
-    from kernels.gated_residual import gated_residual_jvp
-    from kernels.gated_residual_ln import gated_residual_ln_jvp
-    from kernels.layernorm_modulate import ln_modulate_jvp
-    from kernels.linear import linear_jvp
-    from kernels.mlp import mlp_jvp
+    from .kernels.attention import attention_jvp_qkv
+    from .kernels.gated_residual import gated_residual_jvp
+    from .kernels.gated_residual_ln import gated_residual_ln_jvp
+    from .kernels.layernorm_modulate import ln_modulate_jvp
+    from .kernels.linear import linear_jvp
+    from .kernels.mlp import mlp_jvp
     return DualOps(*(_autocast_inputs(f) for f in (linear_jvp, ln_modulate_jvp, attention_jvp_qkv, mlp_jvp,
                                                     gated_residual_jvp, gated_residual_ln_jvp)))
 
 
 def _triton_primal_ops() -> PrimalOps:
-    from kernels.gated_residual import gated_residual
-    from kernels.gated_residual_ln import gated_residual_ln
-    from kernels.layernorm_modulate import ln_modulate
-    from kernels.mlp import mlp
+    from .kernels.gated_residual import gated_residual
+    from .kernels.gated_residual_ln import gated_residual_ln
+    from .kernels.layernorm_modulate import ln_modulate
+    from .kernels.mlp import mlp
     # The plain linears (qkv, proj, final layer) stay on cuBLAS: with no tangent stream sharing the
     # weight tile and no epilogue to fuse, a Triton GEMM would at best match it. fc1 + GELU is fused
     # inside ``mlp`` (fc2 is cuBLAS there too).

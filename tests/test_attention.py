@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-import kernels.attention as attn_mod
-from kernels.attention import (
+import meanflow_fast.kernels.attention as attn_mod
+from meanflow_fast.kernels.attention import (
     attention,
     attention_jvp,
     attention_jvp_ref,

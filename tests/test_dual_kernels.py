@@ -15,10 +15,10 @@ from typing import Callable, List, Optional, Sequence
 import pytest
 import torch
 
-from kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref
-from kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref
-from kernels.linear import dual_linear_fwd, linear_jvp, linear_jvp_ref, linear_ref
-from kernels.mlp import gelu_bwd, gelu_tanh_grad, mlp_jvp, mlp_jvp_ref, mlp_ref
+from meanflow_fast.kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref
+from meanflow_fast.kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref
+from meanflow_fast.kernels.linear import dual_linear_fwd, linear_jvp, linear_jvp_ref, linear_ref
+from meanflow_fast.kernels.mlp import gelu_bwd, gelu_tanh_grad, mlp_jvp, mlp_jvp_ref, mlp_ref
 from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -232,8 +232,8 @@ def test_backward_token_loop(name, steps, monkeypatch):
     """The row-reducing backwards walk ``steps`` tiles of a batch element's tokens per program (the GPU
     picks more than one only past ~16 k tiles, which no test reaches): forced here, with N = 37 tokens
     leaving a masked tail inside the loop, and several batch elements' partial sums to keep apart."""
-    import kernels.gated_residual as gated_mod
-    import kernels.layernorm_modulate as ln_mod
+    import meanflow_fast.kernels.gated_residual as gated_mod
+    import meanflow_fast.kernels.layernorm_modulate as ln_mod
     monkeypatch.setattr(ln_mod if name == "ln_modulate" else gated_mod, "steps_per_program", lambda *a, **k: steps)
     op = OPS[name]
     case = op.make((3, 37, 40), torch.float32, True)
@@ -263,7 +263,7 @@ def test_gelu_bwd_bf16_dit_b2_on_gpu():
 
 
 def _check_gelu_bwd(dtype, shape):
-    from kernels.mlp import gelu_tanh
+    from meanflow_fast.kernels.mlp import gelu_tanh
     M, N = shape
     dh = _strided(_rand(M, N, dtype=dtype), "slice")
     a = _strided(_rand(M, N, dtype=dtype, scale=2.0), "transpose")
@@ -300,12 +300,12 @@ def test_gelu_bwd_rejects_bad_input():
 
 def test_backward_launch_shapes():
     """The CUDA launch shapes of the row backwards, worked by hand from the rules in their launchers."""
-    from kernels.layernorm_modulate import _bwd_launch
+    from meanflow_fast.kernels.layernorm_modulate import _bwd_launch
     assert _bwd_launch(128, 256, 1024, True) == (4, 8)     # DiT-B/2 batch 128: 8192 tiles, 2 per program
     assert _bwd_launch(64, 256, 2048, True) == (2, 8)      # DiT-XL/2 batch 64 (D 1152): 4 tiles of 2 rows
     assert _bwd_launch(1024, 256, 1024, True) == (4, 16)   # 65536 tiles: 4 per program
     assert _bwd_launch(2, 7, 64, False) == (32, 32)        # the interpreter: one 32-row tile
-    from kernels.mlp import _gelu_bwd_launch
+    from meanflow_fast.kernels.mlp import _gelu_bwd_launch
     assert _gelu_bwd_launch(32768, 3072, True) == (8, 32, 256)  # B/2 batch 128: 4096 × 12 tiles, 4 per program
     assert _gelu_bwd_launch(16384, 4608, True) == (8, 32, 256)  # XL/2 batch 64: 2048 × 18 tiles, 4 per program
     assert _gelu_bwd_launch(100, 96, True) == (16, 16, 128)     # small: one step per program
@@ -313,7 +313,7 @@ def test_backward_launch_shapes():
 
 
 def test_steps_per_program():
-    from kernels._triton_utils import steps_per_program
+    from meanflow_fast.kernels.launch import steps_per_program
     assert [steps_per_program(t) for t in (0, 1, 12288, 16384)] == [1, 1, 1, 1]
     assert [steps_per_program(t) for t in (16385, 32768, 32769, 10 ** 7)] == [2, 2, 4, 8]
     assert steps_per_program(100, target_programs=10, max_steps=16) == 16
@@ -437,7 +437,7 @@ def test_cpu_without_interpreter_says_so(name, monkeypatch):
 # =================================================================================================
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations and AOT dispatch of every launcher op (torch.library.opcheck)."""
-    import kernels.layernorm_modulate as lnm
+    import meanflow_fast.kernels.layernorm_modulate as lnm
 
     x, xd, w, b = _f32(2, 5, 40), _f32(2, 5, 40), _f32(72, 40), _f32(72)
     mod = _f32(2, 6 * 40)
@@ -523,7 +523,7 @@ def test_bf16_dit_b2_shapes_on_gpu(name):
 def test_bf16_dual_linear_kernel_on_gpu(name, monkeypatch):
     """The same check with the Triton dual GEMM in the epilogue-free launches (qkv 768→2304; fc2
     3072→768 inside the MLP), which CUDA otherwise sends to cuBLAS (kernels/linear.PLAIN_DUAL_IMPL)."""
-    import kernels.linear as linear_mod
+    import meanflow_fast.kernels.linear as linear_mod
     monkeypatch.setattr(linear_mod, "PLAIN_DUAL_IMPL", "triton")
     _check_bf16_dit_b2(name)
 

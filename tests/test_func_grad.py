@@ -1,4 +1,4 @@
-"""Reverse mode through the fused kernels under torch.func (``kernels._triton_utils.backward_once``).
+"""Reverse mode through the fused kernels under torch.func (``kernels.launch.backward_once``).
 
 torch.func.grad / vjp over every public kernel function (primal and ``*_jvp`` forms) and over a whole
 MeanFlow loss on the ``triton`` backend must give the gradients that plain autograd gives through the
@@ -12,14 +12,14 @@ from typing import Callable, List
 import pytest
 import torch
 
-from kernels.attention import (attention, attention_jvp, attention_jvp_qkv, attention_jvp_qkv_ref, attention_jvp_ref,
+from meanflow_fast.kernels.attention import (attention, attention_jvp, attention_jvp_qkv, attention_jvp_qkv_ref, attention_jvp_ref,
                                attention_ref)
-from kernels.gated_residual import gated_residual, gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref
-from kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp, gated_residual_ln_jvp_ref,
+from meanflow_fast.kernels.gated_residual import gated_residual, gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref
+from meanflow_fast.kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp, gated_residual_ln_jvp_ref,
                                        gated_residual_ln_ref)
-from kernels.layernorm_modulate import ln_modulate, ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref
-from kernels.linear import linear_jvp, linear_jvp_ref
-from kernels.mlp import mlp, mlp_jvp, mlp_jvp_ref, mlp_ref
+from meanflow_fast.kernels.layernorm_modulate import ln_modulate, ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref
+from meanflow_fast.kernels.linear import linear_jvp, linear_jvp_ref
+from meanflow_fast.kernels.mlp import mlp, mlp_jvp, mlp_jvp_ref, mlp_ref
 from meanflow_fast import MeanFlowLoss, meanflow_dit
 from meanflow_fast.model import MeanFlowDiT
 from tests.helpers import HAS_CUDA, randomize_, rel_err, requires_cuda
@@ -239,7 +239,7 @@ def test_plain_backward(monkeypatch):
     with create_graph=True it goes through the ops, so that differentiating it again fails loudly at the
     backward op (no autograd formula) instead of silently dropping the kernels' share of the second
     derivative (a directly launched kernel is invisible to autograd; here x³ keeps the graph alive)."""
-    import kernels._triton_utils as utils
+    import meanflow_fast.kernels.launch as utils
     seen = []
     real = utils._needs_op
     monkeypatch.setattr(utils, "_needs_op", lambda args: seen.append(real(args)) or seen[-1])

@@ -7,8 +7,8 @@ the CPU (fp32, fp16, bf16: no tl.dot here), the GPU in bf16 at DiT-B/2 shapes.
 import pytest
 import torch
 
-import kernels.gated_residual_ln as grl
-from kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp, gated_residual_ln_jvp_ref,
+import meanflow_fast.kernels.gated_residual_ln as grl
+from meanflow_fast.kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp, gated_residual_ln_jvp_ref,
                                       gated_residual_ln_ref)
 from tests.helpers import assert_within_torch, rel_err, requires_cuda
 from tests.test_dual_kernels import FLOOR, _factor, _modulation, _rand, _strided

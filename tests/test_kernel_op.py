@@ -1,4 +1,4 @@
-"""``kernels._triton_utils.kernel_op``: a launcher registered as a torch.library op, called directly in eager
+"""``kernels.launch.kernel_op``: a launcher registered as a torch.library op, called directly in eager
 mode and through the op wherever something traces, transforms or watches the call (torch.compile, a
 dispatch mode such as FakeTensorMode or a logger). torch.func.jvp over the fused kernels (functorch: the
 op path) is tested beside each kernel (test_attention, test_primal_kernels, test_gated_residual_ln,
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from kernels._triton_utils import kernel_op
+from meanflow_fast.kernels.launch import kernel_op
 from tests.helpers import OpLog
 
 _CALLS = []  # one entry per call of the probe's launcher: did it run inside the dispatcher's custom-op code?
@@ -60,7 +60,7 @@ def test_fake_tensors_go_through_the_op():
     """Fake tensors (no data): the op's fake implementation gives the shape; a direct launch of a real
     kernel would have read their (absent) memory."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from kernels.linear import linear_jvp
+    from meanflow_fast.kernels.linear import linear_jvp
     with FakeTensorMode():
         x, xd = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
         w, b = torch.randn(24, 16), torch.randn(24)

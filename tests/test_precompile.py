@@ -2,8 +2,8 @@
 in parallel (the compile half needs CUDA: GPU test)."""
 import torch
 
-import kernels.attention as attn
-from kernels.precompile import PrecompileStats, precompile, record_launches
+import meanflow_fast.kernels.attention as attn
+from meanflow_fast.kernels.precompile import PrecompileStats, precompile, record_launches
 from meanflow_fast import MeanFlowLoss, meanflow_dit
 from tests.helpers import HAS_CUDA, randomize_, requires_cuda
 
@@ -95,7 +95,7 @@ def test_precompile_fills_the_cache_the_step_uses():
 def test_precompile_failure_is_reported_not_raised(monkeypatch):
     """precompile is an optimisation: a step that fails while recording (or a compile that fails) is
     reported in the stats, never raised into the training run."""
-    import kernels.precompile as pc
+    import meanflow_fast.kernels.precompile as pc
     monkeypatch.setattr(pc, "interpreting", lambda: False)
     monkeypatch.setattr(pc.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(pc, "AsyncCompileMode", object)

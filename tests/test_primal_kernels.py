@@ -10,11 +10,11 @@ output and for every gradient.
 import pytest
 import torch
 
-from kernels.gated_residual import gated_residual, gated_residual_fwd, gated_residual_jvp
-from kernels.layernorm_modulate import ln_modulate, ln_modulate_fwd, ln_modulate_jvp, ln_modulate_ref
-from kernels.linear import dual_linear_fwd
-import kernels.mlp as mlp_mod
-from kernels.mlp import mlp, mlp_ref
+from meanflow_fast.kernels.gated_residual import gated_residual, gated_residual_fwd, gated_residual_jvp
+from meanflow_fast.kernels.layernorm_modulate import ln_modulate, ln_modulate_fwd, ln_modulate_jvp, ln_modulate_ref
+from meanflow_fast.kernels.linear import dual_linear_fwd
+import meanflow_fast.kernels.mlp as mlp_mod
+from meanflow_fast.kernels.mlp import mlp, mlp_ref
 from tests.helpers import HAS_CUDA, OpLog, assert_within_torch, rel_err, requires_cuda
 from tests.test_dual_kernels import DEVICE, FLOOR, OPS, Case, _dit_case, _factor, _grads, _to
 

@@ -114,7 +114,7 @@ def _precompile_kernels(model, loss_fn, local_batch, amp, device, log):
     on a random batch of the step's shape with the kernel launches recorded, not run; nothing is updated
     and neither the data order nor any RNG stream of the run is touched (its own generator), so resumed
     runs stay bit-exact."""
-    from kernels.precompile import precompile
+    from ..kernels.precompile import precompile
     c = model.config
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(local_batch, c.in_channels, c.input_size, c.input_size, device=device, generator=g)

@@ -14,8 +14,8 @@ autograd graph (``gated_residual_ln_jvp``, the gated residual fused with the nex
 returns two such pairs: ``y, y_dot, m, m_dot``). MeanFlow puts du/dt inside a stop-gradient, so
 backward never needs the tangent stream and nothing of it is kept alive.
 
-Every Function derives from ``_triton_utils.KernelFunction`` (the torch.func form, without torch's
-per-call argument binding) and wraps its backward in ``_triton_utils.backward_once``: reverse mode works
+Every Function derives from ``launch.KernelFunction`` (the torch.func form, without torch's
+per-call argument binding) and wraps its backward in ``launch.backward_once``: reverse mode works
 with plain autograd, torch.compile and one torch.func transform (``grad``, ``vjp``); the backward itself
 is not differentiable (a second derivative raises instead of dropping the kernels' share).
 """

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._ref_utils import compute_dtype
-from ._triton_utils import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
+from .reference import compute_dtype
+from .launch import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
                             kernel_op, next_pow2, pick_function, rows, steps_per_program, zeros_if_none)
 
 

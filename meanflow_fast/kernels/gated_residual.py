@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
+from .launch import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
                             elementwise_tiles, kernel_op, pick_function, rows, steps_per_program, zeros_if_none)
 
 

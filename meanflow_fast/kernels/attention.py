@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._ref_utils import compute_dtype
-from ._triton_utils import KernelFunction, backward_once, interpreting, kernel_op, zeros_if_none
+from .reference import compute_dtype
+from .launch import KernelFunction, backward_once, interpreting, kernel_op, zeros_if_none
 
 
 # ---------------------------------------------------------------------------------------------

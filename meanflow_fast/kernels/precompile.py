@@ -8,7 +8,7 @@ autotune candidate) it saw on a thread pool through Triton's ``AsyncCompileMode`
 land in Triton's in-memory cache under the keys the real launches will look up, so the first real step
 only benchmarks the autotune candidates (milliseconds each) and runs.
 
-    from kernels.precompile import precompile
+    from meanflow_fast.kernels.precompile import precompile
     stats = precompile(lambda: torch.autograd.grad(loss_fn(model, x, y)[0], params))
     print(stats)   # 'compiled 41 kernel variants (118 launches seen) on 16 threads in 9.8 s'
 
@@ -28,7 +28,7 @@ import torch
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from ._triton_utils import interpreting
+from .launch import interpreting
 
 try:  # Triton ≥ 3.4: JIT compiles submitted to an executor (what torch inductor uses)
     from triton.runtime._async_compile import AsyncCompileMode

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import KernelFunction, backward_once, check_shape, check_tensors, kernel_op, rows
+from .launch import KernelFunction, backward_once, check_shape, check_tensors, kernel_op, rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (KernelFunction, backward_once, kernel_op, next_pow2, pick_function, rows, steps_per_program,
+from .launch import (KernelFunction, backward_once, kernel_op, next_pow2, pick_function, rows, steps_per_program,
                             zeros_if_none)
 from .gated_residual import (_check_gated_residual, gated_residual, gated_residual_bwd_op, gated_residual_jvp,
                              gated_residual_jvp_ref, gated_residual_ref)

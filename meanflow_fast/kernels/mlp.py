@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import (KernelFunction, backward_once, check_shape, check_tensors, elementwise_tiles, kernel_op,
+from .launch import (KernelFunction, backward_once, check_shape, check_tensors, elementwise_tiles, kernel_op,
                             pick_function, rows, steps_per_program, zeros_if_none)
 from .linear import _gelu_tanh_and_grad, dual_linear_fwd_op, linear_gelu_fwd_op
 
