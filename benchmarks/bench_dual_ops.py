@@ -20,6 +20,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (benchmarks time GPU kernels)", allow_module_level=True)
 
+from meanflow_fast.kernels import config  # noqa: E402
 from meanflow_fast.kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref  # noqa: E402
 import meanflow_fast.kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
 from meanflow_fast.kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref  # noqa: E402
@@ -227,55 +228,55 @@ def test_gelu_bwd(benchmark, provider):
 
 
 # =================================================================================================
-#   Gated residual fused with the next LN-modulate vs the two kernels apart (gated_residual_ln.FUSE)
+#   Gated residual fused with the next LN-modulate vs the two kernels apart (the config switch residual_ln)
 # =================================================================================================
 @pytest.mark.parametrize("provider", ["fused", "apart", "jvp_ref"])
-def test_gated_residual_ln_fwd_tangent(benchmark, provider, gated_inputs, monkeypatch):
+def test_gated_residual_ln_fwd_tangent(benchmark, provider, gated_inputs):
     x, gate, f, xd, gate_d, fd = gated_inputs
     mod, mod_d = _rand(B, 6 * D, grad=True).chunk(6, dim=1), _rand(B, 6 * D).chunk(6, dim=1)
     args = (x, gate, f, mod[3], mod[4], xd, gate_d, fd, mod_d[3], mod_d[4], 1e-6)
-    monkeypatch.setattr(gated_ln_mod, "FUSE", provider == "fused")
+    switch = config.override(residual_ln="fused" if provider == "fused" else "apart")
     fn = gated_ln_mod.gated_residual_ln_jvp_ref if provider == "jvp_ref" else gated_ln_mod.gated_residual_ln_jvp
     baseline = _time_ms(lambda: gated_ln_mod.gated_residual_ln_ref(*args[:5]))
     benchmark.group = "gated_residual + ln_modulate fwd+tangent, DiT-B/2 b128 bf16"
     # compulsory traffic: read x, f, ẋ, ḟ; write y, ẏ, m, ṁ (the apart kernels also re-read y and ẏ)
-    _run(benchmark, lambda: fn(*args), False, 8 * M * D * ELEM + 2 * M * 4, "GB/s", baseline)
+    with switch:
+        _run(benchmark, lambda: fn(*args), False, 8 * M * D * ELEM + 2 * M * 4, "GB/s", baseline)
 
 
 # =================================================================================================
 #   The plain forward's ops without grad (the guided target's no-grad forward on 2B rows, the sampler)
 # =================================================================================================
 @pytest.mark.parametrize("provider", ["cublaslt", "triton", "torch", "torch_compiled"])
-def test_mlp_plain_no_grad(benchmark, provider, mlp_inputs, monkeypatch):
-    """fc1 + GELU on cuBLASLt's GELU epilogue vs the Triton GEMM (kernels.mlp.NO_GRAD_FC1_IMPL), fc2 on
+def test_mlp_plain_no_grad(benchmark, provider, mlp_inputs):
+    """fc1 + GELU on cuBLASLt's GELU epilogue vs the Triton GEMM (the config switch no_grad_fc1), fc2 on
     cuBLAS either way; torch: eager and compiled ``mlp_ref``."""
-    import meanflow_fast.kernels.mlp as mlp_mod
     from meanflow_fast.kernels.mlp import mlp
     x, w1, b1, w2, b2, _ = (t.detach() for t in mlp_inputs)
+    switch = config.override(no_grad_fc1=provider if provider in ("cublaslt", "triton") else "cublaslt")
     if provider in ("cublaslt", "triton"):
-        monkeypatch.setattr(mlp_mod, "NO_GRAD_FC1_IMPL", provider)
         fn = mlp
     else:
         fn = mlp_ref
     baseline = _time_ms(lambda: mlp_ref(x, w1, b1, w2, b2))
     benchmark.group = "mlp plain forward, no grad, DiT-B/2 b128 bf16"
-    with torch.no_grad():
+    with torch.no_grad(), switch:
         _run(benchmark, lambda: fn(x, w1, b1, w2, b2), provider == "torch_compiled", MLP_FLOPS["fwd"], "TFLOP/s",
              baseline)
 
 
 @pytest.mark.parametrize("provider", ["fused", "apart", "torch", "torch_compiled"])
-def test_gated_residual_ln_plain_no_grad(benchmark, provider, gated_inputs, monkeypatch):
+def test_gated_residual_ln_plain_no_grad(benchmark, provider, gated_inputs):
     """The plain forward's gated residual + next LN-modulate: one kernel (``gated_residual_ln``) vs the
-    two primal kernels apart (``FUSE = False``) vs torch eager and compiled."""
+    two primal kernels apart (``residual_ln="apart"``) vs torch eager and compiled."""
     x, gate, f = (t.detach() for t in gated_inputs[:3])
     shift, scale = _rand(B, 6 * D).chunk(6, dim=1)[3:5]
     args = (x, gate, f, shift, scale, 1e-6)
-    monkeypatch.setattr(gated_ln_mod, "FUSE", provider != "apart")
+    switch = config.override(residual_ln="apart" if provider == "apart" else "fused")
     fn = gated_ln_mod.gated_residual_ln if provider in ("fused", "apart") else gated_ln_mod.gated_residual_ln_ref
     baseline = _time_ms(lambda: gated_ln_mod.gated_residual_ln_ref(*args))
     benchmark.group = "gated_residual + ln_modulate plain forward, no grad, DiT-B/2 b128 bf16"
     # compulsory traffic: read x, f; write y, m (+ the fp32 row statistics)
-    with torch.no_grad():
+    with torch.no_grad(), switch:
         _run(benchmark, lambda: fn(*args), provider == "torch_compiled", 4 * M * D * ELEM + 2 * M * 4, "GB/s",
              baseline)

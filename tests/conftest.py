@@ -1,8 +1,9 @@
 """Shared test setup.
 
 Without CUDA the Triton kernels run in Triton's CPU interpreter. TRITON_INTERPRET is read when a
-``@triton.jit`` function is defined, so it is set here, before any test imports ``kernels``.
+``@triton.jit`` function is defined, so it is set here, before any test imports ``meanflow_fast.kernels``.
 """
+import contextlib
 import os
 
 import torch
@@ -19,6 +20,14 @@ def seed(request):
     s = sum(map(ord, request.node.nodeid)) % (2**31)
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture
+def kernel_switch():
+    """Set the kernels' config switches for one test: ``kernel_switch(residual_ln="apart")``."""
+    from meanflow_fast.kernels import config
+    with contextlib.ExitStack() as stack:
+        yield lambda **switches: stack.enter_context(config.override(**switches))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import pytest
 import torch
 
+from meanflow_fast.kernels import config
 from meanflow_fast.kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref
 from meanflow_fast.kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref
 from meanflow_fast.kernels.linear import dual_linear_fwd, linear_jvp, linear_jvp_ref, linear_ref
@@ -522,10 +523,9 @@ def test_bf16_dit_b2_shapes_on_gpu(name):
 @pytest.mark.parametrize("name", ["linear", "mlp"])
 def test_bf16_dual_linear_kernel_on_gpu(name, monkeypatch):
     """The same check with the Triton dual GEMM in the epilogue-free launches (qkv 768→2304; fc2
-    3072→768 inside the MLP), which CUDA otherwise sends to cuBLAS (kernels/linear.PLAIN_DUAL_IMPL)."""
-    import meanflow_fast.kernels.linear as linear_mod
-    monkeypatch.setattr(linear_mod, "PLAIN_DUAL_IMPL", "triton")
-    _check_bf16_dit_b2(name)
+    3072→768 inside the MLP), which CUDA otherwise sends to cuBLAS (the config switch plain_dual_linear)."""
+    with config.override(plain_dual_linear="triton"):
+        _check_bf16_dit_b2(name)
 
 
 def _check_bf16_dit_b2(name):

@@ -7,6 +7,7 @@ the CPU (fp32, fp16, bf16: no tl.dot here), the GPU in bf16 at DiT-B/2 shapes.
 import pytest
 import torch
 
+from meanflow_fast.kernels import config
 import meanflow_fast.kernels.gated_residual_ln as grl
 from meanflow_fast.kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp, gated_residual_ln_jvp_ref,
                                       gated_residual_ln_ref)
@@ -102,12 +103,12 @@ def test_backward_token_loop(steps, monkeypatch):
 
 
 def test_fuse_switch_gives_the_same_results(monkeypatch):
-    """``FUSE = False`` runs the two ops' kernels one after the other: the same outputs and gradients."""
+    """The switch ``residual_ln="apart"`` runs the two ops' kernels one after the other: the same outputs and gradients."""
     prim, tan = _inputs(2, 9, 40, torch.float32, True)
     wy, wm = _rand(2, 9, 40, dtype=torch.float32), _rand(2, 9, 40, dtype=torch.float32)
     fused = gated_residual_ln_jvp(*prim, *tan), _grads(gated_residual_ln_jvp, prim, tan, wy, wm, torch.float32)
-    monkeypatch.setattr(grl, "FUSE", False)
-    apart = gated_residual_ln_jvp(*prim, *tan), _grads(gated_residual_ln_jvp, prim, tan, wy, wm, torch.float32)
+    with config.override(residual_ln="apart"):
+        apart = gated_residual_ln_jvp(*prim, *tan), _grads(gated_residual_ln_jvp, prim, tan, wy, wm, torch.float32)
     for a, b in zip((*fused[0], *fused[1]), (*apart[0], *apart[1])):
         assert rel_err(a, b) <= 1e-6
 
@@ -226,8 +227,8 @@ def test_primal_fuse_switch_gives_the_same_results(monkeypatch):
     prim, _ = _inputs(2, 9, 40, torch.float32, True)
     wy, wm = _rand(2, 9, 40, dtype=torch.float32), _rand(2, 9, 40, dtype=torch.float32)
     fused = (*gated_residual_ln(*prim), *_grads(gated_residual_ln, prim, None, wy, wm, torch.float32))
-    monkeypatch.setattr(grl, "FUSE", False)
-    apart = (*gated_residual_ln(*prim), *_grads(gated_residual_ln, prim, None, wy, wm, torch.float32))
+    with config.override(residual_ln="apart"):
+        apart = (*gated_residual_ln(*prim), *_grads(gated_residual_ln, prim, None, wy, wm, torch.float32))
     for a, b in zip(fused, apart):
         assert rel_err(a, b) <= 1e-6
 

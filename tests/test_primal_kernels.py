@@ -7,13 +7,15 @@ fp16 (and bf16 for the elementwise kernels on the CPU); the kernel's relative er
 reference must be ≤ 2 × the error of torch's own ``_ref`` at that precision + a small floor, for the
 output and for every gradient.
 """
+import importlib
+
 import pytest
 import torch
 
+from meanflow_fast.kernels import config
 from meanflow_fast.kernels.gated_residual import gated_residual, gated_residual_fwd, gated_residual_jvp
 from meanflow_fast.kernels.layernorm_modulate import ln_modulate, ln_modulate_fwd, ln_modulate_jvp, ln_modulate_ref
 from meanflow_fast.kernels.linear import dual_linear_fwd
-import meanflow_fast.kernels.mlp as mlp_mod
 from meanflow_fast.kernels.mlp import mlp, mlp_ref
 from tests.helpers import HAS_CUDA, OpLog, assert_within_torch, rel_err, requires_cuda
 from tests.test_dual_kernels import DEVICE, FLOOR, OPS, Case, _dit_case, _factor, _grads, _to
@@ -112,21 +114,28 @@ def test_mlp_partial_grads_and_no_grad():
     assert rel_err(mlp(x, w1, None, w2.detach(), None), mlp_ref(x, w1, None, w2.detach(), None)) < 1e-5
 
 
-def test_no_grad_fc1_impl_is_checked(monkeypatch):
-    case = OPS["mlp"].make(((2, 5), 40, 72), torch.float32, False)
-    monkeypatch.setattr(mlp_mod, "NO_GRAD_FC1_IMPL", "cublas")
-    with pytest.raises(ValueError, match=r"NO_GRAD_FC1_IMPL must be one of \('cublaslt', 'triton'\), got 'cublas'"):
-        with torch.no_grad():
-            mlp(*case.primals)
+def test_no_grad_fc1_switch_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match=r"no_grad_fc1=...\) must be one of 'cublaslt', 'triton', got 'cublas'"):
+        with config.override(no_grad_fc1="cublas"):
+            pass
+    monkeypatch.setenv("MEANFLOW_FAST_NO_GRAD_FC1", "cublas")
+    with pytest.raises(ValueError, match=r"MEANFLOW_FAST_NO_GRAD_FC1 must be one of 'cublaslt', 'triton', got 'cublas'"):
+        importlib.reload(config)
+    monkeypatch.setenv("MEANFLOW_FAST_NO_GRAD_FC1", "Triton")
+    importlib.reload(config)
+    assert config.get("no_grad_fc1") == "triton"
+    monkeypatch.delenv("MEANFLOW_FAST_NO_GRAD_FC1")
+    importlib.reload(config)
+    assert config.get("no_grad_fc1") == "cublaslt"
 
 
 @requires_cuda
 @pytest.mark.parametrize("impl", ["cublaslt", "triton"])
-def test_mlp_no_grad_bf16_dit_b2_on_gpu(impl, monkeypatch):
+def test_mlp_no_grad_bf16_dit_b2_on_gpu(impl, kernel_switch):
     """The no-grad MLP (the guided target's forward, the sampler) in bf16 at DiT-B/2 shapes, fc1 + GELU
-    on cuBLASLt's GELU epilogue or on Triton (``NO_GRAD_FC1_IMPL``), against the fp32 reference within
+    on cuBLASLt's GELU epilogue or on Triton (the config switch no_grad_fc1), against the fp32 reference within
     2× torch's own bf16 error; and the chosen implementation is the one that ran."""
-    monkeypatch.setattr(mlp_mod, "NO_GRAD_FC1_IMPL", impl)
+    kernel_switch(no_grad_fc1=impl)
     case = _dit_case("mlp")
     bf = [_to(p, torch.bfloat16) for p in case.primals]
     prev = torch.backends.cuda.matmul.allow_tf32

@@ -20,7 +20,7 @@ instead of 5, with the same backward.
 
 y is rounded to the input dtype before the LayerNorm reads it, and ẏ before its tangent is taken, so
 the fused op equals the two ops run one after the other (the reference composes the two references)
-and the backward sees the same y as the forward. ``FUSE = False`` runs exactly that composition of the
+and the backward sees the same y as the forward. The switch ``config.residual_ln = "apart"`` runs exactly that composition of the
 two Triton ops instead (the same results, for an A/B on a GPU: benchmarks/bench_dual_ops.py).
 """
 from typing import Optional, Tuple
@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import config
 from .launch import (KernelFunction, backward_once, kernel_op, next_pow2, pick_function, rows, steps_per_program,
                             zeros_if_none)
 from .gated_residual import (_check_gated_residual, gated_residual, gated_residual_bwd_op, gated_residual_jvp,
@@ -36,7 +37,6 @@ from .gated_residual import (_check_gated_residual, gated_residual, gated_residu
 from .layernorm_modulate import (_check_ln_modulate, _ln_modulate_bwd_rows, _ln_project, _ln_rows, _num_warps,
                                  _tile_rows, ln_modulate, ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref)
 
-FUSE = True  # False: gated_residual_ln(_jvp) runs gated_residual(_jvp) then ln_modulate(_jvp) (two kernels each way)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,9 +390,9 @@ class GatedResidualLnJvpFunction(KernelFunction):
 # ---------------------------------------------------------------------------------------------
 def gated_residual_ln(x, gate, f, shift, scale, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, m): the gated residual y = x + g ⊙ f and the LayerNorm-modulate m of y in one Triton kernel,
-    primal only (``FUSE = False``: ``gated_residual`` then ``ln_modulate``); both differentiable (one
+    primal only (switch ``residual_ln="apart"``: ``gated_residual`` then ``ln_modulate``); both differentiable (one
     Triton backward). Same signature and contract as ``gated_residual_ln_ref``."""
-    if not FUSE:
+    if config.get("residual_ln") == "apart":
         y = gated_residual(x, gate, f)
         return y, ln_modulate(y, shift, scale, eps)
     y, m, _, _ = pick_function(GatedResidualLnFunction, _GatedResidualLnPrimal).apply(x, gate, f, shift, scale, eps)
@@ -402,10 +402,10 @@ def gated_residual_ln(x, gate, f, shift, scale, eps: float = 1e-6) -> Tuple[torc
 def gated_residual_ln_jvp(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
                           eps: float = 1e-6):
     """(y, ẏ, m, ṁ): the gated residual y = x + g ⊙ f and the LayerNorm-modulate m of y, with their
-    tangents, in one Triton kernel (``FUSE = False``: the two ops' kernels one after the other). y and m
+    tangents, in one Triton kernel (switch ``residual_ln="apart"``: the two ops' kernels one after the other). y and m
     are differentiable, ẏ and ṁ carry no autograd graph. Same signature and contract as
     ``gated_residual_ln_jvp_ref``."""
-    if not FUSE:
+    if config.get("residual_ln") == "apart":
         y, y_dot = gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot)
         return (y, y_dot, *ln_modulate_jvp(y, shift, scale, y_dot, shift_dot, scale_dot, eps))
     return GatedResidualLnJvpFunction.apply(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,

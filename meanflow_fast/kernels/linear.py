@@ -4,7 +4,7 @@ The same kernel with HAS_TANGENT=False and the GELU epilogue is the fc1 of the p
 (``kernels.mlp.mlp``, the DiT's plain forward): h = gelu(x W1ᵀ + b1) in one pass instead of a GEMM
 and an elementwise GELU over the (M, 4D) activations. A plain primal linear without an epilogue has
 nothing to fuse and stays on cuBLAS (``F.linear``): a Triton GEMM would at best match it. On CUDA the
-dual launch without an epilogue goes to cuBLAS too (``PLAIN_DUAL_IMPL``, measured reason beside it);
+dual launch without an epilogue goes to cuBLAS too (``config switch plain_dual_linear``, measured reason beside it);
 the kernel then serves fc1 (GELU epilogue, both streams), the CPU interpreter, and ``impl="triton"``.
 """
 from typing import Optional, Tuple
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import config
 from .launch import KernelFunction, backward_once, check_shape, check_tensors, kernel_op, rows
 
 
@@ -244,7 +245,6 @@ def _check_dual_linear(op: str, x, weight, bias, x_dot) -> None:
 # already hold). fc1 keeps the Triton kernel: its GELU/GELU' epilogue saves writing and re-reading the
 # (M, 4D) pre-activations of both streams (not yet measured against cuBLAS + an elementwise pass).
 # "triton" restores the fused kernel everywhere; benchmarks/bench_dual_ops.py times both.
-PLAIN_DUAL_IMPL = "cublas"
 _IMPLS = ("triton", "cublas")
 
 
@@ -261,7 +261,7 @@ def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
     ``impl`` picks who computes a launch without ``gelu``: ``"triton"`` (the fused kernel) or
     ``"cublas"`` (``F.linear`` per stream: cuBLAS on CUDA, torch's own matmul on the CPU); the default,
-    None, is ``PLAIN_DUAL_IMPL`` on CUDA and the Triton kernel elsewhere. A ``gelu`` launch always runs
+    None, is ``config switch plain_dual_linear`` on CUDA and the Triton kernel elsewhere. A ``gelu`` launch always runs
     the Triton kernel.
     """
     has_tangent = x_dot is not None
@@ -272,7 +272,7 @@ def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         raise ValueError("dual_linear_fwd: impl='cublas' has no GELU epilogue; the gelu launch runs the "
                          "Triton kernel (impl=None or 'triton')")
     if impl is None:
-        impl = PLAIN_DUAL_IMPL if (x.is_cuda and not gelu) else "triton"
+        impl = config.get("plain_dual_linear") if (x.is_cuda and not gelu) else "triton"
     if impl == "cublas":
         return (F.linear(x, weight, bias), F.linear(x_dot, weight) if has_tangent else None,
                 x.new_empty(0))
@@ -379,7 +379,7 @@ class LinearJvpFunction(KernelFunction):
 # Public function
 # ---------------------------------------------------------------------------------------------
 def linear_jvp(x, weight, bias, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o, ȯ) = (x Wᵀ + b, ẋ Wᵀ): on CUDA two cuBLAS GEMMs by default (``PLAIN_DUAL_IMPL``; "triton" for
+    """(o, ȯ) = (x Wᵀ + b, ẋ Wᵀ): on CUDA two cuBLAS GEMMs by default (``config switch plain_dual_linear``; "triton" for
     the fused kernel), in the CPU interpreter the Triton kernel. o is differentiable, ȯ carries no
     autograd graph. Same signature and contract as ``linear_jvp_ref``; fp32/fp16/bf16, CUDA or the CPU
     interpreter."""

@@ -11,7 +11,7 @@ The primal-only ``mlp`` (the DiT's plain forward) runs fc1 + GELU as the same ke
 tangent (HAS_TANGENT=False: one accumulator, h written once instead of a GEMM then an elementwise GELU
 pass over the (M, hidden) activations), and fc2 on cuBLAS (``F.linear``): fc2 has no epilogue to fuse,
 and a Triton GEMM would at best match cuBLAS on a primal-only matmul. Without a backward to follow, fc1
-+ GELU on CUDA is one cuBLASLt GEMM with its GELU epilogue instead (``NO_GRAD_FC1_IMPL``). Both
++ GELU on CUDA is one cuBLASLt GEMM with its GELU epilogue instead (``config switch no_grad_fc1``). Both
 variants share one backward (``_mlp_backward``).
 """
 import math
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import config
 from .launch import (KernelFunction, backward_once, check_shape, check_tensors, elementwise_tiles, kernel_op,
                             pick_function, rows, steps_per_program, zeros_if_none)
 from .linear import _gelu_tanh_and_grad, dual_linear_fwd_op, linear_gelu_fwd_op
@@ -188,19 +189,13 @@ def _check_mlp(op: str, x, w1, b1, w2, b2, x_dot) -> None:
 # GEMMs at ~680 TFLOP/s and our dual Triton GEMM at ~474; the primal Triton fc1 was never timed alone.
 # Predicted: B/2 batch 128 plain forward −1 ms (fc1's 1.9 TFLOP at 680 instead of ~480 TFLOP/s). Owed:
 # the A/B on a GPU (benchmarks/bench_dual_ops.py, mlp_plain_no_grad).
-NO_GRAD_FC1_IMPL = "cublaslt"
-_FC1_IMPLS = ("cublaslt", "triton")
-
-
 def _fc1_on_cublaslt(x, b1) -> bool:
-    if NO_GRAD_FC1_IMPL not in _FC1_IMPLS:
-        raise ValueError(f"kernels.mlp.NO_GRAD_FC1_IMPL must be one of {_FC1_IMPLS}, got {NO_GRAD_FC1_IMPL!r}")
-    return NO_GRAD_FC1_IMPL == "cublaslt" and x.is_cuda and b1 is not None
+    return config.get("no_grad_fc1") == "cublaslt" and x.is_cuda and b1 is not None
 
 
 def mlp_fwd(x, w1, b1, w2, b2, store_pre: bool = False):
     """(y, a), primal only: fc1 + GELU in one launch (Triton with HAS_TANGENT=False, or cuBLASLt's GELU
-    epilogue without ``store_pre``: ``NO_GRAD_FC1_IMPL``), fc2 on cuBLAS. The pre-activation
+    epilogue without ``store_pre``: ``config switch no_grad_fc1``), fc2 on cuBLAS. The pre-activation
     a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else an empty tensor. h is written once by fc1 and
     read once by fc2."""
     _check_mlp("mlp", x, w1, b1, w2, b2, None)
@@ -343,7 +338,7 @@ def _needs_backward(*tensors) -> bool:
 
 def mlp(x, w1, b1, w2, b2) -> torch.Tensor:
     """y = gelu_tanh(x W1ᵀ + b1) W2ᵀ + b2, primal only: fc1 + GELU in one Triton matmul (one cuBLASLt
-    GEMM with its GELU epilogue on CUDA when no backward follows: ``NO_GRAD_FC1_IMPL``), fc2 on cuBLAS;
+    GEMM with its GELU epilogue on CUDA when no backward follows: ``config switch no_grad_fc1``), fc2 on cuBLAS;
     differentiable. Same signature and contract as ``mlp_ref``."""
     fn = pick_function(MlpFunction, _MlpPrimal)
     return fn.apply(x, w1, b1, w2, b2, _needs_backward(x, w1, b1, w2, b2))[0]
