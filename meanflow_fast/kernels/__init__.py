@@ -1,9 +1,11 @@
 """Triton kernels that run a DiT op forward together with its tangent (JVP).
 
-Each module holds one op, in one order (see ../shared/STYLE.md): the Triton kernel(s), their
+Each op module holds one op, in one order: the pure-torch reference, the Triton kernel(s), their
 launcher, an ``autograd.Function`` whose backward runs through the primal only, and the public
-function. Beside each kernel sits ``<op>_ref``/``<op>_jvp_ref`` in pure torch: the same math, used by
-the tests, the benchmarks and the DiT's ``torch`` backend.
+function (docs/DESIGN.md, Kernel conventions). The references ``<op>_ref``/``<op>_jvp_ref`` (the same
+math in pure torch) serve the tests, the benchmarks and the DiT's ``torch`` backend. Shared helpers:
+``launch`` (launching, validation, autograd plumbing), ``rownorm`` (LayerNorm rows), ``reference``,
+``config`` (the implementation switches), ``precompile`` (parallel cold-start compilation).
 
 The ``*_jvp`` functions share one contract::
 

@@ -1,6 +1,6 @@
 """Attention forward with its tangent, and the primal backward.
 
-Layout (B, H, N, D). With S = s·QKᵀ, P = softmax(S), O = PV (DESIGN.md §2):
+Layout (B, H, N, D). With S = s·QKᵀ, P = softmax(S), O = PV (docs/DESIGN.md, JVP rules: attention):
 
     Ṡ = s·(Q̇Kᵀ + QK̇ᵀ),   Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)),   Ȯ = ṖV + PV̇
 
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .reference import compute_dtype
-from .launch import KernelFunction, backward_once, interpreting, kernel_op, zeros_if_none
+from .launch import KernelFunction, backward_once, interpreting, jvp_function, kernel_op, pick_function, zeros_if_none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +61,11 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Te
     """The DiT's packed projection (B, N, 3·H·D), laid out (3, H, D) along the last dim, as three
     (B, H, N, D) views (no copy)."""
     _check_qkv("qkv", qkv, num_heads)
+    return _qkv_views(qkv, num_heads)
+
+
+def _qkv_views(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``split_qkv`` of a checked qkv."""
     B, N, C3 = qkv.shape
     return qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
@@ -94,16 +99,11 @@ def _check_qkv(name: str, qkv, num_heads) -> None:
 # - Triton tiles are powers of 2 wide, so the head dim is cut into two column chunks: a low chunk
 #   [0, BLOCK_DLO), the largest power of 2 ≤ D (no column mask), and, when D is not a power of 2, a high
 #   chunk [BLOCK_DLO, BLOCK_DLO + BLOCK_DHI) masked at D: D = 72 runs 64 + 16 columns, D = 96 64 + 32.
-#   Every dot over D is then two dots, and every (rows, D) accumulator two. Padding D = 72 to one
-#   128-wide tile instead computed 78% more than needed and, in the forward with tangent, held four
-#   128-wide fp32/bf16 row tiles live: 255 registers and spills in every config (compile_check, sm_90);
+#   Every dot over D is then two dots, and every (rows, D) accumulator two; one 128-wide tile for D = 72
+#   computed 78% more and spilled in every config (docs/TUNING.md);
 # - every (B, H, N) stride and (b, h) offset goes through ``_aligned`` with the launcher's ALIGN, the
-#   largest power of 2 ≤ 8 dividing all of them, so that the compiler sees what it cannot infer on its
-#   own: Triton only specialises integer arguments on divisibility by 16, and at D = 72 the head stride
-#   of the DiT's packed qkv is 72. Without the hint every K/V tile load was scalar (2-byte) and unpipelined
-#   (no cp.async) at D = 72 in the forward, the dQ kernel and half the dK/dV loads: 255 registers and
-#   spills in 4 of 5 forward-with-tangent configs; with it, the same cp.async pipelines as at D = 64 and no
-#   spills (compile_check, triton 3.6, sm_90; benchmarks/RESULTS.md);
+#   largest power of 2 ≤ 8 dividing all of them: Triton only specialises integers on divisibility by 16,
+#   and at D = 72 (packed qkv head stride 72) the loads were scalar and unpipelined without it;
 # - all accumulators, softmax statistics and reductions are fp32; P is rounded to the input dtype only
 #   as a tl.dot operand (as FlashAttention does), and fp32 inputs use IEEE dots, not TF32.
 _INTERPRET = interpreting()
@@ -138,30 +138,15 @@ def _fp32_prune(fp32_tiles):
     return prune
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Not swept on a GPU yet: FlashAttention-2-sized tiles, with
-# smaller key blocks for the tangent variant (two fp32 (BLOCK_M, D) accumulators and Q, Q̇ are live).
-# The last one was added for D = 72 with tangent, when the first four spilled 8-164 B there; since the
-# stride alignment hint (``_aligned``) none spills on sm_90 (compile_check, triton 3.6; on sm_80 three of
-# the five spill 4-16 B at D = 72 with tangent). (64, 32, 8 warps, 3 stages) is left out: on an H100
-# (triton 3.6, before the hint) it faulted with an illegal memory access at D = 72 with tangent (bf16,
-# N = 256), while every other config and D = 80 / 96 with it ran correctly (benchmarks/RESULTS.md,
-# 2026-11-26): a compiler fault, not ours to keep in the autotuner's list, since one faulting candidate
-# kills the process at the first launch. Whether it still faults is for benchmarks/attention_sweep.py.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): FlashAttention-2-sized tiles, smaller key blocks for the
+# tangent variant (two fp32 (BLOCK_M, D) accumulators and Q, Q̇ live). No (64, 32, 8 warps, 3 stages): it
+# faulted on an H100 at D = 72 with tangent, and one faulting candidate kills the process (docs/TUNING.md).
 _FWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 16, 4, 3)]
 _BWD_DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 _BWD_DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
-# fp32 inputs: one small tile each. IEEE fp32 dots run on the FMA units, not the tensor cores, and keep
-# their operands in registers, so the lists above are far too big for fp32: benchmarks/compile_check.py
-# (triton 3.6, D = 64 and 72) found every fp32 config of them spilling (forward with tangent: 34-182 KiB
-# of spill stores), the forward with tangent at D = 72 over the shared-memory limit in all 5 configs on
-# sm_80 and 2 of 5 on sm_90, and compiles of 16-71 s per config at D = 64, up to 734 s at D = 72: minutes
-# of autotuning at the first fp32 launch on a GPU. The tiles below compile in 1-3 s (triton 3.6 and 3.9,
-# sm_90 and sm_80, every supported D) and use at most 67 KiB of shared memory. No spills, except in the
-# forward with tangent: 0.4 KiB of spill stores at D = 64, 2.4-11.5 KiB at D > 64 (BLOCK_D = 128), where
-# every tile tried spills (16-64 × 16-32, 2-16 warps: 1-25 KiB). (16, 16, 8, 2) spills least (none at
-# D = 64, 1.1 KiB at D = 72 on sm_90) but crashes triton 3.9's LLVM (an SLPVectorizer assertion, sm_90,
-# D = 72 with tangent), which would abort the process at the first launch. fp32 is the accuracy path
-# (tests, references), not the fast one.
+# fp32 inputs: one small tile each. IEEE fp32 dots run on the FMA units with operands in registers: the
+# lists above all spill in fp32, some overflow shared memory, and compile for minutes; these compile in
+# 1-3 s (benchmarks/tools/compile_check.py; fp32 is the accuracy path, not the fast one; docs/TUNING.md).
 _FWD_CONFIGS_FP32 = [(32, 16, 8, 2)]
 _BWD_DKDV_CONFIGS_FP32 = [(16, 32, 4, 1)]
 _BWD_DQ_CONFIGS_FP32 = [(32, 16, 4, 1)]
@@ -218,7 +203,8 @@ def _attn_fwd_jvp_block(
     SPLIT: tl.constexpr,           # the high chunk exists (else its arguments are unused stand-ins)
     DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax, primal and tangent (DESIGN.md §2), all state rescaled by α."""
+    """One key block of the online softmax, primal and tangent (docs/DESIGN.md, JVP rules: attention), all
+    state rescaled by α."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     k0 = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_lo, HEAD_DIM, False)
@@ -299,8 +285,8 @@ def _attn_fwd_jvp_kernel(
 ):
     """O, LSE and Ȯ for BLOCK_M queries of one (b, h), in one pass over the key blocks: each K, V, K̇, V̇
     tile is loaded once. The state is (m, l, acc_o) of the online softmax plus, for the tangent,
-    r = Σ P̃ ⊙ (Ṡ − c) and acc_d = Σ (P̃ ⊙ (Ṡ − c))V + P̃V̇ (DESIGN.md's acc_g + acc_t: they are only ever
-    used as their sum, so one accumulator holds both). At the end O = acc_o/l, Ȯ = acc_d/l − (r/l)·O.
+    r = Σ P̃ ⊙ (Ṡ − c) and acc_d = Σ (P̃ ⊙ (Ṡ − c))V + P̃V̇ (the
+    acc_g + acc_t of docs/DESIGN.md, JVP rules: attention: only their sum is used, so one accumulator). At the end O = acc_o/l, Ȯ = acc_d/l − (r/l)·O.
     Every (BLOCK_M, D) quantity is held as two column chunks (see the head-dim note above)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -671,19 +657,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None,
-                  scale: Optional[float] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale: Optional[float] = None,
+                  check: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Launch the forward kernel. With the tangents (all three or none) it also computes Ȯ in the same pass.
-    Returns (O, Ȯ or None, LSE), O and Ȯ in the input dtype, LSE fp32 (B, H, N)."""
-    tangents = (q_dot, k_dot, v_dot)
+    Returns (O, Ȯ or None, LSE), O and Ȯ in the input dtype, LSE fp32 (B, H, N). ``check=False``: the
+    caller has validated the inputs and passes the scale as a float."""
     has_tangent = q_dot is not None or k_dot is not None or v_dot is not None
-    if has_tangent and any(t is None for t in tangents):
-        raise ValueError("q_dot, k_dot, v_dot must be given together (use zeros for a constant input)")
-    named = [("q", q), ("k", k), ("v", v)]
-    if has_tangent:
-        named += [("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)]
-    _check_inputs(named)
-    sm_scale = _resolve_scale(q, scale)
+    if check:
+        if has_tangent and (q_dot is None or k_dot is None or v_dot is None):
+            raise ValueError("q_dot, k_dot, v_dot must be given together (use zeros for a constant input)")
+        named = [("q", q), ("k", k), ("v", v)]
+        if has_tangent:
+            named += [("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)]
+        _check_inputs(named)
+        sm_scale = _resolve_scale(q, scale)
+    else:
+        sm_scale = scale
 
     q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
     B, H, N, D = q.shape
@@ -710,17 +699,21 @@ def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None,
     return o, (od if has_tangent else None), lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None):
+def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None, check: bool = True):
     """FlashAttention-2 backward from (Q, K, V, O, LSE, dO): Δ = rowsum(dO ⊙ O) first, then one kernel
     over key blocks for dK, dV and one over query blocks for dQ. Two passes recompute P twice (≈ 1.4× the
     FLOPs of the atomic single-pass variant) but need no atomics, no zero-filled fp32 dQ buffer, and are
     deterministic. Returns (dQ, dK, dV) in the input dtype, written into ``out`` = (dQ, dK, dV) when
-    given ((B, H, N, D) tensors with unit stride on D, e.g. views of one packed gradient)."""
-    _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)])
-    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
-        raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])} on {q.device}, got "
-                         f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
-    sm_scale = _resolve_scale(q, scale)
+    given ((B, H, N, D) tensors with unit stride on D, e.g. views of one packed gradient).
+    ``check=False``: the caller has validated the inputs and passes the scale as a float."""
+    if check:
+        _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)])
+        if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
+            raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])} on {q.device}, got "
+                             f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
+        sm_scale = _resolve_scale(q, scale)
+    else:
+        sm_scale = scale
     q, k, v, o, do = _unit_d(q), _unit_d(k), _unit_d(v), _unit_d(o), _unit_d(do)
     lse = lse.contiguous()
     B, H, N, D = q.shape
@@ -738,7 +731,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None):
         dq, dk, dv = _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
     else:
         dq, dk, dv = out
-        for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        for name, t in (("dq", dq), ("dk", dk), ("dv", dv)) if check else ():
             if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device or t.stride(-1) != 1:
                 raise ValueError(f"out's {name} must be {q.dtype} {tuple(q.shape)} on {q.device} with unit "
                                  f"stride on D, got {t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}")
@@ -770,17 +763,17 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None):
 # ---------------------------------------------------------------------------------------------
 # Custom ops: the launchers as torch.library ops, opaque to torch.compile (which cannot trace into a
 # Triton launch under the interpreter, and need not on a GPU). The autograd Functions below call these
-# (``kernel_op``: the launcher directly in eager mode, the op under a tracer).
+# (``kernel_op``: the launcher directly in eager mode, the op under a tracer) on validated inputs.
 # ---------------------------------------------------------------------------------------------
 @kernel_op("meanflow_fast::attn_fwd")
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    o, _, lse = attention_fwd(q, k, v, scale=scale)
+    o, _, lse = attention_fwd(q, k, v, scale=scale, check=False)
     return o, lse
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, scale):
+def _attn_fwd_fake(q, k, v, scale):
     _check_inputs([("q", q), ("k", k), ("v", v)], fake=True)
     return _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -789,11 +782,11 @@ def _(q, k, v, scale):
 def _attn_fwd_jvp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torch.Tensor,
                      k_dot: torch.Tensor, v_dot: torch.Tensor,
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_fwd(q, k, v, q_dot, k_dot, v_dot, scale=scale)
+    return attention_fwd(q, k, v, q_dot, k_dot, v_dot, scale=scale, check=False)
 
 
 @_attn_fwd_jvp_op.register_fake
-def _(q, k, v, q_dot, k_dot, v_dot, scale):
+def _attn_fwd_jvp_fake(q, k, v, q_dot, k_dot, v_dot, scale):
     _check_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)],
                   fake=True)
     return _empty_bnhd(q), _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -802,11 +795,11 @@ def _(q, k, v, q_dot, k_dot, v_dot, scale):
 @kernel_op("meanflow_fast::attn_bwd")
 def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_bwd(do, q, k, v, o, lse, scale)
+    return attention_bwd(do, q, k, v, o, lse, scale, check=False)
 
 
 @_attn_bwd_op.register_fake
-def _(do, q, k, v, o, lse, scale):
+def _attn_bwd_fake(do, q, k, v, o, lse, scale):
     _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)], fake=True)
     return _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
 
@@ -818,21 +811,21 @@ def _attn_bwd_qkv_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     its three slices, so the gradient of the packed projection needs no stack and no copy."""
     B, H, N, D = q.shape
     dqkv = q.new_empty((B, N, 3, H, D))
-    attention_bwd(do, q, k, v, o, lse, scale, out=tuple(dqkv[:, :, i].transpose(1, 2) for i in range(3)))
+    attention_bwd(do, q, k, v, o, lse, scale, out=tuple(dqkv[:, :, i].transpose(1, 2) for i in range(3)),
+                  check=False)
     return dqkv
 
 
 @_attn_bwd_qkv_op.register_fake
-def _(do, q, k, v, o, lse, scale):
+def _attn_bwd_qkv_fake(do, q, k, v, o, lse, scale):
     _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)], fake=True)
     B, H, N, D = q.shape
     return q.new_empty((B, N, 3, H, D))
 
 
-# Reverse mode on the forward ops themselves (a compiled graph may call them directly). Backward runs
-# through the primal alone: LSE and Ȯ are marked non-differentiable (DESIGN.md §2), and their gradients
-# are not materialised (autograd would otherwise allocate and zero-fill a full-size Ȯ and LSE gradient
-# per call, only for backward to ignore them); dO is None when O itself took no part in the loss.
+# Reverse mode on the forward ops themselves (a compiled graph may call them directly), through the primal
+# alone (docs/DESIGN.md, Backward): LSE and Ȯ are non-differentiable and get no zero-filled gradients;
+# dO is None when O itself took no part in the loss.
 def _attn_fwd_setup_context(ctx, inputs, output):
     q, k, v = inputs[:3]
     o, lse = output[0], output[-1]
@@ -864,7 +857,7 @@ _attn_fwd_jvp_op.register_autograd(_attn_fwd_jvp_backward, setup_context=_attn_f
 # ---------------------------------------------------------------------------------------------
 # Autograd Functions (torch.func form: forward without ctx, setup_context; functorch transforms need that
 # form). torch.func.jvp over them runs the fused kernel; torch.func.grad / vjp run the FlashAttention-2
-# backward (one transform level: ``backward_once``, which says why). Tests: test_attention, test_func_grad.
+# backward (one transform level: ``backward_once``, which says why).
 # ---------------------------------------------------------------------------------------------
 class AttentionJVPFunction(KernelFunction):
     """(O, Ȯ, LSE) from (Q, K, V, Q̇, K̇, V̇) by the fused kernel. Saves Q, K, V, O, LSE only; backward is the
@@ -897,7 +890,7 @@ class AttentionQKVJVPFunction(KernelFunction):
 
     @staticmethod
     def forward(qkv, qkv_dot, num_heads, scale):
-        return _attn_fwd_jvp_op(*split_qkv(qkv, num_heads), *split_qkv(qkv_dot, num_heads), scale)
+        return _attn_fwd_jvp_op(*_qkv_views(qkv, num_heads), *_qkv_views(qkv_dot, num_heads), scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -914,10 +907,11 @@ class AttentionQKVJVPFunction(KernelFunction):
         if do is None:
             return None, None, None, None
         qkv, o, lse = ctx.saved_tensors
-        dqkv = _attn_bwd_qkv_op(do, *split_qkv(qkv, ctx.num_heads), o, lse, ctx.scale)
+        dqkv = _attn_bwd_qkv_op(do, *_qkv_views(qkv, ctx.num_heads), o, lse, ctx.scale)
         return dqkv.view(qkv.shape), None, None, None
 
 
+@jvp_function(jvp_inputs=3)
 class AttentionFunction(KernelFunction):
     """(O, LSE) = attention(Q, K, V) with reverse mode (FlashAttention-2 backward) and forward mode
     (``jvp`` runs the fused kernel), so torch.func.jvp / torch.autograd.forward_ad over a model calling
@@ -932,7 +926,6 @@ class AttentionFunction(KernelFunction):
         q, k, v, scale = inputs
         o, lse = output
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.save_for_forward(q, k, v)
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for LSE
@@ -944,12 +937,15 @@ class AttentionFunction(KernelFunction):
 
     @staticmethod
     def jvp(ctx, q_t, k_t, v_t, _scale_t):
-        # ctx.saved_tensors holds what save_for_forward kept. O is recomputed with Ȯ (one fused pass,
-        # 4 of its 6 matmuls are the tangent's) rather than kept: forward does not see the tangents.
+        # ctx.saved_tensors holds Q, K, V (jvp_function). O is recomputed with Ȯ in one fused pass (4 of
+        # its 6 matmuls are the tangent's): forward does not see the tangents.
         q, k, v = ctx.saved_tensors
         _, o_dot, _ = _attn_fwd_jvp_op(q, k, v, zeros_if_none(q_t, q), zeros_if_none(k_t, k),
                                        zeros_if_none(v_t, v), ctx.scale)
         return o_dot, None
+
+
+_AttentionWithoutJvp = AttentionFunction.without_jvp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -959,13 +955,7 @@ def attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(scale·QKᵀ)·V for (B, H, N, D) inputs (fp32/fp16/bf16, D in SUPPORTED_HEAD_DIMS, any N ≥ 1,
     any strides), scale defaulting to 1/sqrt(D). Differentiable in reverse and forward mode."""
     _check_inputs([("q", q), ("k", k), ("v", v)])
-    s = _resolve_scale(q, scale)
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace an autograd.Function that defines jvp (it gives up on the whole graph with
-        # fullgraph=True); the custom op carries the same backward through register_autograd.
-        o, _ = torch.ops.meanflow_fast.attn_fwd(q, k, v, s)
-    else:
-        o, _ = AttentionFunction.apply(q, k, v, s)
+    o, _ = pick_function(AttentionFunction, _AttentionWithoutJvp).apply(q, k, v, _resolve_scale(q, scale))
     return o
 
 
@@ -986,8 +976,8 @@ def attention_jvp_qkv(qkv, qkv_dot, num_heads: int,
     written by the kernels into one packed buffer."""
     _check_qkv("qkv", qkv, num_heads)
     _check_qkv("qkv_dot", qkv_dot, num_heads)
-    q, k, v = split_qkv(qkv, num_heads)
-    _check_inputs([("q", q), ("k", k), ("v", v)] + list(zip(("q_dot", "k_dot", "v_dot"),
-                                                             split_qkv(qkv_dot, num_heads))))
+    q, k, v = _qkv_views(qkv, num_heads)
+    q_dot, k_dot, v_dot = _qkv_views(qkv_dot, num_heads)
+    _check_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)])
     o, o_dot, _ = AttentionQKVJVPFunction.apply(qkv, qkv_dot, num_heads, _resolve_scale(q, scale))
     return o, o_dot

@@ -1,4 +1,5 @@
-"""Gated residual x' = x + g ⊙ f with its tangent ẋ' = ẋ + ġ ⊙ f + g ⊙ ḟ (DESIGN.md §2).
+"""Gated residual x' = x + g ⊙ f with its tangent ẋ' = ẋ + ġ ⊙ f + g ⊙ ḟ (docs/DESIGN.md, JVP rules:
+gated residual).
 
 x, f and their tangents: (B, N, D); the gate g and ġ: (B, D), broadcast over the N tokens.
 
@@ -15,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .launch import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
-                            elementwise_tiles, kernel_op, pick_function, rows, steps_per_program, zeros_if_none)
+                     elementwise_tiles, jvp_function, kernel_op, pick_function, rows, steps_per_program,
+                     zeros_if_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def _gated_residual_bwd_kernel(
 # Tiles: ``elementwise_tiles`` (8 rows × 256 columns on CUDA); at DiT-B/2 batch 128 (M = 32768,
 # D = 768) the forward launches 4096 × 3 programs.
 
-def _check_gated_residual(op: str, x, gate, f, x_dot, gate_dot, f_dot) -> None:
+def check_gated_residual(op: str, x, gate, f, x_dot, gate_dot, f_dot) -> None:
     """Validate a call of ``op`` (``gated_residual`` without the tangents, ``gated_residual_jvp`` with all
     three)."""
     tangents = {"x_dot": x_dot, "gate_dot": gate_dot, "f_dot": f_dot}
@@ -134,12 +136,15 @@ def _check_gated_residual(op: str, x, gate, f, x_dot, gate_dot, f_dot) -> None:
         check_shape(op, "gate_dot", gate_dot, (B, D), "the tangent of gate has gate's shape")
 
 
-def gated_residual_fwd(x, gate, f, x_dot=None, gate_dot=None, f_dot=None):
+def gated_residual_fwd(x, gate, f, x_dot=None, gate_dot=None, f_dot=None, check: bool = True):
     """Launch the forward kernel; returns (y, ẏ), (B, N, D) in x's dtype, contiguous. Without the tangents
     (all three None) the kernel runs primal only (HAS_TANGENT=False) and ẏ is None. Inputs are read in
-    place through their strides (the gate is typically a non-contiguous ``chunk`` view)."""
+    place through their strides (the gate is typically a non-contiguous ``chunk`` view).
+    ``check=False``: the caller has validated the inputs."""
     has_tangent = x_dot is not None or gate_dot is not None or f_dot is not None
-    _check_gated_residual("gated_residual_jvp" if has_tangent else "gated_residual", x, gate, f, x_dot, gate_dot, f_dot)
+    if check:
+        check_gated_residual("gated_residual_jvp" if has_tangent else "gated_residual",
+                             x, gate, f, x_dot, gate_dot, f_dot)
     B, N, D = x.shape
     x2, f2 = rows(x, D), rows(f, D)
     M = x2.shape[0]
@@ -184,23 +189,23 @@ def gated_residual_bwd(dy, gate, f):
 @kernel_op("meanflow_fast::gated_residual_fwd")
 def gated_residual_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, x_dot: torch.Tensor,
                           gate_dot: torch.Tensor, f_dot: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return gated_residual_fwd(x, gate, f, x_dot, gate_dot, f_dot)
+    return gated_residual_fwd(x, gate, f, x_dot, gate_dot, f_dot, check=False)
 
 
 @gated_residual_fwd_op.register_fake
-def _(x, gate, f, x_dot, gate_dot, f_dot):
-    _check_gated_residual("gated_residual_jvp", x, gate, f, x_dot, gate_dot, f_dot)
+def _gated_residual_fwd_fake(x, gate, f, x_dot, gate_dot, f_dot):
+    check_gated_residual("gated_residual_jvp", x, gate, f, x_dot, gate_dot, f_dot)
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @kernel_op("meanflow_fast::gated_residual_primal_fwd")
 def gated_residual_primal_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return gated_residual_fwd(x, gate, f)[0]
+    return gated_residual_fwd(x, gate, f, check=False)[0]
 
 
 @gated_residual_primal_fwd_op.register_fake
-def _(x, gate, f):
-    _check_gated_residual("gated_residual", x, gate, f, None, None, None)
+def _gated_residual_primal_fwd_fake(x, gate, f):
+    check_gated_residual("gated_residual", x, gate, f, None, None, None)
     return x.new_empty(x.shape)
 
 
@@ -211,7 +216,7 @@ def gated_residual_bwd_op(dy: torch.Tensor, gate: torch.Tensor, f: torch.Tensor
 
 
 @gated_residual_bwd_op.register_fake
-def _(dy, gate, f):
+def _gated_residual_bwd_fake(dy, gate, f):
     return f.new_empty(f.shape), gate.new_empty(gate.shape)
 
 
@@ -231,9 +236,11 @@ def _gated_residual_backward(ctx, dy):
     return dy if need[0] else None, dgate if need[1] else None, df if need[2] else None
 
 
-class _GatedResidualPrimal(KernelFunction):
+@jvp_function(jvp_inputs=3)
+class GatedResidualFunction(KernelFunction):
     """(x, g, f) → x + g ⊙ f, primal only, in the torch.func form. Saves g and f; the backward of the
-    dual op. The variant applied under torch.compile (no ``jvp``; see GatedResidualFunction)."""
+    dual op. ``jvp`` runs the dual kernel (ẋ + ġ ⊙ f + g ⊙ ḟ), so torch.func.jvp over a model calling
+    ``gated_residual`` stays on the fused kernels."""
 
     @staticmethod
     def forward(x, gate, f):
@@ -250,21 +257,14 @@ class _GatedResidualPrimal(KernelFunction):
     def backward(ctx, dy):
         return _gated_residual_backward(ctx, dy)
 
-
-class GatedResidualFunction(_GatedResidualPrimal):
-    """``_GatedResidualPrimal`` plus forward mode: ``jvp`` runs the dual kernel (ẋ + ġ ⊙ f + g ⊙ ḟ), so
-    torch.func.jvp over a model that calls ``gated_residual`` stays on the fused kernels."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _GatedResidualPrimal.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs)
-
     @staticmethod
     def jvp(ctx, x_t, gate_t, f_t):
         x, gate, f = ctx.saved_tensors
         return gated_residual_fwd_op(x, gate, f, zeros_if_none(x_t, x), zeros_if_none(gate_t, gate),
                                      zeros_if_none(f_t, f))[1]
+
+
+_GatedResidualWithoutJvp = GatedResidualFunction.without_jvp
 
 
 class GatedResidualJvpFunction(KernelFunction):
@@ -294,10 +294,12 @@ class GatedResidualJvpFunction(KernelFunction):
 def gated_residual(x, gate, f) -> torch.Tensor:
     """x + g ⊙ f (g (B, D) broadcast over the N tokens) in one Triton kernel, primal only; differentiable
     (Triton backward). Same signature and contract as ``gated_residual_ref``."""
-    return pick_function(GatedResidualFunction, _GatedResidualPrimal).apply(x, gate, f)
+    check_gated_residual("gated_residual", x, gate, f, None, None, None)
+    return pick_function(GatedResidualFunction, _GatedResidualWithoutJvp).apply(x, gate, f)
 
 
 def gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, ẏ) = (x + g ⊙ f, ẋ + ġ ⊙ f + g ⊙ ḟ) in one Triton kernel; y is differentiable, ẏ carries no
     autograd graph. Same signature and contract as ``gated_residual_jvp_ref``."""
+    check_gated_residual("gated_residual_jvp", x, gate, f, x_dot, gate_dot, f_dot)
     return GatedResidualJvpFunction.apply(x, gate, f, x_dot, gate_dot, f_dot)

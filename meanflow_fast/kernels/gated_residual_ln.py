@@ -1,7 +1,9 @@
 """Gated residual followed by the next LayerNorm + adaLN modulate, fused, with both tangents:
 
-    y = x + g ⊙ f,                 ẏ = ẋ + ġ ⊙ f + g ⊙ ḟ                  (kernels/gated_residual.py)
-    m = LN(y)·(1 + scale) + shift,  ṁ = LN'(y)ẏ·(1 + scale) + LN(y)·scalė + shifṫ  (kernels/layernorm_modulate.py)
+    y = x + g ⊙ f,                 ẏ = ẋ + ġ ⊙ f + g ⊙ ḟ                           (gated_residual.py)
+    m = LN(y)·(1 + scale) + shift,  ṁ = LN'(y)ẏ·(1 + scale) + LN(y)·scalė + shifṫ  (layernorm_modulate.py)
+
+(docs/DESIGN.md, JVP rules: gated residual + LayerNorm.)
 
 x, f and their tangents: (B, N, D); g, shift, scale and their tangents: (B, D), broadcast over the N
 tokens. In a DiT every gated residual is followed by a LayerNorm-modulate: the second LN of the same
@@ -20,8 +22,8 @@ instead of 5, with the same backward.
 
 y is rounded to the input dtype before the LayerNorm reads it, and ẏ before its tangent is taken, so
 the fused op equals the two ops run one after the other (the reference composes the two references)
-and the backward sees the same y as the forward. The switch ``config.residual_ln = "apart"`` runs exactly that composition of the
-two Triton ops instead (the same results, for an A/B on a GPU: benchmarks/bench_dual_ops.py).
+and the backward sees the same y as the forward. The switch ``residual_ln="apart"`` (config.py) runs
+exactly that composition of the two Triton ops instead (the same results, for an A/B on a GPU).
 """
 from typing import Optional, Tuple
 
@@ -30,13 +32,12 @@ import triton
 import triton.language as tl
 
 from . import config
-from .launch import (KernelFunction, backward_once, kernel_op, next_pow2, pick_function, rows, steps_per_program,
-                            zeros_if_none)
-from .gated_residual import (_check_gated_residual, gated_residual, gated_residual_bwd_op, gated_residual_jvp,
+from .launch import (KernelFunction, backward_once, jvp_function, kernel_op, next_pow2, pick_function, rows,
+                     steps_per_program, zeros_if_none)
+from .gated_residual import (check_gated_residual, gated_residual, gated_residual_bwd_op, gated_residual_jvp,
                              gated_residual_jvp_ref, gated_residual_ref)
-from .layernorm_modulate import (_check_ln_modulate, _ln_modulate_bwd_rows, _ln_project, _ln_rows, _num_warps,
-                                 _tile_rows, ln_modulate, ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref)
-
+from .layernorm_modulate import check_ln_modulate, ln_modulate, ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref
+from .rownorm import ln_modulate_bwd_rows, ln_project, ln_rows, row_num_warps, tile_rows, token_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +96,8 @@ def _gated_residual_ln_fwd_kernel(
     y = (x + g * f).to(Y.dtype.element_ty)
     tl.store(Y + out, y, mask=mask)
 
-    # LayerNorm + modulate of y (kernels/layernorm_modulate.py, same helpers).
-    mean, rstd, yn = _ln_rows(y.to(tl.float32), mask, D, eps)
+    # LayerNorm + modulate of y (the row helpers of layernorm_modulate.py).
+    mean, rstd, yn = ln_rows(y.to(tl.float32), mask, D, eps)
     sh = tl.load(SHIFT + b[:, None] * stride_shb + col[None, :] * stride_shd, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(SCALE + b[:, None] * stride_scb + col[None, :] * stride_scd, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + out, (yn * (1.0 + sc) + sh).to(OUT.dtype.element_ty), mask=mask)
@@ -109,7 +110,7 @@ def _gated_residual_ln_fwd_kernel(
         fd = tl.load(FD + row[:, None] * stride_fdm + col[None, :] * stride_fdd, mask=mask, other=0.0).to(tl.float32)
         yd = (xd + gd * f + g * fd).to(YD.dtype.element_ty)
         tl.store(YD + out, yd, mask=mask)
-        ydn = _ln_project(yd.to(tl.float32), yn, rstd, D)
+        ydn = ln_project(yd.to(tl.float32), yn, rstd, D)
         shd = tl.load(SHIFT_D + b[:, None] * stride_shdb + col[None, :] * stride_shdd, mask=mask,
                       other=0.0).to(tl.float32)
         scd = tl.load(SCALE_D + b[:, None] * stride_scdb + col[None, :] * stride_scdd, mask=mask,
@@ -153,17 +154,15 @@ def _gated_residual_ln_bwd_kernel(
     acc_dscale = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_dg = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        tok = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
-        r_mask = tok < N_TOK
-        row = b * N_TOK + tok
-        mask = r_mask[:, None] & c_mask[None, :]
+        row, r_mask, mask = token_rows(b, p, r0, N_TOK, c_mask, ROWS_PER_PROG, BLOCK_R)
         # the LayerNorm-modulate's backward (yn = LN(y)), then the residual stream's other gradient
-        dm, yn, dx = _ln_modulate_bwd_rows(DM, Y, MEAN, RSTD, row, r_mask, mask, col, sc1, D,
-                                           stride_dmm, stride_dmd, stride_ym, stride_yd)
+        dm, yn, dx = ln_modulate_bwd_rows(DM, Y, MEAN, RSTD, row, r_mask, mask, col, sc1, D,
+                                          stride_dmm, stride_dmd, stride_ym, stride_yd)
         acc_dshift += tl.sum(dm, axis=0)
         acc_dscale += tl.sum(dm * yn, axis=0)
         if HAS_DY:
-            dx += tl.load(DY + row[:, None] * stride_dym + col[None, :] * stride_dyd, mask=mask, other=0.0).to(tl.float32)
+            dx += tl.load(DY + row[:, None] * stride_dym + col[None, :] * stride_dyd, mask=mask,
+                          other=0.0).to(tl.float32)
         f = tl.load(F + row[:, None] * stride_fm + col[None, :] * stride_fd, mask=mask, other=0.0).to(tl.float32)
         acc_dg += tl.sum(dx * f, axis=0)
         out = row[:, None] * D + col[None, :]
@@ -178,32 +177,33 @@ def _gated_residual_ln_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# Tiles: the LayerNorm-modulate forward's (whole rows, ~2048 elements per tile: 2 rows at D = 768,
-# 1 at 1152), for the forward and for each step of the backward's token loop (the backward holds
-# more live tiles than LN-modulate's, which takes 4-row steps). The backward walks at least 8 tokens
-# per program, as LN-modulate's (the partial sums then take 3/4 of an activation's bytes: three fp32
-# rows per 8 bf16 rows). Not measured on a GPU yet.
-def _bwd_launch(B: int, N: int, block_d: int, cuda: bool) -> Tuple[int, int]:
-    """(rows per step, tokens per program) of the backward."""
-    block_r = _tile_rows(block_d, cuda)
+# Tiles: the LayerNorm-modulate forward's (rownorm.tile_rows), for the forward and for each step of the
+# backward's token loop, which holds more live tiles than LN-modulate's (4-row steps there).
+def _gated_residual_ln_bwd_launch(B: int, N: int, block_d: int, cuda: bool) -> Tuple[int, int]:
+    """(rows per step, tokens per program) of the backward: at least 8 tokens per program on CUDA, as
+    LN-modulate's (the partial sums then take 3/4 of an activation's bytes), more past ~16 k tiles."""
+    block_r = tile_rows(block_d)
     min_steps = triton.cdiv(8, block_r) if cuda else 1
     return block_r, block_r * max(min_steps, steps_per_program(triton.cdiv(B * N, block_r)))
 
 
-def _check(op: str, x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps) -> None:
-    _check_gated_residual(op, x, gate, f, x_dot, gate_dot, f_dot)
-    _check_ln_modulate(op, x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+def _check_gated_residual_ln(op: str, x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
+                             eps) -> None:
+    check_gated_residual(op, x, gate, f, x_dot, gate_dot, f_dot)
+    check_ln_modulate(op, x, shift, scale, x_dot, shift_dot, scale_dot, eps)
 
 
 def gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot=None, gate_dot=None, f_dot=None, shift_dot=None,
-                          scale_dot=None, eps: float = 1e-6):
+                          scale_dot=None, eps: float = 1e-6, check: bool = True):
     """Launch the forward kernel; returns (y, ẏ, m, ṁ, mean, rstd): four (B, N, D) tensors in x's dtype
     (contiguous) and the fp32 (B·N,) statistics of y. Without the tangents (all five None) the kernel
     runs primal only (HAS_TANGENT=False) and ẏ, ṁ are None. Inputs are read in place through their
-    strides."""
+    strides. ``check=False``: the caller has validated the inputs."""
     tangents = (x_dot, gate_dot, f_dot, shift_dot, scale_dot)
     has_tangent = any(t is not None for t in tangents)
-    _check("gated_residual_ln_jvp" if has_tangent else "gated_residual_ln", x, gate, f, shift, scale, *tangents, eps)
+    if check:
+        _check_gated_residual_ln("gated_residual_ln_jvp" if has_tangent else "gated_residual_ln",
+                                 x, gate, f, shift, scale, *tangents, eps)
     B, N, D = x.shape
     x2, f2 = rows(x, D), rows(f, D)
     M = x2.shape[0]
@@ -216,7 +216,7 @@ def gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot=None, gate_dot=None, f
     rstd = torch.empty_like(mean)
     if M > 0:
         block_d = next_pow2(D)
-        block_r = _tile_rows(block_d, x.is_cuda)
+        block_r = tile_rows(block_d)
         _gated_residual_ln_fwd_kernel[(triton.cdiv(M, block_r),)](
             x2, gate, f2, xd2, gate_dot, fd2, shift, scale, shift_dot, scale_dot,
             y, y_dot, m, m_dot, mean, rstd, M, D, N, float(eps),
@@ -224,7 +224,7 @@ def gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot=None, gate_dot=None, f
             xd2.stride(0), xd2.stride(1), gate_dot.stride(0), gate_dot.stride(1), fd2.stride(0), fd2.stride(1),
             shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
             shift_dot.stride(0), shift_dot.stride(1), scale_dot.stride(0), scale_dot.stride(1),
-            HAS_TANGENT=has_tangent, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d, block_r))
+            HAS_TANGENT=has_tangent, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=row_num_warps(block_d, block_r))
     if not has_tangent:
         return y, None, m, None, mean, rstd
     return y, y_dot, m, m_dot, mean, rstd
@@ -239,7 +239,7 @@ def gated_residual_ln_bwd(dm, dy: Optional[torch.Tensor], y, f, gate, scale, mea
     dy2 = rows(dy, D) if dy is not None else dm2  # dm2: never read (HAS_DY=False)
     dx, df = torch.empty(B, N, D, dtype=y.dtype, device=y.device), torch.empty(B, N, D, dtype=y.dtype, device=y.device)
     block_d = next_pow2(D)
-    block_r, rows_per_prog = _bwd_launch(B, N, block_d, y.is_cuda)
+    block_r, rows_per_prog = _gated_residual_ln_bwd_launch(B, N, block_d, y.is_cuda)
     P = triton.cdiv(N, rows_per_prog) if N else 0
     parts = [torch.empty(B, P, D, dtype=torch.float32, device=y.device) for _ in range(3)]  # dshift, dscale, dg
     if B * N > 0:
@@ -248,7 +248,7 @@ def gated_residual_ln_bwd(dm, dy: Optional[torch.Tensor], y, f, gate, scale, mea
             dm2.stride(0), dm2.stride(1), dy2.stride(0), dy2.stride(1), y2.stride(0), y2.stride(1),
             f2.stride(0), f2.stride(1), gate.stride(0), gate.stride(1), scale.stride(0), scale.stride(1),
             HAS_DY=dy is not None, ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=_num_warps(block_d, block_r))
+            num_warps=row_num_warps(block_d, block_r))
     dshift, dscale, dgate = (part.sum(1).to(scale.dtype) for part in parts)
     return dx, df, dgate, dshift, dscale
 
@@ -260,12 +260,14 @@ def gated_residual_ln_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tenso
                              shift_dot: torch.Tensor, scale_dot: torch.Tensor, eps: float
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor]:
-    return gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps)
+    return gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps,
+                                 check=False)
 
 
 @gated_residual_ln_fwd_op.register_fake
-def _(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps):
-    _check("gated_residual_ln_jvp", x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps)
+def _gated_residual_ln_fwd_fake(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, eps):
+    _check_gated_residual_ln("gated_residual_ln_jvp", x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot,
+                             scale_dot, eps)
     B, N, D = x.shape
     stat = x.new_empty(B * N, dtype=torch.float32)
     return (*(x.new_empty(B, N, D) for _ in range(4)), stat, torch.empty_like(stat))
@@ -275,13 +277,13 @@ def _(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot, ep
 def gated_residual_ln_primal_fwd_op(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, shift: torch.Tensor,
                                     scale: torch.Tensor, eps: float
                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, _, m, _, mean, rstd = gated_residual_ln_fwd(x, gate, f, shift, scale, eps=eps)
+    y, _, m, _, mean, rstd = gated_residual_ln_fwd(x, gate, f, shift, scale, eps=eps, check=False)
     return y, m, mean, rstd
 
 
 @gated_residual_ln_primal_fwd_op.register_fake
-def _(x, gate, f, shift, scale, eps):
-    _check("gated_residual_ln", x, gate, f, shift, scale, None, None, None, None, None, eps)
+def _gated_residual_ln_primal_fwd_fake(x, gate, f, shift, scale, eps):
+    _check_gated_residual_ln("gated_residual_ln", x, gate, f, shift, scale, None, None, None, None, None, eps)
     B, N, D = x.shape
     stat = x.new_empty(B * N, dtype=torch.float32)
     return x.new_empty(B, N, D), x.new_empty(B, N, D), stat, torch.empty_like(stat)
@@ -295,7 +297,7 @@ def gated_residual_ln_bwd_op(dm: torch.Tensor, dy: Optional[torch.Tensor], y: to
 
 
 @gated_residual_ln_bwd_op.register_fake
-def _(dm, dy, y, f, gate, scale, mean, rstd):
+def _gated_residual_ln_bwd_fake(dm, dy, y, f, gate, scale, mean, rstd):
     return (y.new_empty(y.shape), y.new_empty(y.shape), *(scale.new_empty(scale.shape) for _ in range(3)))
 
 
@@ -316,11 +318,12 @@ def _gated_residual_ln_backward(ctx, dy, dm):
     return tuple(g if n else None for g, n in zip((dx, dgate, df, dshift, dscale), ctx.needs_input_grad))
 
 
-class _GatedResidualLnPrimal(KernelFunction):
+@jvp_function(jvp_inputs=5)
+class GatedResidualLnFunction(KernelFunction):
     """(x, g, f, shift, scale) → (y, m, mean, rstd), primal only, in the torch.func form (the row
     statistics are outputs so that setup_context can save them; ``gated_residual_ln`` drops them). Saves
-    what the dual Function saves; the same backward. The variant applied under torch.compile (no
-    ``jvp``; see GatedResidualLnFunction)."""
+    what the dual Function saves; the same backward. ``jvp`` runs the dual kernel (gate, shift and scale
+    tangents included), so torch.func.jvp over a model calling ``gated_residual_ln`` stays fused."""
 
     @staticmethod
     def forward(x, gate, f, shift, scale, eps):
@@ -340,17 +343,6 @@ class _GatedResidualLnPrimal(KernelFunction):
     def backward(ctx, dy, dm, _dmean, _drstd):
         return (*_gated_residual_ln_backward(ctx, dy, dm), None)
 
-
-class GatedResidualLnFunction(_GatedResidualLnPrimal):
-    """``_GatedResidualLnPrimal`` plus forward mode: ``jvp`` runs the dual kernel (gate, shift and scale
-    tangents included), so torch.func.jvp over a model that calls ``gated_residual_ln`` stays on the
-    fused kernels."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _GatedResidualLnPrimal.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:5])
-
     @staticmethod
     def jvp(ctx, x_t, gate_t, f_t, shift_t, scale_t, _eps_t):
         x, gate, f, shift, scale = ctx.saved_tensors
@@ -358,6 +350,9 @@ class GatedResidualLnFunction(_GatedResidualLnPrimal):
             x, gate, f, shift, scale, zeros_if_none(x_t, x), zeros_if_none(gate_t, gate), zeros_if_none(f_t, f),
             zeros_if_none(shift_t, shift), zeros_if_none(scale_t, scale), ctx.eps)
         return y_dot, m_dot, None, None
+
+
+_GatedResidualLnWithoutJvp = GatedResidualLnFunction.without_jvp
 
 
 class GatedResidualLnJvpFunction(KernelFunction):
@@ -390,23 +385,27 @@ class GatedResidualLnJvpFunction(KernelFunction):
 # ---------------------------------------------------------------------------------------------
 def gated_residual_ln(x, gate, f, shift, scale, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, m): the gated residual y = x + g ⊙ f and the LayerNorm-modulate m of y in one Triton kernel,
-    primal only (switch ``residual_ln="apart"``: ``gated_residual`` then ``ln_modulate``); both differentiable (one
-    Triton backward). Same signature and contract as ``gated_residual_ln_ref``."""
+    primal only (switch ``residual_ln="apart"``: ``gated_residual`` then ``ln_modulate``); both
+    differentiable (one Triton backward). Same signature and contract as ``gated_residual_ln_ref``."""
     if config.get("residual_ln") == "apart":
         y = gated_residual(x, gate, f)
         return y, ln_modulate(y, shift, scale, eps)
-    y, m, _, _ = pick_function(GatedResidualLnFunction, _GatedResidualLnPrimal).apply(x, gate, f, shift, scale, eps)
+    _check_gated_residual_ln("gated_residual_ln", x, gate, f, shift, scale, None, None, None, None, None, eps)
+    fn = pick_function(GatedResidualLnFunction, _GatedResidualLnWithoutJvp)
+    y, m, _, _ = fn.apply(x, gate, f, shift, scale, eps)
     return y, m
 
 
 def gated_residual_ln_jvp(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
                           eps: float = 1e-6):
     """(y, ẏ, m, ṁ): the gated residual y = x + g ⊙ f and the LayerNorm-modulate m of y, with their
-    tangents, in one Triton kernel (switch ``residual_ln="apart"``: the two ops' kernels one after the other). y and m
-    are differentiable, ẏ and ṁ carry no autograd graph. Same signature and contract as
+    tangents, in one Triton kernel (switch ``residual_ln="apart"``: the two ops' kernels one after the
+    other). y and m are differentiable, ẏ and ṁ carry no autograd graph. Same signature and contract as
     ``gated_residual_ln_jvp_ref``."""
     if config.get("residual_ln") == "apart":
         y, y_dot = gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot)
         return (y, y_dot, *ln_modulate_jvp(y, shift, scale, y_dot, shift_dot, scale_dot, eps))
+    _check_gated_residual_ln("gated_residual_ln_jvp", x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot,
+                             scale_dot, eps)
     return GatedResidualLnJvpFunction.apply(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
                                             eps)[:4]

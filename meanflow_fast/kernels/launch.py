@@ -1,8 +1,9 @@
 """Launcher helpers shared by the dual-stream (primal + tangent) Triton kernels.
 
-Every launcher validates its inputs here before a kernel is launched, so that an unsupported call
+A public call is validated once, by its public function, with the checkers below: an unsupported call
 ends in a ``ValueError`` that names the argument and lists what is allowed, never in a Triton compile
-error or a silently wrong answer (STYLE.md §5).
+error or a silently wrong answer. The Functions, custom ops and inner launches trust what they are given;
+a launcher called directly (``*_fwd(..., check=True)``, the default) validates as a public function does.
 """
 import contextlib
 import functools
@@ -25,16 +26,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
-# When a call must go through the op rather than the launcher: a compile (Dynamo, and AOTAutograd in its
-# session), a dispatch mode (FakeTensorMode, the tracers', a logger), a functorch transform (torch.func.*:
-# its wrapped tensors have no storage to launch on; the op unwraps them level by level), or a first
-# argument that is not a plain tensor (a fake or functional tensor from a tracer that set none of the
-# flags), a backward of a Function applied under torch.func (``backward_once``), or a call that autograd
-# would record: grad mode on and an input that requires grad (a create_graph=True backward; a launcher
-# called outside its Function). A direct launch is invisible to autograd, so its output would silently
-# carry no gradient; the op's generated autograd wrapper fails loudly instead ("no autograd formula"),
-# or runs the backward registered for it. The two private torch helpers have fallbacks that pick the op,
-# should a torch version lack them.
+# The two private torch helpers fall back to picking the op, should a torch version lack them.
 _EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
@@ -47,6 +39,12 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 
 def _needs_op(args) -> bool:
+    """Must this kernel call go through its torch.library op rather than the launcher? Under a compile, a
+    dispatch mode (FakeTensorMode, tracers, loggers), a torch.func transform (its wrapped tensors have no
+    storage to launch on), a first argument that is not a plain tensor, a backward under torch.func
+    (``backward_once``), or a call autograd would record (grad mode on, an input requiring grad): a direct
+    launch is invisible to autograd, while the op fails loudly ("no autograd formula") or runs the
+    backward registered for it."""
     return (torch.compiler.is_compiling() or _in_dispatch_mode() or _functorch_active()
             or type(args[0]) not in _EAGER_TYPES or _forced_op_calls > 0
             or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)))
@@ -56,10 +54,9 @@ def kernel_op(name: str) -> Callable:
     """Decorator: register a kernel launcher as the torch.library custom op ``name`` (one opaque node with
     its fake shapes for torch.compile) and return a callable that runs the launcher *directly* in plain
     eager mode and the op wherever something traces, transforms or watches the call (``_needs_op``).
-    The op adds nothing to a plain eager call but host time: the dispatcher and the custom-op autograd
-    wrapper cost ~55 µs a call on this project's CPU machine, and a guided DiT-B/2 MeanFlow step makes 172
-    such calls (``benchmarks/host_overhead.py``: 38.2 → 28.5 ms of host time per step). The callable
-    forwards ``register_fake`` and ``register_autograd`` to the op."""
+    The op would add nothing to a plain eager call but host time: ~55 µs a call for the dispatcher and the
+    custom-op autograd wrapper, at 172 calls per guided DiT-B/2 step (benchmarks/tools/host_overhead.py).
+    The callable forwards ``register_fake`` and ``register_autograd`` to the op."""
     def wrap(fn: Callable) -> Callable:
         op = torch.library.custom_op(name, fn, mutates_args=())
 
@@ -81,13 +78,12 @@ except ImportError:  # another torch version: nothing to unwrap
 
 class KernelFunction(torch.autograd.Function):
     """Base of the autograd.Functions over the kernels, all in the torch.func form (``forward`` without
-    ctx, ``setup_context``) that torch.func transforms require. For that form torch's ``apply`` first
-    re-binds the arguments to forward's signature through ``inspect.signature`` (to fill in defaults),
-    on every call: with ~74 applies per DiT-B/2 ``forward_jvp`` that was ~2.5 ms of its host time on this
-    project's CPU machine (``benchmarks/host_overhead.py``, cProfile: a third of the call). Outside a
-    transform this ``apply`` skips the binding, so every argument of ``forward`` must be passed,
-    positionally (the kernels' forwards have no defaults); under a transform it is torch's own. Dynamo
-    traces ``apply`` itself and never calls this one."""
+    ctx, ``setup_context``) that torch.func transforms require. For that form torch's ``apply`` re-binds
+    the arguments to forward's signature through ``inspect.signature`` on every call, a third of the host
+    time of a DiT-B/2 ``forward_jvp`` (benchmarks/tools/host_overhead.py). Outside a transform this
+    ``apply`` skips the binding, so every argument of ``forward`` must be passed, positionally (the
+    kernels' forwards have no defaults); under a transform it is torch's own. Dynamo traces ``apply``
+    itself and never calls this one."""
 
     @classmethod
     def apply(cls, *args):
@@ -225,10 +221,9 @@ def next_pow2(n: int) -> int:
 
 def elementwise_tiles(width: int, cuda: bool) -> Tuple[int, int]:
     """(rows, columns) of the tile of an elementwise, memory-bound kernel over (M, width) rows (the gated
-    residual's kernels, the MLP backward's GELU pass). Not swept (no GPU when written): any tile that keeps
-    the loads coalesced and ≥ 2 programs per SM will do; at most 256 columns × 8 rows = 2048 elements, 8
-    values per thread and tensor at 8 warps. The interpreter prefers few, large programs (up to 1024
-    columns, 2+ rows)."""
+    residual's kernels, the MLP backward's GELU pass). Any tile that keeps the loads coalesced and ≥ 2
+    programs per SM will do: at most 256 columns × 8 rows = 2048 elements, 8 values per thread and tensor
+    at 8 warps. The interpreter prefers few, large programs (up to 1024 columns, 2+ rows)."""
     cols = min(next_pow2(width), 256 if cuda else 1024)
     return max(1, 2048 // cols), cols
 
@@ -236,11 +231,9 @@ def elementwise_tiles(width: int, cuda: bool) -> Tuple[int, int]:
 def steps_per_program(tiles: int, target_programs: int = 16384, max_steps: int = 8) -> int:
     """Tiles each program of a row-reducing backward kernel walks through (its loop over a batch
     element's tokens), a power of 2: one while the launch has at most ``target_programs`` programs, then
-    just enough to stay near that count. H100, 2026-11-26 (benchmarks/RESULTS.md): the LN-modulate and
-    gated-residual backwards walked 32 token rows per program over 1 k and 3 k programs and moved their
-    bytes at 0.45-0.65 TB/s, while their forwards, one tile per program over 12-16 k programs, reached
-    1.9-3 TB/s. More programs cost larger fp32 partial sums (one row of D per program): the launchers
-    may ask for more steps than this (LN-modulate: at least 8 tokens per program)."""
+    just enough to stay near that count. Backwards over 1-3 k programs moved their bytes at 0.45-0.65 TB/s,
+    forwards over 12-16 k programs at 1.9-3 TB/s (H100, docs/TUNING.md). More programs cost larger fp32
+    partial sums (one row of D per program): a launcher may ask for more steps than this."""
     return min(max_steps, next_pow2(triton.cdiv(max(int(tiles), 1), target_programs)))
 
 
@@ -264,6 +257,27 @@ def zeros_if_none(tangent: Optional[torch.Tensor], primal: torch.Tensor) -> torc
 def pick_function(forward_ad_fn, compile_fn):
     """The autograd.Function to apply: the one with a ``jvp`` (forward-mode AD through the fused dual
     kernel: torch.func.jvp and torch.autograd.forward_ad over a model calling the op), except while
-    torch.compile traces, which cannot trace a Function that defines ``jvp``; the compile variant is the
-    same Function without it."""
+    torch.compile traces, which cannot trace a Function that defines ``jvp``: there ``compile_fn``, its
+    ``without_jvp`` twin (``jvp_function``). Dynamo reads neither class's attributes, so both are passed."""
     return compile_fn if torch.compiler.is_compiling() else forward_ad_fn
+
+
+def jvp_function(jvp_inputs: int) -> Callable[[type], type]:
+    """Class decorator for a KernelFunction that defines a forward-mode ``jvp``. Its ``setup_context`` is
+    written for reverse mode alone; the decorated class's also saves ``inputs[:jvp_inputs]`` for ``jvp``
+    (``ctx.save_for_forward``). ``cls.without_jvp`` is the compile-safe twin: the same forward,
+    setup_context and backward, no jvp and nothing saved for it (Dynamo can trace neither)."""
+    def decorate(fn_cls: type) -> type:
+        reverse_setup = fn_cls.setup_context
+        methods = {name: vars(fn_cls)[name] for name in ("forward", "setup_context", "backward")}
+        twin_name = fn_cls.__name__ + "WithoutJvp"
+        fn_cls.without_jvp = type(fn_cls)(twin_name, fn_cls.__bases__, {
+            **methods, "__module__": fn_cls.__module__, "__qualname__": twin_name,
+            "__doc__": f"{fn_cls.__name__} without its jvp, for torch.compile (launch.jvp_function)."})
+
+        def setup_context_saving_for_jvp(ctx, inputs, output):
+            reverse_setup(ctx, inputs, output)
+            ctx.save_for_forward(*inputs[:jvp_inputs])
+        fn_cls.setup_context = staticmethod(setup_context_saving_for_jvp)
+        return fn_cls
+    return decorate

@@ -1,7 +1,9 @@
 """LayerNorm (no affine) followed by adaLN modulate, with its tangent.
 
     y = (x − μ)/σ,                m = y·(1 + scale) + shift
-    ẏ = (ẋ − mean(ẋ) − y·mean(y ⊙ ẋ))/σ,   ṁ = ẏ·(1 + scale) + y·scalė + shifṫ    (DESIGN.md §2)
+    ẏ = (ẋ − mean(ẋ) − y·mean(y ⊙ ẋ))/σ,   ṁ = ẏ·(1 + scale) + y·scalė + shifṫ
+
+(docs/DESIGN.md, JVP rules: LayerNorm-modulate.)
 
 x: (B, N, D); shift, scale and their tangents: (B, D), broadcast over the N tokens.
 
@@ -19,7 +21,8 @@ import triton.language as tl
 
 from .reference import compute_dtype
 from .launch import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
-                            kernel_op, next_pow2, pick_function, rows, steps_per_program, zeros_if_none)
+                     jvp_function, kernel_op, next_pow2, pick_function, rows, steps_per_program, zeros_if_none)
+from .rownorm import ln_modulate_bwd_rows, ln_project, ln_rows, row_num_warps, tile_rows, token_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,43 +53,6 @@ def ln_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot,
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-# Row helpers, shared with kernels/gated_residual_ln.py. Rows are (BLOCK_R, BLOCK_D) fp32 tiles whose
-# columns past D are masked out.
-@triton.jit
-def _ln_rows(x, mask, D, eps):
-    """(μ, 1/σ, y = (x − μ)/σ) of each row of x; y is 0 outside ``mask``. Two-pass variance on the
-    registers (no cancellation)."""
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    return mean, rstd, xc * rstd[:, None]
-
-
-@triton.jit
-def _ln_project(v, y, rstd, D):
-    """(v − mean(v) − y·mean(y ⊙ v))/σ per row: the LayerNorm Jacobian applied to v. It is symmetric,
-    so the same map gives the tangent (v = ẋ → ẏ) and the backward (v = dy → dx). v must be 0 outside
-    the row (masked loads with other=0), as y is."""
-    v_mean = tl.sum(v, axis=1) / D
-    yv_mean = tl.sum(y * v, axis=1) / D
-    return (v - v_mean[:, None] - y * yv_mean[:, None]) * rstd[:, None]
-
-
-@triton.jit
-def _ln_modulate_bwd_rows(DM, X, MEAN, RSTD, row, r_mask, mask, col, sc1, D, stride_dmm, stride_dmd, stride_xm,
-                          stride_xd):
-    """One step of the LayerNorm-modulate backward over the rows ``row``: (dm, y, dx) in fp32, with
-    y = (x − μ)/σ from the saved statistics and dx = LN'(x)ᵀ(dm ⊙ (1 + scale)) (``sc1`` = 1 + scale);
-    all 0 outside ``mask``."""
-    x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-    dm = tl.load(DM + row[:, None] * stride_dmm + col[None, :] * stride_dmd, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + row, mask=r_mask, other=0.0)
-    rstd = tl.load(RSTD + row, mask=r_mask, other=0.0)
-    y = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    # LayerNorm backward: dx = (dy − mean(dy) − y·mean(dy ⊙ y))·rstd, dy = dm·(1 + scale)
-    return dm, y, _ln_project(dm * sc1[None, :], y, rstd, D)
-
-
 @triton.jit
 def _ln_modulate_fwd_kernel(
     X,              # (M, D) primal rows (M = B·N), any strides
@@ -122,7 +88,7 @@ def _ln_modulate_fwd_kernel(
 
     # Statistics in fp32 (two-pass variance on the registers: no cancellation).
     x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-    mean, rstd, y = _ln_rows(x, mask, D, eps)                       # y: 0 outside the row
+    mean, rstd, y = ln_rows(x, mask, D, eps)                       # y: 0 outside the row
 
     # Modulation of each row's batch element (B·D values, served from L2 to the N rows that share them).
     b = row // N_TOK
@@ -133,9 +99,9 @@ def _ln_modulate_fwd_kernel(
     tl.store(OUT + out, m.to(OUT.dtype.element_ty), mask=mask)
 
     if HAS_TANGENT:
-        # ẏ = (ẋ − mean ẋ − y·mean(y ⊙ ẋ))·rstd   (DESIGN.md §2)
+        # ẏ = (ẋ − mean ẋ − y·mean(y ⊙ ẋ))·rstd
         xd = tl.load(XD + row[:, None] * stride_xdm + col[None, :] * stride_xdd, mask=mask, other=0.0).to(tl.float32)
-        yd = _ln_project(xd, y, rstd, D)
+        yd = ln_project(xd, y, rstd, D)
         shd = tl.load(SHIFT_D + b[:, None] * stride_shdb + col[None, :] * stride_shdd,
                       mask=mask, other=0.0).to(tl.float32)
         scd = tl.load(SCALE_D + b[:, None] * stride_scdb + col[None, :] * stride_scdd,
@@ -177,12 +143,9 @@ def _ln_modulate_bwd_kernel(
     acc_dshift = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_dscale = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        tok = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
-        r_mask = tok < N_TOK
-        row = b * N_TOK + tok
-        mask = r_mask[:, None] & c_mask[None, :]
-        dm, y, dx = _ln_modulate_bwd_rows(DM, X, MEAN, RSTD, row, r_mask, mask, col, sc1, D,
-                                          stride_dmm, stride_dmd, stride_xm, stride_xd)
+        row, r_mask, mask = token_rows(b, p, r0, N_TOK, c_mask, ROWS_PER_PROG, BLOCK_R)
+        dm, y, dx = ln_modulate_bwd_rows(DM, X, MEAN, RSTD, row, r_mask, mask, col, sc1, D,
+                                         stride_dmm, stride_dmd, stride_xm, stride_xd)
         acc_dshift += tl.sum(dm, axis=0)
         acc_dscale += tl.sum(dm * y, axis=0)
         tl.store(DX + row[:, None] * D + col[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -194,25 +157,8 @@ def _ln_modulate_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# Tile heuristic (not swept: no GPU when written). A program holds BLOCK_R whole rows (the statistics
-# need the row); ~2048 fp32 values per tile and stream keeps the ~8 live tiles of the forward at
-# 8 values/thread/tile over 8 warps (no spills), and at DiT-B/2 (D = 768 → BLOCK_D = 1024) gives
-# 2 rows per program, M/2 = 16384 programs at batch 128. The interpreter prefers few, large programs.
-# The primal-only launch (HAS_TANGENT=False, ~4 live tiles) uses the same tiles: a memory-bound row
-# kernel at 8 values/thread needs no larger tile to stream at bandwidth (not measured either).
-_CUDA_TILE = 2048
-_CPU_TILE = 2048
-
-
-def _tile_rows(block_d: int, cuda: bool) -> int:
-    return max(1, (_CUDA_TILE if cuda else _CPU_TILE) // block_d)
-
-
-def _num_warps(block_d: int, block_r: int) -> int:
-    return 8 if block_d * block_r >= 2048 else 4
-
-
-def _check_ln_modulate(op: str, x, shift, scale, x_dot, shift_dot, scale_dot, eps) -> None:
+# Tiles: whole rows, ~2048 values each (rownorm.tile_rows), for the dual and the primal-only launch.
+def check_ln_modulate(op: str, x, shift, scale, x_dot, shift_dot, scale_dot, eps) -> None:
     """Validate a call of ``op`` (``ln_modulate`` without the tangents, ``ln_modulate_jvp`` with all three)."""
     tangents = {"x_dot": x_dot, "shift_dot": shift_dot, "scale_dot": scale_dot}
     has_tangent = check_tangents_together(op, tangents)
@@ -231,14 +177,17 @@ def _check_ln_modulate(op: str, x, shift, scale, x_dot, shift_dot, scale_dot, ep
         raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
 
 
-def ln_modulate_fwd(x, shift, scale, x_dot=None, shift_dot=None, scale_dot=None, eps: float = 1e-6):
+def ln_modulate_fwd(x, shift, scale, x_dot=None, shift_dot=None, scale_dot=None, eps: float = 1e-6,
+                    check: bool = True):
     """Launch the forward kernel; returns (m, ṁ, mean, rstd): m and ṁ (B, N, D) in x's dtype, mean and
     rstd (B·N,) in fp32. Without the tangents (all three None) the kernel runs primal only
     (HAS_TANGENT=False) and ṁ is None. Every input is read in place through its strides (the (B, D)
-    modulation is typically a non-contiguous ``chunk`` of the adaLN output); outputs are contiguous."""
+    modulation is typically a non-contiguous ``chunk`` of the adaLN output); outputs are contiguous.
+    ``check=False``: the caller has validated the inputs."""
     has_tangent = x_dot is not None or shift_dot is not None or scale_dot is not None
-    _check_ln_modulate("ln_modulate_jvp" if has_tangent else "ln_modulate",
-                       x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+    if check:
+        check_ln_modulate("ln_modulate_jvp" if has_tangent else "ln_modulate",
+                          x, shift, scale, x_dot, shift_dot, scale_dot, eps)
     B, N, D = x.shape
     x2 = rows(x, D)
     M = x2.shape[0]
@@ -251,7 +200,7 @@ def ln_modulate_fwd(x, shift, scale, x_dot=None, shift_dot=None, scale_dot=None,
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
         block_d = next_pow2(D)
-        block_r = _tile_rows(block_d, x.is_cuda)
+        block_r = tile_rows(block_d)
         grid = (triton.cdiv(M, block_r),)
         _ln_modulate_fwd_kernel[grid](
             x2, xd2, shift, scale, shift_dot, scale_dot, out, out_d, mean, rstd,
@@ -259,19 +208,15 @@ def ln_modulate_fwd(x, shift, scale, x_dot=None, shift_dot=None, scale_dot=None,
             x2.stride(0), x2.stride(1), xd2.stride(0), xd2.stride(1),
             shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
             shift_dot.stride(0), shift_dot.stride(1), scale_dot.stride(0), scale_dot.stride(1),
-            HAS_TANGENT=has_tangent, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_d, block_r))
+            HAS_TANGENT=has_tangent, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=row_num_warps(block_d, block_r))
     return out, (out_d if has_tangent else None), mean, rstd
 
 
-def _bwd_launch(B: int, N: int, block_d: int, cuda: bool) -> Tuple[int, int]:
+def _ln_modulate_bwd_launch(B: int, N: int, block_d: int, cuda: bool) -> Tuple[int, int]:
     """(rows per tile, tokens per program) of the backward. On CUDA: twice the forward's tile (4 rows at
-    D = 768; 89 registers, 2 blocks per SM on sm_90; 8 rows would hold 135, 1 block) and at least 8
-    tokens per program. Each program leaves one fp32 row of partial dshift and one of dscale, so 8
-    tokens per program keep the partial sums at half an activation's bytes (B/2 batch 128: 128 × 32
-    programs of 2 tiles), where 32 tokens per program over 1 k programs ran at 0.45 TB/s on an H100
-    (benchmarks/RESULTS.md). Past ~16 k tiles, more tiles per program (``steps_per_program``).
-    The new shape is not measured yet."""
-    block_r = _tile_rows(block_d, cuda) * (2 if cuda else 1)
+    D = 768, 2 blocks per SM on sm_90) and at least 8 tokens per program, which keeps the fp32 partial
+    sums of dshift and dscale at half an activation's bytes; past ~16 k tiles, ``steps_per_program``."""
+    block_r = tile_rows(block_d) * (2 if cuda else 1)
     min_steps = triton.cdiv(8, block_r) if cuda else 1
     return block_r, block_r * max(min_steps, steps_per_program(triton.cdiv(B * N, block_r)))
 
@@ -284,7 +229,7 @@ def ln_modulate_bwd(dm, x, scale, mean, rstd):
     x2, dm2 = rows(x, D), rows(dm, D)
     dx = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
     block_d = next_pow2(D)
-    block_r, rows_per_prog = _bwd_launch(B, N, block_d, x.is_cuda)
+    block_r, rows_per_prog = _ln_modulate_bwd_launch(B, N, block_d, x.is_cuda)
     P = triton.cdiv(N, rows_per_prog) if N else 0
     dshift_part = torch.empty(B, P, D, dtype=torch.float32, device=x.device)
     dscale_part = torch.empty(B, P, D, dtype=torch.float32, device=x.device)
@@ -294,7 +239,7 @@ def ln_modulate_bwd(dm, x, scale, mean, rstd):
             D, N, P,
             dm2.stride(0), dm2.stride(1), x2.stride(0), x2.stride(1), scale.stride(0), scale.stride(1),
             ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=_num_warps(block_d, block_r))
+            num_warps=row_num_warps(block_d, block_r))
     return dx, dshift_part.sum(1).to(scale.dtype), dscale_part.sum(1).to(scale.dtype)
 
 
@@ -303,12 +248,12 @@ def ln_modulate_bwd(dm, x, scale, mean, rstd):
 def ln_modulate_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x_dot: torch.Tensor,
                        shift_dot: torch.Tensor, scale_dot: torch.Tensor, eps: float
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ln_modulate_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+    return ln_modulate_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps, check=False)
 
 
 @ln_modulate_fwd_op.register_fake
-def _(x, shift, scale, x_dot, shift_dot, scale_dot, eps):
-    _check_ln_modulate("ln_modulate_jvp", x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+def _ln_modulate_fwd_fake(x, shift, scale, x_dot, shift_dot, scale_dot, eps):
+    check_ln_modulate("ln_modulate_jvp", x, shift, scale, x_dot, shift_dot, scale_dot, eps)
     B, N, D = x.shape
     stat = x.new_empty(B * N, dtype=torch.float32)
     return x.new_empty(B, N, D), x.new_empty(B, N, D), stat, torch.empty_like(stat)
@@ -317,13 +262,13 @@ def _(x, shift, scale, x_dot, shift_dot, scale_dot, eps):
 @kernel_op("meanflow_fast::ln_modulate_primal_fwd")
 def ln_modulate_primal_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    m, _, mean, rstd = ln_modulate_fwd(x, shift, scale, eps=eps)
+    m, _, mean, rstd = ln_modulate_fwd(x, shift, scale, eps=eps, check=False)
     return m, mean, rstd
 
 
 @ln_modulate_primal_fwd_op.register_fake
-def _(x, shift, scale, eps):
-    _check_ln_modulate("ln_modulate", x, shift, scale, None, None, None, eps)
+def _ln_modulate_primal_fwd_fake(x, shift, scale, eps):
+    check_ln_modulate("ln_modulate", x, shift, scale, None, None, None, eps)
     B, N, D = x.shape
     stat = x.new_empty(B * N, dtype=torch.float32)
     return x.new_empty(B, N, D), stat, torch.empty_like(stat)
@@ -336,7 +281,7 @@ def ln_modulate_bwd_op(dm: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, m
 
 
 @ln_modulate_bwd_op.register_fake
-def _(dm, x, scale, mean, rstd):
+def _ln_modulate_bwd_fake(dm, x, scale, mean, rstd):
     return x.new_empty(x.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
 
 
@@ -353,11 +298,13 @@ def _ln_modulate_backward(ctx, dm):
     return dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None
 
 
-class _LnModulatePrimal(KernelFunction):
+@jvp_function(jvp_inputs=3)
+class LnModulateFunction(KernelFunction):
     """(x, shift, scale) → (m, mean, rstd), primal only, in the torch.func form (the row statistics are
     outputs so that setup_context can save them; ``ln_modulate`` drops them). Saves x, scale and the
     statistics; the backward is the Triton backward of the dual op (it reads nothing of the tangent
-    stream). The variant applied under torch.compile (no ``jvp``; see LnModulateFunction)."""
+    stream). ``jvp`` runs the dual kernel, so torch.func.jvp over a model calling ``ln_modulate`` stays
+    on the fused kernels."""
 
     @staticmethod
     def forward(x, shift, scale, eps):
@@ -377,22 +324,15 @@ class _LnModulatePrimal(KernelFunction):
     def backward(ctx, dm, _dmean, _drstd):
         return (*_ln_modulate_backward(ctx, dm), None)
 
-
-class LnModulateFunction(_LnModulatePrimal):
-    """``_LnModulatePrimal`` plus forward mode: ``jvp`` runs the dual kernel (shift and scale tangents
-    included), so torch.func.jvp over a model that calls ``ln_modulate`` stays on the fused kernels."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _LnModulatePrimal.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:3])
-
     @staticmethod
     def jvp(ctx, x_t, shift_t, scale_t, _eps_t):
         x, shift, scale = ctx.saved_tensors
         m_dot = ln_modulate_fwd_op(x, shift, scale, zeros_if_none(x_t, x), zeros_if_none(shift_t, shift),
                                    zeros_if_none(scale_t, scale), ctx.eps)[1]
         return m_dot, None, None
+
+
+_LnModulateWithoutJvp = LnModulateFunction.without_jvp
 
 
 class LnModulateJvpFunction(KernelFunction):
@@ -425,11 +365,13 @@ class LnModulateJvpFunction(KernelFunction):
 def ln_modulate(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
     """m = LayerNorm(x)·(1 + scale) + shift (no affine) in one Triton kernel, primal only; differentiable
     (Triton backward). Same signature and contract as ``ln_modulate_ref``."""
-    return pick_function(LnModulateFunction, _LnModulatePrimal).apply(x, shift, scale, eps)[0]
+    check_ln_modulate("ln_modulate", x, shift, scale, None, None, None, eps)
+    return pick_function(LnModulateFunction, _LnModulateWithoutJvp).apply(x, shift, scale, eps)[0]
 
 
 def ln_modulate_jvp(x, shift, scale, x_dot, shift_dot, scale_dot,
                     eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """(m, ṁ) of LayerNorm (no affine) + modulate in one Triton kernel; m is differentiable, ṁ carries
     no autograd graph. Same signature and contract as ``ln_modulate_jvp_ref``."""
+    check_ln_modulate("ln_modulate_jvp", x, shift, scale, x_dot, shift_dot, scale_dot, eps)
     return LnModulateJvpFunction.apply(x, shift, scale, x_dot, shift_dot, scale_dot, eps)[:2]

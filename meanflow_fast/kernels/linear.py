@@ -4,7 +4,7 @@ The same kernel with HAS_TANGENT=False and the GELU epilogue is the fc1 of the p
 (``kernels.mlp.mlp``, the DiT's plain forward): h = gelu(x W1ᵀ + b1) in one pass instead of a GEMM
 and an elementwise GELU over the (M, 4D) activations. A plain primal linear without an epilogue has
 nothing to fuse and stays on cuBLAS (``F.linear``): a Triton GEMM would at best match it. On CUDA the
-dual launch without an epilogue goes to cuBLAS too (``config switch plain_dual_linear``, measured reason beside it);
+dual launch without an epilogue goes to cuBLAS too (switch ``plain_dual_linear``, reason beside ``_IMPLS``);
 the kernel then serves fc1 (GELU epilogue, both streams), the CPU interpreter, and ``impl="triton"``.
 """
 from typing import Optional, Tuple
@@ -42,17 +42,17 @@ def linear_jvp_ref(x, weight, bias, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
 # single matmul, so a 64-row dual tile has the arithmetic intensity of a 128-row plain one, and the
 # weight is read from HBM/L2 half as often as by two separate matmuls.
 #
-# The GELU epilogue (used by kernels/mlp.py for fc1) applies DESIGN.md §2's rule in fp32:
+# The GELU epilogue (fc1 of mlp.py) applies the rule of docs/DESIGN.md, JVP rules: GELU MLP, in fp32:
 #   h = gelu(a) = a·σ(2u),   ḣ = gelu'(a)·ȧ,   u = √(2/π)·(a + 0.044715·a³)
 # with 0.5·(1 + tanh u) = σ(2u) and 1 − tanh²u = 4σ(2u)(1 − σ(2u)), so
 #   gelu'(a) = σ(2u) + 2a·σ(2u)(1 − σ(2u))·√(2/π)·(1 + 3·0.044715·a²).
 # σ is written with e = exp(−2u): σ = 1/(1 + e) and σ(1 − σ) = e·σ², which avoids the cancellation of
-# 1 − σ for large a (with 1 − σ, gelu' came out at 2.3× torch's fp32 error; with e·σ², within it).
+# 1 − σ for large a (which put gelu' at 2.3× torch's fp32 error).
 # The argument of exp is clamped at 80 (exp(80) ≈ 5.5e34 < fp32 max), so a very negative a gives
 # σ ≈ 1.8e-35 instead of an inf intermediate (same result, no overflow warning in the interpreter);
 # e → 0 gives σ = 1.
 @triton.jit
-def _gelu_tanh_and_grad(a):
+def gelu_tanh_and_grad(a):
     """(gelu(a), gelu'(a)) in fp32 for fp32 a."""
     inner = a * (1.0 + 0.044715 * a * a)
     e = tl.exp(tl.minimum(-2.0 * 0.7978845608028654 * inner, 80.0))  # exp(−2u), √(2/π) = 0.79788…
@@ -131,7 +131,7 @@ def _dual_linear_fwd_kernel(
     if GELU:
         if STORE_PRE:
             tl.store(PRE + out_offs, acc.to(PRE.dtype.element_ty), mask=out_mask)
-        h, dh = _gelu_tanh_and_grad(acc)  # without the tangent, dh is dead code (eliminated)
+        h, dh = gelu_tanh_and_grad(acc)  # without the tangent, dh is dead code (eliminated)
         if HAS_TANGENT:
             acc_d = dh * acc_d
         acc = h
@@ -143,32 +143,10 @@ def _dual_linear_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-# Block sizes. CUDA: autotuned over the short list below, keyed on (M, N, K, GELU, HAS_TANGENT) (Triton
-# adds the dtypes to the key). The list is not the result of a sweep — no GPU was available when it was
-# written — but sized for two fp32 accumulators: a 128×128 dual tile holds 2·128·128 fp32 values,
-# 128 registers/thread over 8 warps; 64-row dual tiles match the intensity of 128-row plain tiles.
-# The autotuner prunes the list per launch (_prune_configs), from benchmarks/compile_check.py with
-# triton 3.6 at the DiT-B/2 sizes:
-# - fp32 (IEEE or TF32 dots): only the BLOCK_M = BLOCK_N = 64 configs fit. The 128-wide ones ask for
-#   192-320 KiB of shared memory (a block may have 227 KiB on sm_90, 163 KiB on sm_80: all 4 are over
-#   on sm_80; on sm_90 all 4 with TF32, 1 with IEEE dots) and with IEEE dots spill 1-1.7 KiB besides;
-#   BM64 BN64 BK64 s4 needs 144-192 KiB (IEEE: spills 16-40 B), BM64 BN64 BK32 s3 48-72 KiB (no spills).
-# - GELU epilogue: BM128 BN128 spills for every dtype (bf16/fp16: 32-80 B on sm_90, 212-236 B on sm_80;
-#   fp32: see above); BM64 BN256 covers the same tile area without spills, so BM128 BN128 is dropped.
-# - Primal only (HAS_TANGENT=False: the fc1 + GELU of the plain forward): one accumulator, so the
-#   128-wide tiles keep BM128 BN128 and add BM128 BN256 (the first H100 config of Triton's matmul
-#   tutorial), which is pruned from every dual launch (two 128×256 fp32 accumulators = 256
-#   registers/thread over 8 warps: certain spills). Not swept either. compile_check, bf16/fp16 fc1
-#   768→3072, triton 3.6 and 3.9: the primal configs use 60-247 registers without spills, except
-#   BM128 BN256 (179-255 registers; spills 8-56 B on sm_90 when it also stores the pre-activation,
-#   24-104 B on sm_80) and BM64 BN128 on sm_80 (4 B, 3.6); the autotuner weighs that in its timing.
-# - Occupancy (compile_check, triton 3.6, sm_90, bf16 fc1 + GELU + pre-activation, dual): every config
-#   above 64×64 holds 250-255 registers a thread, so 1 block per SM: 4 or 8 warps to hide memory latency
-#   behind. BM64 BN128 over 8 warps holds 124 (no spills, 96 KiB of shared memory at 3 stages): 2 blocks,
-#   16 warps per SM. Added 2026-11-26 (session 4) for that reason, unmeasured: the autotuner times it
-#   against the others (benchmarks/gemm_sweep.py times every config alone, against cuBLAS).
-# CPU interpreter: one fixed config; program instances run one after another, so fewer, larger
-# programs are faster (a 64×128×64 problem: 0.19 s with 16³ blocks, 0.017 s with 32×64×32).
+# CUDA: autotuned over the list below (keyed on M, N, K, GELU, HAS_TANGENT; Triton adds the dtypes), sized
+# for two fp32 accumulators; ``_prune_configs`` drops per launch what spills or overflows shared memory
+# (benchmarks/tools/compile_check.py; the figures per config and Triton version are in docs/TUNING.md).
+# The interpreter: one fixed config; its programs run one after another, so fewer, larger ones are faster.
 _CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
@@ -185,7 +163,8 @@ _tuned_kernel = None  # built on first CUDA use, so the CPU path never touches t
 
 def _prune_configs(configs, named_args, **kwargs):
     """``early_config_prune`` of the CUDA autotuner: the subset of ``configs`` worth compiling for this
-    launch (see the comment above _CUDA_CONFIGS)."""
+    launch. fp32 (IEEE or TF32 dots): only 64×64 tiles fit the shared memory of sm_80/sm_90. A dual
+    launch holds two accumulators: no 128×256 tile, and with the GELU epilogue no 128×128 (both spill)."""
     if named_args["X"].dtype == torch.float32:
         configs = [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64]
     if kwargs.get("HAS_TANGENT", True):
@@ -221,6 +200,13 @@ def _op_name(gelu: bool, has_tangent: bool) -> str:
     return "linear_jvp" if has_tangent else "linear (triton)"
 
 
+def check_no_bf16_dot_on_cpu(op: str, dtype: torch.dtype, device: torch.device) -> None:
+    """The interpreter's bf16 tl.dot returns garbage (triton issue #11584): refuse bf16 GEMMs on the CPU."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        raise ValueError(f"{op}: bfloat16 is not supported in Triton's CPU interpreter (its bf16 tl.dot "
+                         f"returns garbage, triton issue #11584); use float32/float16 on the CPU or bf16 on CUDA")
+
+
 def _check_dual_linear(op: str, x, weight, bias, x_dot) -> None:
     dtype = check_tensors(op, {"x": x, "weight": weight, "bias": bias, "x_dot": x_dot})
     if weight.dim() != 2:
@@ -232,25 +218,19 @@ def _check_dual_linear(op: str, x, weight, bias, x_dot) -> None:
         check_shape(op, "x_dot", x_dot, x.shape, "the tangent of x has x's shape")
     if bias is not None:
         check_shape(op, "bias", bias, (weight.shape[0],), "out_features of weight")
-    if dtype == torch.bfloat16 and x.device.type == "cpu":
-        raise ValueError(f"{op}: bfloat16 is not supported in Triton's CPU interpreter (its bf16 tl.dot "
-                         f"returns garbage, triton issue #11584); use float32/float16 on the CPU or bf16 on CUDA")
+    check_no_bf16_dot_on_cpu(op, dtype, x.device)
 
 
-# Who runs a dual launch without the GELU epilogue (qkv, proj, fc2, the final linear) on CUDA.
-# H100, 2026-11-26 (benchmarks/RESULTS.md, kernel profile of the DiT-B/2 batch-128 JVP): the dual Triton
-# GEMM ran the 48 dual linears at ~474 TFLOP/s on average, cuBLAS the same shapes' primal GEMMs at
-# 680-760 TFLOP/s. With no epilogue to fuse, the two streams therefore go to cuBLAS as two GEMMs (each
-# over all B·N rows, enough to fill the chip; the shared weight tile saves nothing that L2 does not
-# already hold). fc1 keeps the Triton kernel: its GELU/GELU' epilogue saves writing and re-reading the
-# (M, 4D) pre-activations of both streams (not yet measured against cuBLAS + an elementwise pass).
-# "triton" restores the fused kernel everywhere; benchmarks/bench_dual_ops.py times both.
+# Who runs a dual launch without the GELU epilogue (qkv, proj, fc2, the final linear) on CUDA: cuBLAS ran
+# these GEMMs at 680-760 TFLOP/s, the dual Triton GEMM at ~474 (H100, docs/TUNING.md), and with no epilogue
+# the shared weight tile saves nothing L2 does not hold. fc1 keeps the kernel for its GELU epilogue.
 _IMPLS = ("triton", "cublas")
 
 
 def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     x_dot: Optional[torch.Tensor], gelu: bool = False, store_pre: bool = False,
-                    impl: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+                    impl: Optional[str] = None,
+                    check: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Launch the dual-stream matmul; returns (y, y_dot, pre), all (..., out_features) in x's dtype.
 
     Without ``gelu``: y = x Wᵀ + b, y_dot = ẋ Wᵀ. With ``gelu``: y = gelu(a), y_dot = gelu'(a)·ȧ for
@@ -261,16 +241,17 @@ def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
     ``impl`` picks who computes a launch without ``gelu``: ``"triton"`` (the fused kernel) or
     ``"cublas"`` (``F.linear`` per stream: cuBLAS on CUDA, torch's own matmul on the CPU); the default,
-    None, is ``config switch plain_dual_linear`` on CUDA and the Triton kernel elsewhere. A ``gelu`` launch always runs
-    the Triton kernel.
+    None, is the switch ``plain_dual_linear`` (config.py) on CUDA and the Triton kernel elsewhere. A
+    ``gelu`` launch always runs the Triton kernel. ``check=False``: the caller has validated the inputs.
     """
     has_tangent = x_dot is not None
-    _check_dual_linear(_op_name(gelu, has_tangent), x, weight, bias, x_dot)
-    if impl is not None and impl not in _IMPLS:
-        raise ValueError(f"dual_linear_fwd: impl must be one of {_IMPLS} or None, got {impl!r}")
-    if gelu and impl == "cublas":
-        raise ValueError("dual_linear_fwd: impl='cublas' has no GELU epilogue; the gelu launch runs the "
-                         "Triton kernel (impl=None or 'triton')")
+    if check:
+        _check_dual_linear(_op_name(gelu, has_tangent), x, weight, bias, x_dot)
+        if impl is not None and impl not in _IMPLS:
+            raise ValueError(f"dual_linear_fwd: impl must be one of {_IMPLS} or None, got {impl!r}")
+        if gelu and impl == "cublas":
+            raise ValueError("dual_linear_fwd: impl='cublas' has no GELU epilogue; the gelu launch runs the "
+                             "Triton kernel (impl=None or 'triton')")
     if impl is None:
         impl = config.get("plain_dual_linear") if (x.is_cuda and not gelu) else "triton"
     if impl == "cublas":
@@ -310,11 +291,11 @@ def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 @kernel_op("meanflow_fast::dual_linear_fwd")
 def dual_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], x_dot: torch.Tensor,
                        gelu: bool, store_pre: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dual_linear_fwd(x, weight, bias, x_dot, gelu, store_pre)
+    return dual_linear_fwd(x, weight, bias, x_dot, gelu, store_pre, check=False)
 
 
 @dual_linear_fwd_op.register_fake
-def _(x, weight, bias, x_dot, gelu, store_pre):
+def _dual_linear_fwd_fake(x, weight, bias, x_dot, gelu, store_pre):
     _check_dual_linear(_op_name(gelu, True), x, weight, bias, x_dot)
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
     return y, torch.empty_like(y), (torch.empty_like(y) if (gelu and store_pre) else x.new_empty(0))
@@ -324,12 +305,12 @@ def _(x, weight, bias, x_dot, gelu, store_pre):
 def linear_gelu_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], store_pre: bool
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Primal only: (gelu(a), a or an empty tensor) for a = x Wᵀ + b (fc1 of ``kernels.mlp.mlp``)."""
-    h, _, pre = dual_linear_fwd(x, weight, bias, None, gelu=True, store_pre=store_pre)
+    h, _, pre = dual_linear_fwd(x, weight, bias, None, gelu=True, store_pre=store_pre, check=False)
     return h, pre
 
 
 @linear_gelu_fwd_op.register_fake
-def _(x, weight, bias, store_pre):
+def _linear_gelu_fwd_fake(x, weight, bias, store_pre):
     _check_dual_linear(_op_name(True, False), x, weight, bias, None)
     h = x.new_empty(*x.shape[:-1], weight.shape[0])
     return h, (torch.empty_like(h) if store_pre else x.new_empty(0))
@@ -339,8 +320,8 @@ def _(x, weight, bias, store_pre):
 # autograd.Function
 # ---------------------------------------------------------------------------------------------
 class LinearJvpFunction(KernelFunction):
-    """(x, W, b, ẋ) → (x Wᵀ + b, ẋ Wᵀ). Backward runs through the primal only (DESIGN.md §2): the
-    tangent output is marked non-differentiable and nothing of the tangent stream is saved."""
+    """(x, W, b, ẋ) → (x Wᵀ + b, ẋ Wᵀ). Backward runs through the primal only (docs/DESIGN.md, Backward):
+    the tangent output is marked non-differentiable and nothing of the tangent stream is saved."""
 
     @staticmethod
     def forward(x, weight, bias, x_dot):
@@ -357,9 +338,8 @@ class LinearJvpFunction(KernelFunction):
     @staticmethod
     @backward_once
     def backward(ctx, dy, _dy_dot):
-        # The backward is the plain linear backward, three GEMMs with nothing to fuse (no tangent stream,
-        # no epilogue): torch/cuBLAS runs them at the roofline already, and a hand-written Triton GEMM
-        # would only have to match it.
+        # The plain linear backward: three GEMMs with nothing to fuse (no tangent stream, no epilogue),
+        # which cuBLAS runs at the roofline.
         if dy is None:  # y took no part in the loss
             return None, None, None, None
         x, weight = ctx.saved_tensors
@@ -379,8 +359,9 @@ class LinearJvpFunction(KernelFunction):
 # Public function
 # ---------------------------------------------------------------------------------------------
 def linear_jvp(x, weight, bias, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o, ȯ) = (x Wᵀ + b, ẋ Wᵀ): on CUDA two cuBLAS GEMMs by default (``config switch plain_dual_linear``; "triton" for
-    the fused kernel), in the CPU interpreter the Triton kernel. o is differentiable, ȯ carries no
-    autograd graph. Same signature and contract as ``linear_jvp_ref``; fp32/fp16/bf16, CUDA or the CPU
-    interpreter."""
+    """(o, ȯ) = (x Wᵀ + b, ẋ Wᵀ): on CUDA two cuBLAS GEMMs by default (switch ``plain_dual_linear``;
+    "triton" for the fused kernel), in the CPU interpreter the Triton kernel. o is differentiable, ȯ
+    carries no autograd graph. Same signature and contract as ``linear_jvp_ref``; fp32/fp16/bf16, CUDA
+    or the CPU interpreter."""
+    _check_dual_linear("linear_jvp", x, weight, bias, x_dot)
     return LinearJvpFunction.apply(x, weight, bias, x_dot)

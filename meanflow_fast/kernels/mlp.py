@@ -1,9 +1,9 @@
-"""MLP fc1 → GELU (tanh) → fc2 with its tangent (DESIGN.md §2):
+"""MLP fc1 → GELU (tanh) → fc2 with its tangent (docs/DESIGN.md, JVP rules: GELU MLP):
 
     a = x W1ᵀ + b1,  h = gelu(a),  y = h W2ᵀ + b2
     ȧ = ẋ W1ᵀ,       ḣ = gelu'(a)·ȧ,  ẏ = ḣ W2ᵀ
 
-The Triton path is two launches of the dual-stream matmul of ``kernels/linear.py`` (one weight tile
+The Triton path is two launches of the dual-stream matmul of ``linear.py`` (one weight tile
 serves both streams): fc1 with the GELU epilogue (h and ḣ computed from the fp32 accumulators, and a
 written for the backward), then fc2 with the bias on the primal stream only.
 
@@ -11,7 +11,7 @@ The primal-only ``mlp`` (the DiT's plain forward) runs fc1 + GELU as the same ke
 tangent (HAS_TANGENT=False: one accumulator, h written once instead of a GEMM then an elementwise GELU
 pass over the (M, hidden) activations), and fc2 on cuBLAS (``F.linear``): fc2 has no epilogue to fuse,
 and a Triton GEMM would at best match cuBLAS on a primal-only matmul. Without a backward to follow, fc1
-+ GELU on CUDA is one cuBLASLt GEMM with its GELU epilogue instead (``config switch no_grad_fc1``). Both
++ GELU on CUDA is one cuBLASLt GEMM with its GELU epilogue instead (switch ``no_grad_fc1``). Both
 variants share one backward (``_mlp_backward``).
 """
 import math
@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from . import config
-from .launch import (KernelFunction, backward_once, check_shape, check_tensors, elementwise_tiles, kernel_op,
-                            pick_function, rows, steps_per_program, zeros_if_none)
-from .linear import _gelu_tanh_and_grad, dual_linear_fwd_op, linear_gelu_fwd_op
+from .launch import (KernelFunction, backward_once, check_shape, check_tensors, elementwise_tiles, jvp_function,
+                     kernel_op, pick_function, rows, steps_per_program, zeros_if_none)
+from .linear import check_no_bf16_dot_on_cpu, dual_linear_fwd_op, gelu_tanh_and_grad, linear_gelu_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
@@ -59,17 +59,11 @@ def mlp_jvp_ref(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels: the dual-stream matmul of kernels/linear.py (``_dual_linear_fwd_kernel``), launched
-# with GELU=True for fc1 (the GELU and its derivative, `_gelu_tanh_and_grad`, sit in its epilogue) and
-# GELU=False for fc2 (on CUDA that launch runs cuBLAS per stream instead: kernels/linear.PLAIN_DUAL_IMPL).
-# Both launches go through the torch.library op ``meanflow_fast::dual_linear_fwd``;
-# the primal-only fc1 goes through ``meanflow_fast::linear_gelu_fwd`` (HAS_TANGENT=False).
+# Triton kernels: the dual-stream matmul of linear.py, launched with GELU=True for fc1 (GELU and its
+# derivative in the epilogue) and GELU=False for fc2 (cuBLAS per stream on CUDA: switch
+# plain_dual_linear), through the ops ``meanflow_fast::dual_linear_fwd`` and, primal-only fc1,
+# ``meanflow_fast::linear_gelu_fwd``. The backward's elementwise pass is the kernel below (``gelu_bwd``).
 # ---------------------------------------------------------------------------------------------
-
-
-# The backward's elementwise part is one more kernel, ``_gelu_bwd_kernel``: da = gelu'(a) ⊙ dh, the
-# recomputed h = gelu(a) that dW2 needs, and fp32 partial column sums of da for db1, in one pass over
-# the (M, hidden) activations (see ``gelu_bwd``).
 @triton.jit
 def _gelu_bwd_kernel(
     DH,             # (M, H) gradient of h = gelu(a), any strides
@@ -97,7 +91,7 @@ def _gelu_bwd_kernel(
         mask = (row < M)[:, None] & c_mask[None, :]
         dh = tl.load(DH + row[:, None] * stride_dhm + col[None, :] * stride_dhn, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(A + row[:, None] * stride_am + col[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
-        h, grad = _gelu_tanh_and_grad(a)
+        h, grad = gelu_tanh_and_grad(a)
         da = grad * dh  # 0 in masked lanes (dh = 0 there)
         acc += tl.sum(da, axis=0)
         out = row[:, None] * N + col[None, :]
@@ -118,21 +112,22 @@ def _gelu_bwd_launch(M: int, N: int, cuda: bool) -> Tuple[int, int, int]:
     return block_r, block_r * steps, block_n
 
 
-def gelu_bwd(dh: torch.Tensor, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gelu_bwd(dh: torch.Tensor, a: torch.Tensor,
+             check: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(da, h, db): da = gelu'(a) ⊙ dh and h = gelu(a), both (M, H) in a's dtype, and db = Σ_rows da in
     fp32 (summed before da is rounded), for 2-D (M, H) ``dh`` and ``a`` of any strides.
 
     One pass where torch takes three: ``aten.gelu_backward`` (dh, a → da), ``F.gelu`` again for the h
     that dW2 = dyᵀh needs (the forward keeps only a), and ``da.sum(0)`` (a column reduction that reads
-    da once more) for db1. Bytes moved per element: 4 × 2 instead of 7 × 2 (bf16). The row loop leaves
-    one fp32 row of partial sums per program; at DiT-B/2 batch 128 (M = 32768, H = 3072) that is
-    1024 × 12 programs of 4 steps of 8 × 256 (``steps_per_program``), partial sums 6 % of da's bytes.
-    Not yet measured on a GPU against the three torch kernels (benchmarks/bench_dual_ops.py times both).
+    da once more) for db1: 4 × 2 bytes moved per element instead of 7 × 2 (bf16). The row loop leaves one
+    fp32 row of partial sums per program (6 % of da's bytes at DiT-B/2 batch 128).
+    ``check=False``: the caller has validated the inputs.
     """
-    check_tensors("gelu_bwd", {"dh": dh, "a": a})
-    if a.dim() != 2:
-        raise ValueError(f"gelu_bwd: a must be 2-D (rows, hidden), got shape {tuple(a.shape)}")
-    check_shape("gelu_bwd", "dh", dh, a.shape, "the gradient of h = gelu(a) has a's shape")
+    if check:
+        check_tensors("gelu_bwd", {"dh": dh, "a": a})
+        if a.dim() != 2:
+            raise ValueError(f"gelu_bwd: a must be 2-D (rows, hidden), got shape {tuple(a.shape)}")
+        check_shape("gelu_bwd", "dh", dh, a.shape, "the gradient of h = gelu(a) has a's shape")
     M, N = a.shape
     da = torch.empty(M, N, dtype=a.dtype, device=a.device)
     h = torch.empty_like(da)
@@ -150,11 +145,11 @@ def gelu_bwd(dh: torch.Tensor, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
 
 @kernel_op("meanflow_fast::gelu_bwd")
 def gelu_bwd_op(dh: torch.Tensor, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gelu_bwd(dh, a)
+    return gelu_bwd(dh, a, check=False)
 
 
 @gelu_bwd_op.register_fake
-def _(dh, a):
+def _gelu_bwd_fake(dh, a):
     return a.new_empty(a.shape), a.new_empty(a.shape), a.new_empty(a.shape[1:], dtype=torch.float32)
 
 
@@ -176,29 +171,21 @@ def _check_mlp(op: str, x, w1, b1, w2, b2, x_dot) -> None:
         check_shape(op, "b1", b1, (hidden,), "fc1's out_features")
     if b2 is not None:
         check_shape(op, "b2", b2, (w2.shape[0],), "fc2's out_features")
+    check_no_bf16_dot_on_cpu(f"{op} (fc1)", x.dtype, x.device)
 
 
-# fc1 + GELU of the primal-only MLP when no backward will run (``store_pre`` False: the guided target's
-# no-grad forward, the sampler), on CUDA:
-#   "cublaslt": torch._addmm_activation(b1, x, W1ᵀ, use_gelu=True), one cuBLASLt GEMM with its GELU
-#               epilogue. On CUDA every path of that op applies the tanh approximation (the DiT's GELU;
-#               the CPU op applies erf, so the CPU never takes this path). It cannot give the
-#               pre-activation the backward needs, so a call with a backward stays on Triton.
-#   "triton":   the Triton GEMM with the GELU epilogue (HAS_TANGENT=False), as when a backward follows.
-# Why "cublaslt" first: on the H100 (benchmarks/RESULTS.md) cuBLAS ran the eager forward's qkv and fc1
-# GEMMs at ~680 TFLOP/s and our dual Triton GEMM at ~474; the primal Triton fc1 was never timed alone.
-# Predicted: B/2 batch 128 plain forward −1 ms (fc1's 1.9 TFLOP at 680 instead of ~480 TFLOP/s). Owed:
-# the A/B on a GPU (benchmarks/bench_dual_ops.py, mlp_plain_no_grad).
+# fc1 + GELU without a backward to follow (the guided target's no-grad forward, the sampler), on CUDA:
+# "cublaslt" = torch._addmm_activation, one GEMM with a tanh-GELU epilogue (CUDA only: the CPU op uses erf).
+# cuBLAS ran the forward's qkv and fc1 GEMMs at ~680 TFLOP/s, the dual Triton GEMM at ~474 (H100, docs/TUNING.md).
 def _fc1_on_cublaslt(x, b1) -> bool:
     return config.get("no_grad_fc1") == "cublaslt" and x.is_cuda and b1 is not None
 
 
 def mlp_fwd(x, w1, b1, w2, b2, store_pre: bool = False):
     """(y, a), primal only: fc1 + GELU in one launch (Triton with HAS_TANGENT=False, or cuBLASLt's GELU
-    epilogue without ``store_pre``: ``config switch no_grad_fc1``), fc2 on cuBLAS. The pre-activation
+    epilogue without ``store_pre``: switch ``no_grad_fc1``), fc2 on cuBLAS. The pre-activation
     a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else an empty tensor. h is written once by fc1 and
-    read once by fc2."""
-    _check_mlp("mlp", x, w1, b1, w2, b2, None)
+    read once by fc2. The caller has validated the inputs (``mlp``)."""
     if not store_pre and _fc1_on_cublaslt(x, b1):
         hidden, dim = w1.shape
         h = torch._addmm_activation(b1, rows(x, dim), w1.t(), use_gelu=True).reshape(*x.shape[:-1], hidden)
@@ -209,8 +196,8 @@ def mlp_fwd(x, w1, b1, w2, b2, store_pre: bool = False):
 
 def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre: bool = False):
     """(y, ẏ, a): the MLP and its tangent; a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else empty.
-    The hidden activations h and ḣ are written once by fc1 and read once by fc2."""
-    _check_mlp("mlp_jvp", x, w1, b1, w2, b2, x_dot)
+    The hidden activations h and ḣ are written once by fc1 and read once by fc2. The caller has validated
+    the inputs (``mlp_jvp``)."""
     h, h_dot, a = dual_linear_fwd_op(x, w1, b1, x_dot, True, store_pre)
     y, y_dot, _ = dual_linear_fwd_op(h, w2, b2, h_dot, False, False)
     return y, y_dot, a
@@ -247,11 +234,13 @@ def _mlp_backward(ctx, dy):
     return dx, dw1, db1, dw2, db2
 
 
-class _MlpPrimal(KernelFunction):
+@jvp_function(jvp_inputs=5)
+class MlpFunction(KernelFunction):
     """(x, W1, b1, W2, b2) → (y, a), primal only, in the torch.func form (the pre-activation a is an
     output so that setup_context can save it; ``mlp`` drops it). Saves x and a, as the dual version
-    (torch's eager MLP keeps a and h = gelu(a) besides); backward: ``_mlp_backward``. The variant applied
-    under torch.compile (no ``jvp``; see MlpFunction)."""
+    (torch's eager MLP keeps a and h = gelu(a) besides); backward: ``_mlp_backward``. ``jvp`` runs the
+    dual-stream kernels when only x has a tangent (torch.func.jvp over a model in its inputs), and the
+    explicit rule in torch when the weights have tangents too (a rare use, no fused kernel for it)."""
 
     @staticmethod
     def forward(x, w1, b1, w2, b2, need_backward: bool):
@@ -272,17 +261,6 @@ class _MlpPrimal(KernelFunction):
     def backward(ctx, dy, _da):
         return _mlp_backward(ctx, dy) + (None,)
 
-
-class MlpFunction(_MlpPrimal):
-    """``_MlpPrimal`` plus forward mode: ``jvp`` runs the dual-stream MLP kernels when only x has a
-    tangent (torch.func.jvp over a model in its inputs), and the explicit rule in torch when the weights
-    have tangents too (forward mode in the parameters: a rare use, no fused kernel for it)."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _MlpPrimal.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:5])
-
     @staticmethod
     def jvp(ctx, x_t, w1_t, b1_t, w2_t, b2_t, _need_t):
         x, w1, b1, w2, b2 = ctx.saved_tensors
@@ -300,6 +278,9 @@ class MlpFunction(_MlpPrimal):
         if b2_t is not None:
             y_t = y_t + b2_t
         return y_t, None
+
+
+_MlpWithoutJvp = MlpFunction.without_jvp
 
 
 class MlpJvpFunction(KernelFunction):
@@ -338,13 +319,15 @@ def _needs_backward(*tensors) -> bool:
 
 def mlp(x, w1, b1, w2, b2) -> torch.Tensor:
     """y = gelu_tanh(x W1ᵀ + b1) W2ᵀ + b2, primal only: fc1 + GELU in one Triton matmul (one cuBLASLt
-    GEMM with its GELU epilogue on CUDA when no backward follows: ``config switch no_grad_fc1``), fc2 on cuBLAS;
-    differentiable. Same signature and contract as ``mlp_ref``."""
-    fn = pick_function(MlpFunction, _MlpPrimal)
+    GEMM with its GELU epilogue on CUDA when no backward follows: switch ``no_grad_fc1``), fc2 on
+    cuBLAS; differentiable. Same signature and contract as ``mlp_ref``."""
+    _check_mlp("mlp", x, w1, b1, w2, b2, None)
+    fn = pick_function(MlpFunction, _MlpWithoutJvp)
     return fn.apply(x, w1, b1, w2, b2, _needs_backward(x, w1, b1, w2, b2))[0]
 
 
 def mlp_jvp(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, ẏ) of fc1 → GELU (tanh) → fc2 in two dual-stream Triton matmuls; y is differentiable, ẏ
     carries no autograd graph. Same signature and contract as ``mlp_jvp_ref``."""
+    _check_mlp("mlp_jvp", x, w1, b1, w2, b2, x_dot)
     return MlpJvpFunction.apply(x, w1, b1, w2, b2, x_dot, _needs_backward(x, w1, b1, w2, b2))[:2]
