@@ -1,5 +1,6 @@
-"""The CPU-testable pieces of benchmarks/: the attention ratio table read from pytest-benchmark JSON, and
-the model ratio table's order, ratios, --skip and incremental JSON (benchmarks/report.py)."""
+"""The CPU-testable pieces of benchmarks/: the attention ratio table read from pytest-benchmark JSON, the
+model ratio table's order, ratios, --skip and incremental JSON (benchmarks/report.py), and the host
+overhead tool (benchmarks/tools/host_overhead.py)."""
 import json
 
 import pytest
@@ -129,7 +130,7 @@ def test_report_skip_takes_names_without_spaces(fake_report, monkeypatch, tmp_pa
 
 
 def test_host_overhead_runs_each_call_and_backend():
-    """benchmarks/host_overhead.py in its own process (it stubs Triton's launches process-wide): one row
+    """benchmarks/tools/host_overhead.py in its own process (it stubs Triton's launches process-wide): one row
     per (call, backend) with a positive time; a bad --calls is a usage error naming the allowed calls."""
     import os
     import re
@@ -137,7 +138,8 @@ def test_host_overhead_runs_each_call_and_backend():
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "benchmarks.host_overhead", "--preset", "tiny", "--reps", "1", "--calls-per-rep", "1"]
+    cmd = [sys.executable, "-m", "benchmarks.tools.host_overhead", "--preset", "tiny", "--reps", "1",
+           "--calls-per-rep", "1"]
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = re.findall(r"^  (\w+)\s+(triton|torch)\s+([\d.]+) ms", p.stdout, re.M)

@@ -48,7 +48,7 @@ def test_inductor_forward_jvp_fullgraph_equals_eager():
 def test_inductor_triton_forward_fullgraph_equals_eager():
     """The plain forward on the primal-only fused ops (backend="triton") under inductor: one graph, the
     same output and parameter gradients as eager. Under compile the ops' Functions are the variants
-    without a forward-mode ``jvp``, which Dynamo cannot trace (kernels/launch.pick_function)."""
+    without a forward-mode ``jvp``, which Dynamo cannot trace (``meanflow_fast.kernels.launch.pick_function``)."""
     torch._dynamo.reset()
     model, (z, r, t, y, _) = _model_and_inputs()
     u = model(z, r, t, y)

@@ -1,6 +1,6 @@
-"""The kernels as the GPU machine's compiler sees them, on this CPU machine: ``benchmarks/compile_check.py``
+"""The kernels as the GPU machine's compiler sees them, on this CPU machine: ``benchmarks/tools/compile_check.py``
 compiles them for sm_90 with Triton's own ptxas (no GPU needed). Run in a subprocess, since the tests
-import ``kernels`` under Triton's interpreter, which replaces the jit functions compile_check needs."""
+import the kernels under Triton's interpreter, which replaces the jit functions compile_check needs."""
 import json
 import os
 import subprocess
@@ -27,13 +27,13 @@ def _ptxas_available() -> bool:
 def test_attention_tile_loads_are_pipelined_at_head_dims_64_and_72(tmp_path):
     """Every tl.dot attention kernel (forward with and without tangent, dK/dV, dQ) at D 64 and D 72 has
     asynchronous (cp.async) tile loads in its sm_90 TTGIR. At D 72 they had none until the launchers
-    passed the stride alignment (kernels/attention._aligned): the head stride 72 is not a multiple of
+    passed the stride alignment (kernels.attention._aligned): the head stride 72 is not a multiple of
     16, the only divisibility Triton infers for an integer argument, so every K/V tile was a scalar
-    register load (benchmarks/RESULTS.md)."""
+    register load (docs/TUNING.md)."""
     out = tmp_path / "compile_check.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO
-    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "compile_check.py"), "--kernel", "_attn",
+    run = subprocess.run([sys.executable, "-m", "benchmarks.tools.compile_check", "--kernel", "_attn",
                           "--quick", "--targets", "90", "--dtypes", "bf16", "--json", str(out)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -29,7 +29,8 @@ def _draws(B=6):
 
 
 def hand_loss(model, x, y, t, r, noise, drop, omega, kappa, interval, p, c):
-    """DESIGN.md §1 written out step by step, with torch.func.jvp for (u, du/dt)."""
+    """docs/DESIGN.md, "1 The MeanFlow objective", written out step by step, with torch.func.jvp for
+    (u, du/dt)."""
     b = (-1, 1, 1, 1)
     z = (1 - t.view(b)) * x + t.view(b) * noise
     v = noise - x

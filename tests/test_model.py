@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from meanflow_fast import MeanFlowLoss
 from meanflow_fast.model import (PRESETS, DiTBlock, FinalLayer, MeanFlowDiT, TimestepEmbedder,
                                  meanflow_dit)
 from meanflow_fast.ops import get_dual_ops
@@ -227,6 +228,51 @@ def test_model_triton_backend_along_any_direction():
     assert rel_err(u_dot.cpu(), u_dot_ref) <= TRITON_TOL[torch.float32]
 
 
+class _Stateless(torch.nn.Module):
+    """The loss as a module around the model, so that torch.func.functional_call swaps the model's
+    parameters for every call the loss makes (forward, forward_jvp)."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x, y, draws, drop):
+        return self.loss_fn(self.model, x, y, **draws, drop=drop)[0]
+
+
+def test_meanflow_loss_under_func_grad_on_the_triton_backend():
+    """functional_call + torch.func.grad over a guided MeanFlow loss (the explicit forward_jvp on the
+    fused kernels, the guidance forwards, the adaptive weight) against loss.backward() on the torch
+    backend in fp64."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m64 = randomize_(meanflow_dit("tiny", input_size=4, in_channels=2, depth=2, hidden_size=64, num_heads=2,
+                                  num_classes=5, freq_dim=16), std=0.2).double().to(device)
+    model = MeanFlowDiT(m64.config, backend="triton").to(device)
+    model.load_state_dict(m64.state_dict())
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, device=device)
+    draws = dict(t=torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64, device=device),
+                 r=torch.tensor([0.2, 0.6, 0.1], dtype=torch.float64, device=device),
+                 noise=torch.randn_like(x), drop=torch.tensor([False, True, False], device=device))
+    y = torch.tensor([1, 4, 0], device=device)
+    loss_fn = MeanFlowLoss(omega=0.8, kappa=0.1)
+
+    params = {n: p.detach().float() for n, p in model.named_parameters()}
+
+    times = {k: draws[k].float() for k in ("t", "r", "noise")}
+    wrapper = _Stateless(model, loss_fn)
+
+    def loss_of(p):
+        return torch.func.functional_call(wrapper, {f"model.{n}": v for n, v in p.items()},
+                                          (x.float(), y, times, draws["drop"]))
+
+    got = torch.func.grad(loss_of)(params)
+    ref_loss, _ = loss_fn(m64, x, y, **draws)
+    ref = dict(zip([n for n, _ in m64.named_parameters()], torch.autograd.grad(ref_loss, list(m64.parameters()))))
+    assert set(got) == set(ref)
+    for n in ref:
+        assert rel_err(got[n], ref[n]) <= 1e-4, f"{n}: rel err {rel_err(got[n], ref[n]):.3g}"
+
+
 # ------------------------------------------------------------------------------- plain forward, triton backend
 FWD_FLOOR = {torch.float32: 1e-7, torch.float16: 1e-4}  # ~1 and ~0.2 unit roundoffs, below the errors seen
 
@@ -315,7 +361,6 @@ def test_func_jvp_over_triton_forward():
     """torch.func.jvp over the plain forward with backend="triton" (fused primal ops whose Functions
     define jvp via the dual kernels) equals forward_jvp on the torch backend; and MeanFlowLoss with
     jvp="func" (that path) gives the same loss and parameter gradients as jvp="auto" (forward_jvp)."""
-    from meanflow_fast import MeanFlowLoss
     m = _model(torch.float32, input_size=8, hidden_size=64, num_heads=2)  # head dim 32
     m.backend = "triton"
     z, r, t, y, dz = _inputs(m, 3, torch.float32)
@@ -374,3 +419,24 @@ def test_triton_backward_of_plain_forward_is_lean():
     assert log.big_calls.get("meanflow_fast.ln_modulate_bwd") == 1, log.big_calls
     assert "meanflow_fast.gated_residual_bwd" not in log.big_calls, log.big_calls
     assert log.big_calls.get("aten.add") == 1, log.big_calls
+
+
+def test_func_jvp_on_torch_backend_needs_no_sdpa_context():
+    """torch.func.jvp over the plain forward of a torch-backend model works without an SDPA context (under
+    forward AD the attention takes the math path: the fused SDPA kernels have no JVP rule) and gives
+    forward_jvp's (u, du/dt)."""
+    import torch
+
+    from meanflow_fast import meanflow_dit
+    from tests.helpers import randomize_, rel_err
+    torch.manual_seed(0)
+    m = randomize_(meanflow_dit("tiny")).eval()
+    c = m.config
+    z = torch.randn(2, c.in_channels, c.input_size, c.input_size)
+    dz = torch.randn_like(z)
+    y, t, r = torch.tensor([0, 3]), torch.tensor([0.7, 0.4]), torch.tensor([0.2, 0.4])
+    with torch.no_grad():
+        u, du = torch.func.jvp(lambda z_, r_, t_: m(z_, r_, t_, y), (z, r, t),
+                               (dz, torch.zeros_like(r), torch.ones_like(t)))
+        u_ref, du_ref = m.forward_jvp(z, r, t, y, dz)
+    assert rel_err(u, u_ref) <= 1e-5 and rel_err(du, du_ref) <= 1e-5, (rel_err(u, u_ref), rel_err(du, du_ref))

@@ -1,7 +1,7 @@
 """The fused gated residual + LayerNorm-modulate (kernels/gated_residual_ln.py), with tangents
 (``gated_residual_ln_jvp``) and primal only (``gated_residual_ln``, the plain forward's): forward,
 tangents and gradients against fp64, within 2× the error of torch's own computation at the same
-precision (the rule of tests/test_dual_kernels.py, whose input helpers this file shares). Interpreter on
+precision (the rule of tests/kernels/cases.py, whose input helpers this file shares). Interpreter on
 the CPU (fp32, fp16, bf16: no tl.dot here), the GPU in bf16 at DiT-B/2 shapes.
 """
 import pytest
@@ -9,22 +9,24 @@ import torch
 
 from meanflow_fast.kernels import config
 import meanflow_fast.kernels.gated_residual_ln as grl
-from meanflow_fast.kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp, gated_residual_ln_jvp_ref,
-                                      gated_residual_ln_ref)
+from meanflow_fast.kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp,
+                                                     gated_residual_ln_jvp_ref, gated_residual_ln_ref)
 from tests.helpers import assert_within_torch, rel_err, requires_cuda
-from tests.test_dual_kernels import FLOOR, _factor, _modulation, _rand, _strided
+from tests.kernels.cases import (FLOOR, check_func_grad, check_func_grad_bf16,
+                                 check_func_vjp_called_after_the_transform, check_second_transform_level_refuses,
+                                 factor, modulation, rand, strided)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _inputs(B, N, D, dtype, strided):
+def _inputs(B, N, D, dtype, is_strided):
     """(primals x, gate, f, shift, scale; tangents): the (B, D) ones are adaLN-like chunk views when
-    ``strided``, and x, f read through a column slice / a transposed copy."""
-    x, f, xd, fd = (_rand(B, N, D, dtype=dtype) for _ in range(4))
-    gate, shift, scale = _modulation(B, D, dtype, 3, strided)
-    gate_d, shift_d, scale_d = _modulation(B, D, dtype, 3, strided)
-    if strided:
-        x, f, xd, fd = _strided(x, "slice"), _strided(f, "transpose"), _strided(xd, "transpose"), _strided(fd, "slice")
+    ``is_strided``, and x, f read through a column slice / a transposed copy."""
+    x, f, xd, fd = (rand(B, N, D, dtype=dtype) for _ in range(4))
+    gate, shift, scale = modulation(B, D, dtype, 3, is_strided)
+    gate_d, shift_d, scale_d = modulation(B, D, dtype, 3, is_strided)
+    if is_strided:
+        x, f, xd, fd = strided(x, "slice"), strided(f, "transpose"), strided(xd, "transpose"), strided(fd, "slice")
     return [x, gate, f, shift, scale], [xd, gate_d, fd, shift_d, scale_d]
 
 
@@ -51,7 +53,7 @@ def test_forward_and_tangents(dtype, shape, strided):
     got = gated_residual_ln_jvp(*prim, *tan)
     for what, g, o, e in zip(("y", "y_dot", "m", "m_dot"), got, own, exact):
         assert g.dtype == dtype and g.shape == e.shape and g.is_contiguous(), what
-        assert_within_torch(f"{what} ({dtype}, {shape})", g, o, e, _factor(dtype), FLOOR[dtype])
+        assert_within_torch(f"{what} ({dtype}, {shape})", g, o, e, factor(dtype), FLOOR[dtype])
     assert got[1].grad_fn is None and got[3].grad_fn is None
 
 
@@ -75,8 +77,8 @@ def test_gradients(dtype, uses):
     (the last block: HAS_DY=False), y alone (the residual's backward alone)."""
     B, N, D = 3, 11, 40
     prim, tan = _inputs(B, N, D, dtype, True)
-    wy = None if uses == "m_only" else _rand(B, N, D, dtype=dtype)
-    wm = None if uses == "y_only" else _rand(B, N, D, dtype=dtype)
+    wy = None if uses == "m_only" else rand(B, N, D, dtype=dtype)
+    wm = None if uses == "y_only" else rand(B, N, D, dtype=dtype)
     g = _grads(gated_residual_ln_jvp, prim, tan, wy, wm, dtype)
     g64 = _grads(gated_residual_ln_jvp_ref, prim, tan, wy, wm, torch.float64)
     g_t = _grads(gated_residual_ln_jvp_ref, prim, tan, wy, wm, dtype)
@@ -85,7 +87,7 @@ def test_gradients(dtype, uses):
         if uses == "y_only" and name in ("shift", "scale"):
             assert not a.any(), name  # m took no part: no gradient (zeros from materialize_grads)
             continue
-        assert_within_torch(f"grad {name} ({uses}, {dtype})", a, t, e, _factor(dtype), FLOOR[dtype])
+        assert_within_torch(f"grad {name} ({uses}, {dtype})", a, t, e, factor(dtype), FLOOR[dtype])
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -94,7 +96,7 @@ def test_backward_token_loop(steps, monkeypatch):
     N = 37 tokens leaving a masked tail inside the loop and three batch elements' partial sums."""
     monkeypatch.setattr(grl, "steps_per_program", lambda *a, **k: steps)
     prim, tan = _inputs(3, 37, 40, torch.float32, True)
-    wy, wm = _rand(3, 37, 40, dtype=torch.float32), _rand(3, 37, 40, dtype=torch.float32)
+    wy, wm = rand(3, 37, 40, dtype=torch.float32), rand(3, 37, 40, dtype=torch.float32)
     g = _grads(gated_residual_ln_jvp, prim, tan, wy, wm, torch.float32)
     g64 = _grads(gated_residual_ln_jvp_ref, prim, tan, wy, wm, torch.float64)
     g32 = _grads(gated_residual_ln_jvp_ref, prim, tan, wy, wm, torch.float32)
@@ -103,9 +105,10 @@ def test_backward_token_loop(steps, monkeypatch):
 
 
 def test_fuse_switch_gives_the_same_results(monkeypatch):
-    """The switch ``residual_ln="apart"`` runs the two ops' kernels one after the other: the same outputs and gradients."""
+    """The switch ``residual_ln="apart"`` runs the two ops' kernels one after the other: the same outputs
+    and gradients."""
     prim, tan = _inputs(2, 9, 40, torch.float32, True)
-    wy, wm = _rand(2, 9, 40, dtype=torch.float32), _rand(2, 9, 40, dtype=torch.float32)
+    wy, wm = rand(2, 9, 40, dtype=torch.float32), rand(2, 9, 40, dtype=torch.float32)
     fused = gated_residual_ln_jvp(*prim, *tan), _grads(gated_residual_ln_jvp, prim, tan, wy, wm, torch.float32)
     with config.override(residual_ln="apart"):
         apart = gated_residual_ln_jvp(*prim, *tan), _grads(gated_residual_ln_jvp, prim, tan, wy, wm, torch.float32)
@@ -125,12 +128,12 @@ def test_backward_saves_nothing_of_the_tangent_stream():
 
 
 def test_backward_launch_shapes():
-    """Worked by hand from the rule in ``_bwd_launch``: whole-row steps of ~2048 elements, at least 8
+    """Worked by hand from the rule in ``_gated_residual_ln_bwd_launch``: whole-row steps of ~2048 elements, at least 8
     tokens per program, more steps past ~16 k tiles."""
-    assert grl._bwd_launch(128, 256, 1024, True) == (2, 8)    # DiT-B/2 batch 128: 4 steps of 2 rows
-    assert grl._bwd_launch(64, 256, 2048, True) == (1, 8)     # DiT-XL/2 batch 64 (D 1152): 8 steps of 1 row
-    assert grl._bwd_launch(1024, 256, 1024, True) == (2, 16)  # 131072 tiles: 8 steps per program
-    assert grl._bwd_launch(2, 7, 64, False) == (32, 32)       # the interpreter: one 32-row step
+    assert grl._gated_residual_ln_bwd_launch(128, 256, 1024, True) == (2, 8)    # DiT-B/2 batch 128: 4 steps of 2 rows
+    assert grl._gated_residual_ln_bwd_launch(64, 256, 2048, True) == (1, 8)     # DiT-XL/2 batch 64 (D 1152): 8 steps of 1 row
+    assert grl._gated_residual_ln_bwd_launch(1024, 256, 1024, True) == (2, 16)  # 131072 tiles: 8 steps per program
+    assert grl._gated_residual_ln_bwd_launch(2, 7, 64, False) == (32, 32)       # the interpreter: one 32-row step
 
 
 def test_bad_input_names_the_argument():
@@ -165,7 +168,7 @@ def test_bf16_dit_b2_shapes_on_gpu():
     own = gated_residual_ln_jvp_ref(*prim, *tan)
     for what, g, o, e in zip(("y", "y_dot", "m", "m_dot"), gated_residual_ln_jvp(*prim, *tan), own, exact):
         assert_within_torch(what, g, o, e, 2, 1e-3)
-    wy, wm = _rand(4, 256, 768, dtype=torch.bfloat16), _rand(4, 256, 768, dtype=torch.bfloat16)
+    wy, wm = rand(4, 256, 768, dtype=torch.bfloat16), rand(4, 256, 768, dtype=torch.bfloat16)
     g = _grads(gated_residual_ln_jvp, prim, tan, wy, wm, torch.bfloat16)
     g32 = _grads(gated_residual_ln_jvp_ref, prim, tan, wy, wm, torch.float32)
     g_t = _grads(gated_residual_ln_jvp_ref, prim, tan, wy, wm, torch.bfloat16)
@@ -186,7 +189,7 @@ def test_primal_forward(dtype, shape, strided):
     got = gated_residual_ln(*prim)
     for what, g, o, e in zip(("y", "m"), got, own, exact):
         assert g.dtype == dtype and g.shape == e.shape and g.is_contiguous(), what
-        assert_within_torch(f"{what} ({dtype}, {shape})", g, o, e, _factor(dtype), FLOOR[dtype])
+        assert_within_torch(f"{what} ({dtype}, {shape})", g, o, e, factor(dtype), FLOOR[dtype])
     # HAS_TANGENT=False only drops the tangents: y, m and the statistics equal the dual launch's, bit for bit
     primal, dual = grl.gated_residual_ln_fwd(*prim), grl.gated_residual_ln_fwd(*prim, *tan)
     assert primal[1] is None and primal[3] is None
@@ -199,8 +202,8 @@ def test_primal_forward(dtype, shape, strided):
 def test_primal_gradients(dtype, uses):
     B, N, D = 3, 11, 40
     prim, _ = _inputs(B, N, D, dtype, True)
-    wy = None if uses == "m_only" else _rand(B, N, D, dtype=dtype)
-    wm = None if uses == "y_only" else _rand(B, N, D, dtype=dtype)
+    wy = None if uses == "m_only" else rand(B, N, D, dtype=dtype)
+    wm = None if uses == "y_only" else rand(B, N, D, dtype=dtype)
     g = _grads(gated_residual_ln, prim, None, wy, wm, dtype)
     g64 = _grads(gated_residual_ln_ref, prim, None, wy, wm, torch.float64)
     g_t = _grads(gated_residual_ln_ref, prim, None, wy, wm, dtype)
@@ -209,7 +212,7 @@ def test_primal_gradients(dtype, uses):
         if uses == "y_only" and name in ("shift", "scale"):
             assert not a.any(), name
             continue
-        assert_within_torch(f"grad {name} ({uses}, {dtype})", a, t, e, _factor(dtype), FLOOR[dtype])
+        assert_within_torch(f"grad {name} ({uses}, {dtype})", a, t, e, factor(dtype), FLOOR[dtype])
 
 
 def test_primal_saves_what_the_dual_saves_and_nothing_without_grad():
@@ -225,7 +228,7 @@ def test_primal_saves_what_the_dual_saves_and_nothing_without_grad():
 
 def test_primal_fuse_switch_gives_the_same_results(monkeypatch):
     prim, _ = _inputs(2, 9, 40, torch.float32, True)
-    wy, wm = _rand(2, 9, 40, dtype=torch.float32), _rand(2, 9, 40, dtype=torch.float32)
+    wy, wm = rand(2, 9, 40, dtype=torch.float32), rand(2, 9, 40, dtype=torch.float32)
     fused = (*gated_residual_ln(*prim), *_grads(gated_residual_ln, prim, None, wy, wm, torch.float32))
     with config.override(residual_ln="apart"):
         apart = (*gated_residual_ln(*prim), *_grads(gated_residual_ln, prim, None, wy, wm, torch.float32))
@@ -280,9 +283,33 @@ def test_primal_bf16_dit_b2_shapes_on_gpu():
     exact, own = gated_residual_ln_ref(*_cast(prim, torch.float32)), gated_residual_ln_ref(*prim)
     for what, g, o, e in zip(("y", "m"), gated_residual_ln(*prim), own, exact):
         assert_within_torch(what, g, o, e, 2, 1e-3)
-    wy, wm = _rand(4, 256, 768, dtype=torch.bfloat16), _rand(4, 256, 768, dtype=torch.bfloat16)
+    wy, wm = rand(4, 256, 768, dtype=torch.bfloat16), rand(4, 256, 768, dtype=torch.bfloat16)
     g = _grads(gated_residual_ln, prim, None, wy, wm, torch.bfloat16)
     g32 = _grads(gated_residual_ln_ref, prim, None, wy, wm, torch.float32)
     g_t = _grads(gated_residual_ln_ref, prim, None, wy, wm, torch.bfloat16)
     for i, (a, t, e) in enumerate(zip(g, g_t, g32)):
         assert_within_torch(f"grad {i}", a, t, e, 2, 1e-3)
+
+
+# =================================================================================================
+#                         Reverse mode under torch.func
+# =================================================================================================
+@pytest.mark.parametrize("name", ["gated_residual_ln", "gated_residual_ln_jvp"])
+def test_func_grad_equals_autograd_and_the_reference(name, seed):
+    check_func_grad(name, seed)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["gated_residual_ln_jvp"])
+def test_func_grad_equals_autograd_bf16_on_gpu(name):
+    check_func_grad_bf16(name)
+
+
+@pytest.mark.parametrize("name", ["gated_residual_ln"])
+def test_func_vjp_called_after_the_transform(name):
+    check_func_vjp_called_after_the_transform(name)
+
+
+@pytest.mark.parametrize("name", ["gated_residual_ln_jvp"])
+def test_second_transform_level_refuses(name):
+    check_second_transform_level_refuses(name)

@@ -5,7 +5,7 @@ GPU): torch.func.jvp and autograd over `attention_ref`. The tolerance follows fl
 the kernel's max abs error ≤ 2 × torch's own max abs error at the input precision (plain softmax(QKᵀ)V
 in that dtype, `_torch_attention`) + a small atol. On CPU the kernels run in Triton's interpreter
 (tests/conftest.py), at small shapes; bf16 and the large shapes run on a GPU only (the interpreter's bf16
-tl.dot is wrong, DESIGN.md §4).
+tl.dot is wrong, triton issue #11584).
 """
 import math
 
@@ -20,6 +20,8 @@ from meanflow_fast.kernels.attention import (
     attention_ref,
 )
 from tests.helpers import HAS_CUDA, OpLog, requires_cuda
+from tests.kernels.cases import (check_func_grad, check_func_grad_bf16, check_func_vjp_called_after_the_transform,
+                                 check_second_transform_level_refuses)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -382,6 +384,30 @@ def test_value_errors(monkeypatch):
     cpu = [t.cpu() for t in (q, k, v)]
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         attention(*cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reverse mode under torch.func
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["attention", "attention_jvp", "attention_jvp_qkv"])
+def test_func_grad_equals_autograd_and_the_reference(name, seed):
+    check_func_grad(name, seed)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["attention_jvp_qkv"])
+def test_func_grad_equals_autograd_bf16_on_gpu(name):
+    check_func_grad_bf16(name)
+
+
+@pytest.mark.parametrize("name", ["attention"])
+def test_func_vjp_called_after_the_transform(name):
+    check_func_vjp_called_after_the_transform(name)
+
+
+@pytest.mark.parametrize("name", ["attention"])
+def test_second_transform_level_refuses(name):
+    check_second_transform_level_refuses(name)
 
 
 # ---------------------------------------------------------------------------------------------
