@@ -4,7 +4,7 @@
     python -m benchmarks.attention_table attention.json
 
 One row per (shape, provider): ms per call, TFLOP/s, and the speed-up over torch.func.jvp with math
-SDPA and over jvp_flash_attention (where each ran in the same session)."""
+SDPA and over jvp_flash_attention (where each ran in the same run)."""
 import json
 import sys
 

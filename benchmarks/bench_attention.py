@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import meanflow_fast.kernels.attention as attn_mod  # noqa: E402
-from benchmarks.attention_sweep import config_label  # noqa: E402
+from benchmarks.tools.attention_sweep import config_label  # noqa: E402
 from meanflow_fast.kernels.attention import attention, attention_jvp  # noqa: E402
 
 try:  # fwd_dual is the entry point its README gives for torch.func.jvp (tangents before autograd)

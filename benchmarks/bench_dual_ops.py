@@ -2,7 +2,7 @@
 
     pytest benchmarks/bench_dual_ops.py --benchmark-only
 
-One factory per op, parametrized by provider and by eager / torch.compile (STYLE.md §8):
+One factory per op, parametrized by provider and by eager / torch.compile:
 
     triton     our fused kernel (forward + tangent in one pass)
     torch_jvp  torch.func.jvp over the pure-torch `<op>_ref` (tangent through the activations only)
@@ -191,7 +191,7 @@ def test_gated_residual_fwd_tangent(benchmark, provider, compiled, gated_inputs,
 
 
 # =================================================================================================
-#          Dual linear without epilogue: the Triton kernel vs cuBLAS (kernels/linear.PLAIN_DUAL_IMPL)
+#      Dual linear without epilogue: the Triton kernel vs cuBLAS (the config switch plain_dual_linear)
 # =================================================================================================
 LINEAR_SHAPES = {"qkv": (D, 3 * D), "proj": (D, D), "fc2": (HIDDEN, D)}  # (in, out)
 

@@ -161,14 +161,13 @@ def train_step_fn(model, batch: int, *, meanflow: bool, compiled: bool = False, 
 
     MeanFlow: the paper's loss through ``model.forward_jvp`` (the model's backend decides the path).
     Flow matching: the same loss with ratio_r_neq_t = 0 (one plain forward, flash SDPA).
-    ``grads_only``: the loss and ``torch.autograd.grad`` of it, no update (the step kernels/precompile.py
-    records).
+    ``grads_only``: the loss and ``torch.autograd.grad`` of it, no update (the step
+    meanflow_fast/kernels/precompile.py records).
     """
     cfg = model.config
     # The Adam update as each setup runs it best: eager steps use torch's fused CUDA Adam (one pass over
     # parameters, gradients and moments; what meanflow-train uses), compiled steps the foreach Adam
-    # that inductor compiles into the step. Before 2026-11-26 (session 4) every step used the foreach
-    # Adam, so the eager steps of the first H100 run paid its separate elementwise passes.
+    # that inductor compiles into the step.
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=(DEVICE == "cuda" and not compiled))
     # validate=False: no value checks (device syncs, graph breaks under torch.compile) in the timed step;
     # the draws come from the global RNG for the same reason.

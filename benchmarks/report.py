@@ -104,10 +104,9 @@ def model_table(preset, batch, quick, dtype, compiled_step=True, skip=(), rows=N
     del fm
     mf = build_model(preset, dtype=torch.float32, backend="triton")
     for name, compiled, key in (("MeanFlow step triton", False, "mf"),
-                                # The same step under torch.compile, as the FM baseline is: inductor fuses
-                                # what lies between the custom ops (adaLN, embedders, loss, the bf16 casts
-                                # of the fp32 weights, gradient accumulation, bias-gradient sums) and the
-                                # Adam update. first_call_s includes inductor's compile time.
+                                # Compiled as the FM baseline is: inductor fuses what lies between the
+                                # custom ops (adaLN, embedders, loss, bf16 weight casts, gradient sums) and
+                                # the Adam update. first_call_s includes inductor's compile time.
                                 ("MeanFlow step triton compiled", True, "mf_compiled")):
         if name in skip:
             continue

@@ -1,38 +1,37 @@
-"""Every config of the dual-stream GEMM (kernels/linear.py) on its own at the DiT's fc1 shapes, against
-cuBLAS: does it run, is it right, how fast.
+"""Every config of the dual-stream GEMM (meanflow_fast/kernels/linear.py) on its own at the DiT's fc1
+shapes, against cuBLAS: does it run, is it right, how fast.
 
-    PYTHONPATH=. python -m benchmarks.gemm_sweep [--launch dual_gelu] [--shapes B/2,XL/2] [--extra] [--jobs 8]
+    PYTHONPATH=. python -m benchmarks.tools.gemm_sweep [--launch dual_gelu] [--shapes B/2,XL/2] [--extra]
+                                                       [--jobs 8]
 
 Why: fc1 of ``forward_jvp`` (both streams, the GELU/GELU' epilogue, the pre-activation stored) is the one
 dual linear left on the Triton GEMM, and on the H100 the Triton GEMM ran at about 2/3 of cuBLAS's rate per
-FLOP (benchmarks/RESULTS.md): 7.8 ms of the B/2 JVP, ~20 ms of the XL/2 one. The autotuner only picks among
+FLOP (docs/PERFORMANCE.md): 7.8 ms of the B/2 JVP, ~20 ms of the XL/2 one. The autotuner only picks among
 ``_CUDA_CONFIGS`` (after ``_prune_configs``); this sweep times each of them alone, and with ``--extra``
 the candidates below that are not in the list (never run on a GPU: one of them could fault, which here
-costs only its own process, see benchmarks/_sweep.py), so that the list can be changed on evidence.
+costs only its own process, see benchmarks/tools/sweep.py), so that the list can be changed on evidence.
 
 ``--launch``: ``dual_gelu`` (fc1 of forward_jvp), ``primal_gelu`` (fc1 of the plain forward without the
 pre-activation: the no-grad guidance forward of guided training, and sampling), ``dual`` (an epilogue-free
-dual launch, what ``PLAIN_DUAL_IMPL`` sends to cuBLAS). Baselines, timed in the same processes: cuBLAS for
-the GEMMs alone (``F.linear`` per stream, no GELU: the rate to reach), and for ``primal_gelu`` also
-``torch._addmm_activation(..., use_gelu=True)`` (cuBLASLt with its own GELU epilogue, the tanh form).
-``--device cpu`` is a dry run of the script (TRITON_INTERPRET=1, a tiny shape, the interpreter's config).
-Exit status 1 when any config failed its check (FAULT, ERROR, CRASH, TIMEOUT, or WRONG: a relative
-error far above the output's rounding).
+dual launch, what the config switch ``plain_dual_linear`` sends to cuBLAS by default). Baselines, timed in
+the same processes: cuBLAS for the GEMMs alone (``F.linear`` per stream, no GELU: the rate to reach), and
+for ``primal_gelu`` also ``torch._addmm_activation(..., use_gelu=True)`` (cuBLASLt with its own GELU
+epilogue, the tanh form). ``--device cpu`` is a dry run of the script (TRITON_INTERPRET=1, a tiny shape,
+the interpreter's config). Exit status 1 when any config failed its check (FAULT, ERROR, CRASH, TIMEOUT,
+or WRONG: a relative error far above the output's rounding).
 """
 import argparse
 import os
 import sys
 from typing import Dict
 
-from benchmarks._sweep import add_runner_args, check_then_time, failure, finish, run_as_worker, time_ms
+from benchmarks.tools.sweep import add_runner_args, check_then_time, finish, run_as_worker, run_job
 
 LAUNCHES = ("dual_gelu", "primal_gelu", "dual")
 SHAPES = {"B/2": (128 * 256, 768, 3072), "XL/2": (64 * 256, 1152, 4608)}  # fc1: (rows M, K, N)
-# Sweep-only candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), beside kernels/linear._CUDA_CONFIGS
-# (see the occupancy note there): deeper pipelines and 128-wide K steps. compile_check (triton 3.6,
-# sm_90, bf16, fc1 + GELU + pre-activation at B/2): no spills; 124-128 registers over 8 warps, 250-254
-# over 4. (Rejected there: 128×256 over 16 warps and 128×128 over 4 warps, KB of spills; 128×64 with
-# BLOCK_K 128, over the shared memory.)
+# Sweep-only candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), beside kernels.linear._CUDA_CONFIGS
+# (see the occupancy note there): deeper pipelines and 128-wide K steps, none of them spilling in the
+# compile check. Their compile figures and the candidates rejected there: docs/TUNING.md.
 EXTRA = [(64, 128, 64, 8, 4), (64, 256, 64, 8, 4), (64, 128, 128, 4, 3), (64, 128, 128, 8, 3)]
 BASELINES = {"dual_gelu": ["cublas_gemms"], "primal_gelu": ["cublas_gemms", "cublaslt_gelu"], "dual": ["cublas_gemms"]}
 
@@ -91,8 +90,8 @@ def worker(job: Dict) -> Dict:
         def fn():
             return L.dual_linear_fwd(x, w, b, xd if dual else None, gelu=gelu, store_pre=gelu and dual,
                                      impl=None if gelu else "triton")
-    try:
-        got = fn()
+
+    def check(got):
         got = got if isinstance(got, tuple) else (got,)
         with torch.no_grad():  # fp32 references of what fn returns
             from meanflow_fast.kernels.mlp import gelu_tanh, gelu_tanh_grad
@@ -104,12 +103,8 @@ def worker(job: Dict) -> Dict:
         err = max(((t.float() - r).norm() / r.norm()).item() for t, r in zip(got, refs) if t is not None and t.numel())
         # a config that runs but computes the wrong thing (a rel. error far above the output rounding,
         # ~4e-3 in bf16) is not timed
-        out.update(status="ok" if err < (2e-2 if dtype == torch.bfloat16 else 5e-3) else "WRONG", rel_err=err)
-        if job["time"] and device == "cuda":
-            out["ms"] = time_ms(fn)
-    except Exception as e:  # noqa: BLE001 - reported per config, the sweep goes on
-        out.update(failure(e))
-    return out
+        return dict(status="ok" if err < (2e-2 if dtype == torch.bfloat16 else 5e-3) else "WRONG", rel_err=err)
+    return run_job(job, out, lambda: fn, check)
 
 
 def main(argv=None) -> int:
@@ -129,12 +124,13 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
         shapes = {"tiny": (33, 40, 72)}
-        args.dtype = "float16"  # the interpreter's bf16 dots are wrong (kernels/linear.py)
+        args.dtype = "float16"  # the interpreter's bf16 dots are wrong (meanflow_fast/kernels/linear.py)
         n_configs = 1
     else:
         import torch
         if not torch.cuda.is_available():
-            print("benchmarks/gemm_sweep.py: no CUDA device (use --device cpu for a dry run)", file=sys.stderr)
+            print("benchmarks/tools/gemm_sweep.py: no CUDA device (use --device cpu for a dry run)",
+                  file=sys.stderr)
             return 2
         shapes = {s: SHAPES[s] for s in names}
         n_configs = len(_configs(args.extra))
@@ -148,7 +144,7 @@ def main(argv=None) -> int:
             jobs += [dict(base, name=name, shape=shape, baseline=bl) for bl in BASELINES[args.launch]]
     print(f"gemm sweep: {args.launch}, {args.dtype}, shapes {list(shapes)}: {len(jobs)} runs (check in "
           f"{args.jobs} processes, then time one at a time)", flush=True)
-    results = check_then_time("benchmarks.gemm_sweep", jobs, args.jobs, args.timeout, args.device == "cuda")
+    results = check_then_time("benchmarks.tools.gemm_sweep", jobs, args.jobs, args.timeout, args.device == "cuda")
 
     print(f"\n{'shape':<6} {'config':<26} {'status':<7} {'rel err':>9} {'ms':>8} {'TFLOP/s':>8}")
     for r in sorted(results, key=lambda r: (r["name"], r.get("ms", float("inf")))):

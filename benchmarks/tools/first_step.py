@@ -1,7 +1,7 @@
 """Seconds from a cold start to the first MeanFlow training step on the fused path (issue 5: at most
 60 s of compilation and autotuning before the first step), then the steady-state step time.
 
-    PYTHONPATH=. python -m benchmarks.first_step [--preset B/2 --batch 128] [--precompile] [--compile-step]
+    PYTHONPATH=. python -m benchmarks.tools.first_step [--preset B/2 --batch 128] [--precompile] [--compile-step]
 
 Run it in a fresh process: it points Triton at an empty cache directory (TRITON_CACHE_DIR, set before
 triton is imported), so every kernel is compiled and autotuned inside the timed first step, as on a
@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--keep-cache", action="store_true", help="use Triton's usual cache (a warm start)")
     p.add_argument("--precompile", action="store_true",
-                   help="compile every kernel variant of the step in parallel first (kernels/precompile.py)")
+                   help="compile every kernel variant of the step in parallel first "
+                        "(meanflow_fast/kernels/precompile.py)")
     p.add_argument("--compile-step", action="store_true",
                    help="time the torch.compile'd step (inductor's compile of the whole step counts in the "
                         "first step; its cache is emptied too unless --keep-cache)")
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks import common
-    if not common.select_device(args.device, "benchmarks/first_step.py"):
+    if not common.select_device(args.device, "benchmarks/tools/first_step.py"):
         return 2
     model = common.build_model(args.preset, dtype=torch.float32, backend="triton")
     step = common.train_step_fn(model, args.batch, meanflow=True, compiled=args.compile_step)

@@ -1,7 +1,7 @@
 """Host time of the model's calls apart from any kernel: what the Python side of a backend costs per call.
 
-    python -m benchmarks.host_overhead [--preset B/2] [--calls forward,forward_jvp,mf_step,fm_step]
-                                       [--backends triton,torch] [--profile forward_jvp]
+    python -m benchmarks.tools.host_overhead [--preset B/2] [--calls forward,forward_jvp,mf_step,fm_step]
+                                             [--backends triton,torch] [--profile forward_jvp]
 
 CPU only, in a fresh process: Triton's interpreter with every kernel launch stubbed to a no-op (so a
 launch costs its launcher's Python and Triton's argument handling, not the interpreter's run), and a DiT
@@ -12,7 +12,7 @@ the host's. Best and median of ``--reps`` batches of ``--calls-per-rep`` calls, 
 Calls: ``forward`` (no grad: sampling, the guidance term), ``forward_jvp`` (no grad), ``mf_step`` (the
 guided MeanFlowLoss of the B/2 preset, ω 1, κ 0.5, and its backward), ``fm_step`` (plain forward + MSE +
 backward: an eager flow-matching step). On a GPU these are what the host spends while the GPU runs; a
-step is host-bound when this exceeds the GPU's time (benchmarks/RESULTS.md, "Host time per step").
+step is host-bound when this exceeds the GPU's time (docs/PERFORMANCE.md, "Host time per call").
 """
 import argparse
 import os
@@ -91,8 +91,8 @@ def main(argv=None) -> int:
         p.error(f"--profile must be one of {', '.join(CALLS)}, got {args.profile!r}")
     if args.reps < 1 or args.calls_per_rep < 1:
         p.error("--reps and --calls-per-rep must be >= 1")
-    if "kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        p.error("run in a fresh process: TRITON_INTERPRET=1 must be set before kernels is imported")
+    if "meanflow_fast.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("run in a fresh process: TRITON_INTERPRET=1 must be set before meanflow_fast.kernels is imported")
     os.environ["TRITON_INTERPRET"] = "1"
 
     import torch

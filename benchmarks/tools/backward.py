@@ -1,7 +1,7 @@
 """The primal backward of each fused op against PyTorch's, at DiT-B/2 batch-128 shapes (bf16): the
 measurement behind "Triton where it wins, cuBLAS where it wins" (issue 4).
 
-    PYTHONPATH=. python -m benchmarks.backward [--out backward.json]
+    PYTHONPATH=. python -m benchmarks.tools.backward [--out backward.json]
 
 For each op, the forward runs once with inputs that require grad, then only the backward is timed
 (``torch.autograd.grad(y, inputs, dy, retain_graph=True)``):
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the table as JSON")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = p.parse_args(argv)
-    if not common.select_device(args.device, "benchmarks/backward.py"):
+    if not common.select_device(args.device, "benchmarks/tools/backward.py"):
         return 2
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     S = SHAPES["gpu" if args.device == "cuda" else "cpu"]

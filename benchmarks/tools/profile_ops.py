@@ -1,7 +1,7 @@
 """Where the time goes: the CUDA kernels of one DiT ``forward_jvp`` (triton backend) and, with
 ``--step``, of one MeanFlow training step, grouped by kernel name and sorted by total device time.
 
-    PYTHONPATH=. python -m benchmarks.profile_ops [--preset B/2 --batch 128] [--step] [--top 25]
+    PYTHONPATH=. python -m benchmarks.tools.profile_ops [--preset B/2 --batch 128] [--step] [--top 25]
 
 The numbers are torch.profiler's per-kernel device times summed over ``--iters`` calls after two
 warm-up calls (so compilation and autotuning are outside them); divide by ``--iters`` for one call.
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks import common
-    if not common.select_device(args.device, "benchmarks/profile_ops.py"):
+    if not common.select_device(args.device, "benchmarks/tools/profile_ops.py"):
         return 2
     if args.device == "cpu":  # a dry run of the script: nothing to time
         return 0

@@ -3,7 +3,7 @@
 and how many images per second (at what peak memory, from the trainer's log line) does it train at each
 per-rank batch?
 
-    PYTHONPATH=. python -m benchmarks.train_smoke [--preset B/2] [--batches 32,128] [--steps 30]
+    PYTHONPATH=. python -m benchmarks.tools.train_smoke [--preset B/2] [--batches 32,128] [--steps 30]
 
 Why: the CPU tests run the whole pipeline (tests/test_imagenet_pipeline.py, tests/test_reliability.py)
 but only on CPU, with gloo and the torch backend; nothing there runs the trainer's CUDA path. And the
@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Dict, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOG_RE = re.compile(r"step (\d+)/(\d+) \| loss (\S+) \| raw loss (\S+) \| ([\d.]+) images/s .*\| skipped (\d+)"
                     r"(?:.*peak mem ([\d.]+) GiB)?")
 
@@ -50,7 +50,7 @@ def write_shards(folder: str, images: int, latent: int, num_classes: int, per_sh
         y = torch.randint(0, num_classes, (n,), generator=g)
         write_shard(os.path.join(folder, shard_name(k)), z, z.flip(3), y,
                     {"image_size": 8 * latent, "latent_scale": 0.18215, "latent_mode": "mean",
-                     "vae": "synthetic (benchmarks/train_smoke.py)", "num_classes": num_classes,
+                     "vae": "synthetic (benchmarks/tools/train_smoke.py)", "num_classes": num_classes,
                      "expected": n, "skipped": 0})
 
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     if not cpu:
         import torch
         if not torch.cuda.is_available():
-            print("benchmarks/train_smoke.py needs a CUDA GPU; none found (--device cpu for a dry run)",
+            print("benchmarks/tools/train_smoke.py needs a CUDA GPU; none found (--device cpu for a dry run)",
                   file=sys.stderr)
             return 2
     latent, num_classes = (8, 10) if cpu else (32, 1000)

@@ -1,42 +1,37 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (H100/H200). Run on the device machine from the repo root:
-#   bash benchmarks/gpu_check.sh            # GPU tests, then the B/2 ratio table (~8-9 min, cold caches)
-#   bash benchmarks/gpu_check.sh tests      # only the GPU tests (pytest -m gpu)
-#   bash benchmarks/gpu_check.sh bench      # only the ratio table; CASES="XL/2:64" picks other cases;
-#                                           # REPORT_ARGS=--no-compiled-step skips the compiled MF step row
-#   bash benchmarks/gpu_check.sh sampler    # only the sampler table (batch 1 and 256, graph/eager/compiled)
-#   bash benchmarks/gpu_check.sh firststep  # cold-cache seconds to the first MeanFlow step, with and without
-#                                           # kernels/precompile.py (B/2 b128; CASES_FIRST="XL/2:64" for XL/2;
-#                                           # FIRST_MODES="--precompile,--compile-step" for the compiled step)
-#   bash benchmarks/gpu_check.sh backward   # each op's primal backward: ours vs torch eager / compiled
-#   bash benchmarks/gpu_check.sh sweep      # every attention config alone (+ sweep-only ones): faults, errors,
-#                                           # time (D 64/72/80; D 72's high chunk 16 or 64 wide)
-#   bash benchmarks/gpu_check.sh gemm       # every dual-GEMM config alone at fc1's shapes vs cuBLAS
-#                                           # (GEMM_LAUNCHES="dual_gelu primal_gelu", GEMM_SHAPES=B/2)
-#   bash benchmarks/gpu_check.sh ops        # per-op TFLOP/s or GB/s (benchmarks/bench_dual_ops.py, eager;
-#                                           # OPS_K picks others); dual linear Triton vs cuBLAS;
-#                                           # the MLP backward GELU pass (gelu_bwd) vs torch; residual + LN
-#                                           # fused vs apart (gated_residual_ln.FUSE); the no-grad plain MLP
-#                                           # (fc1 on cuBLASLt vs Triton) and residual + LN (plain_no_grad)
-#   bash benchmarks/gpu_check.sh train      # meanflow-train end to end on synthetic latents (CUDA path, resume,
-#                                           # images/s at per-rank batch 32 vs 128: TRAIN_BATCHES)
-#   bash benchmarks/gpu_check.sh attention  # attention fwd + tangent vs torch.func.jvp, jvp_flash_attention
-#                                           # (installed from .gpu_wheels/ when carried: fetch_baselines.sh)
-#   BUDGET=500 bash benchmarks/gpu_check.sh tests,bench,attention
-#                                           # several phases in one device call, in the order given; with
-#                                           # BUDGET (seconds) every phase's limit shrinks to what is left
-#                                           # of it, so the call ends with its logs inside the lease; the
-#                                           # ratio table times the JVP right after the forward baselines
-#                                           # and rewrites its JSON after each row (REPORT_ARGS="--skip ..."
-#                                           # drops optional rows: python -m benchmarks.report --help)
-#   DRY=1 bash benchmarks/gpu_check.sh tests,bench,...
-#                                           # a dry run on a CPU machine (CI does one): every script with
-#                                           # --device cpu (Triton's interpreter, tiny shapes), the pytest
-#                                           # phases skip; it checks this script, not the kernels
+# The one prepared GPU check (H100/H200). Run on the device machine from the repo root, as
+#   bash benchmarks/tools/gpu_check.sh [PHASE[,PHASE...]]
+# with these phases (default: tests,bench, ~8-9 min from cold caches):
+#   tests      the GPU tests (pytest -m gpu)
+#   bench      the B/2 ratio table; CASES="XL/2:64" picks other cases;
+#              REPORT_ARGS=--no-compiled-step skips the compiled MF step row
+#   sampler    the sampler table (batch 1 and 256, graph/eager/compiled)
+#   firststep  cold-cache seconds to the first MeanFlow step, with and without
+#              meanflow_fast/kernels/precompile.py (B/2 b128; CASES_FIRST="XL/2:64" for XL/2;
+#              FIRST_MODES="--precompile,--compile-step" for the compiled step)
+#   backward   each op's primal backward: ours vs torch eager / compiled
+#   sweep      every attention config alone (+ sweep-only ones): faults, errors, time (D 64/72/80;
+#              D 72's high chunk 16 or 64 wide)
+#   gemm       every dual-GEMM config alone at fc1's shapes vs cuBLAS
+#              (GEMM_LAUNCHES="dual_gelu primal_gelu", GEMM_SHAPES=B/2)
+#   ops        per-op TFLOP/s or GB/s (benchmarks/bench_dual_ops.py, eager; OPS_K picks others): dual
+#              linear Triton vs cuBLAS; the MLP backward GELU pass (gelu_bwd) vs torch; residual + LN
+#              fused vs apart (config switch residual_ln); the no-grad plain MLP (fc1 on cuBLASLt vs
+#              Triton: no_grad_fc1) and residual + LN
+#   train      meanflow-train end to end on synthetic latents (CUDA path, resume, images/s at per-rank
+#              batch 32 vs 128: TRAIN_BATCHES)
+#   attention  attention fwd + tangent vs torch.func.jvp, jvp_flash_attention (installed from
+#              .gpu_wheels/ when carried: benchmarks/tools/fetch_baselines.sh)
+# Several phases run in one device call, in the order given (BUDGET=500 ... tests,bench,attention); with
+# BUDGET (seconds) every phase's limit shrinks to what is left of it, so the call ends with its logs
+# inside the lease; the ratio table times the JVP right after the forward baselines and rewrites its
+# JSON after each row (REPORT_ARGS="--skip ..." drops optional rows: python -m benchmarks.report --help).
+# DRY=1 is a dry run on a CPU machine (CI does one): every script with --device cpu (Triton's
+# interpreter, tiny shapes), the pytest phases skip; it checks this script, not the kernels.
 # The call exits 1, naming them, when a phase's command failed (124: it ran out of its time limit).
 # Full logs go under $OUT (or ./gpu_check_out when OUT is unset). Each phase has its own time limit, so
-# a slow phase cannot eat the other's budget. Before a session, on any CPU machine:
-#   PYTHONPATH=. python benchmarks/compile_check.py     # every kernel config compiles for sm_90/sm_80
+# a slow phase cannot eat the other's budget. Before a GPU session, on any CPU machine:
+#   python -m benchmarks.tools.compile_check     # every kernel config compiles for sm_90/sm_80
 set -uo pipefail
 PHASES=${1:-all}
 OUT=${OUT:-gpu_check_out}
@@ -78,7 +73,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=.
 # Triton's and inductor's caches in the git-ignored .gpu_cache/ of the repo copy, which the device tool
 # keeps between calls on a warm machine: a second call reuses the first call's compiled kernels
-# (benchmarks/first_step.py points its cold-start runs at empty directories of their own).
+# (benchmarks/tools/first_step.py points its cold-start runs at empty directories of their own).
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.gpu_cache/triton}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.gpu_cache/inductor}
 PY=$(command -v python3 || command -v python)  # the device image: python3 (a venv; python may exist too)
@@ -91,10 +86,8 @@ fi
 
 phase_tests() {
     echo "== GPU tests (pytest -m gpu) =="
-    # Cold Triton cache: autotuning compiles ~110 attention configs in the bf16/fp16 tests alone
-    # (estimated 200-330 s serial from benchmarks/compile_check.py compile times). Compilation is
-    # CPU-bound, so the tests run in parallel processes on the one GPU (pytest-xdist, on the device image;
-    # the whole CPU suite also passes under -n 2).
+    # From a cold Triton cache the bf16/fp16 tests alone autotune ~110 attention configs, and compiling is
+    # CPU-bound: the tests run in parallel processes on the one GPU (pytest-xdist, when installed).
     XDIST=""
     if "$PY" -c "import xdist" 2> /dev/null; then XDIST="-n ${TEST_WORKERS:-8}"; fi
     # shellcheck disable=SC2086
@@ -119,8 +112,8 @@ phase_firststep() {
         for pre in ${FIRST_MODES:-plain --precompile}; do
             [[ $pre == plain ]] && pre=""
             pre=${pre//,/ }  # one mode of several flags: "--precompile,--compile-step"
-            timeout "$(lim 200)" "$PY" -m benchmarks.first_step --preset "${c%%:*}" --batch "${c##*:}" $pre $DEVICE_ARGS \
-                2>&1 | grep -v '^W[0-9]' | tee -a "$OUT/first_step.log"
+            timeout "$(lim 200)" "$PY" -m benchmarks.tools.first_step --preset "${c%%:*}" --batch "${c##*:}" $pre \
+                $DEVICE_ARGS 2>&1 | grep -v '^W[0-9]' | tee -a "$OUT/first_step.log"
             note "firststep $c ${pre:-plain}" "${PIPESTATUS[0]}"
         done
     done
@@ -161,9 +154,9 @@ PYEOF
 phase_sweep() {
     echo "== attention configs one by one (fault / error / time), XL/2 batch-64 shape =="
     for k in ${SWEEP_KERNELS:-fwd_tangent dkdv dq}; do
-        timeout "$(lim 200)" "$PY" -m benchmarks.attention_sweep --kernel "$k" --dims "${SWEEP_DIMS:-64,72,80}" \
-            --hi "${SWEEP_HI:-16,64}" --extra --jobs "${SWEEP_JOBS:-12}" --out "$OUT/sweep_$k.json" $DEVICE_ARGS 2>&1 \
-            | grep -v '^W[0-9]' | tee -a "$OUT/sweep.log"
+        timeout "$(lim 200)" "$PY" -m benchmarks.tools.attention_sweep --kernel "$k" \
+            --dims "${SWEEP_DIMS:-64,72,80}" --hi "${SWEEP_HI:-16,64}" --extra --jobs "${SWEEP_JOBS:-12}" \
+            --out "$OUT/sweep_$k.json" $DEVICE_ARGS 2>&1 | grep -v '^W[0-9]' | tee -a "$OUT/sweep.log"
         note "sweep $k" "${PIPESTATUS[0]}"
     done
 }
@@ -171,16 +164,16 @@ phase_sweep() {
 phase_gemm() {
     echo "== dual GEMM configs one by one at the fc1 shapes, against cuBLAS (B/2 b128, XL/2 b64) =="
     for l in ${GEMM_LAUNCHES:-dual_gelu}; do
-        timeout "$(lim 200)" "$PY" -m benchmarks.gemm_sweep --launch "$l" --shapes "${GEMM_SHAPES:-B/2,XL/2}" --extra \
-            --jobs "${SWEEP_JOBS:-12}" --out "$OUT/gemm_$l.json" $DEVICE_ARGS 2>&1 | grep -v '^W[0-9]' \
-            | tee -a "$OUT/gemm.log"
+        timeout "$(lim 200)" "$PY" -m benchmarks.tools.gemm_sweep --launch "$l" \
+            --shapes "${GEMM_SHAPES:-B/2,XL/2}" --extra --jobs "${SWEEP_JOBS:-12}" --out "$OUT/gemm_$l.json" \
+            $DEVICE_ARGS 2>&1 | grep -v '^W[0-9]' | tee -a "$OUT/gemm.log"
         note "gemm $l" "${PIPESTATUS[0]}"
     done
 }
 
 phase_backward() {
     echo "== primal backward: ours vs torch eager vs torch.compile (issue 4) =="
-    timeout "$(lim 240)" "$PY" -m benchmarks.backward --out "$OUT/backward.json" $DEVICE_ARGS 2>&1 \
+    timeout "$(lim 240)" "$PY" -m benchmarks.tools.backward --out "$OUT/backward.json" $DEVICE_ARGS 2>&1 \
         | grep -v '^W[0-9]' | tee "$OUT/backward.log"
     note backward "${PIPESTATUS[0]}"
 }
@@ -196,7 +189,7 @@ phase_train() {
     echo "== meanflow-train on synthetic latents (the trainer's CUDA path; images/s at per-rank batch 32 and 128) =="
     # shards and checkpoints in a temporary folder (not under \$OUT: the device tool brings back \$OUT)
     # shellcheck disable=SC2086
-    timeout "$(lim 300)" "$PY" -m benchmarks.train_smoke --batches "${TRAIN_BATCHES:-32,128}" --timeout 150 \
+    timeout "$(lim 300)" "$PY" -m benchmarks.tools.train_smoke --batches "${TRAIN_BATCHES:-32,128}" --timeout 150 \
         --log-dir "$OUT/train" --out "$OUT/train_smoke.json" $DEVICE_ARGS 2>&1 | grep -v '^W[0-9]' | tee "$OUT/train_smoke.log"
     note train "${PIPESTATUS[0]}"
 }

@@ -1,11 +1,11 @@
-"""Ahead-of-time compile check of every Triton kernel in ``kernels/``, on a machine without a GPU.
+"""Ahead-of-time compile check of every Triton kernel in ``meanflow_fast/kernels/``, without a GPU.
 
-    PYTHONPATH=. python benchmarks/compile_check.py                # bf16+fp16, all configs, sm_90 and sm_80
-    PYTHONPATH=. python benchmarks/compile_check.py --quick        # bf16, first config of each kernel (~30 s)
-    PYTHONPATH=. python benchmarks/compile_check.py --dtypes all   # + fp32 (see --dtypes)
+    python -m benchmarks.tools.compile_check                # bf16+fp16, all configs, sm_90 and sm_80
+    python -m benchmarks.tools.compile_check --quick        # bf16, first config of each kernel (~30 s)
+    python -m benchmarks.tools.compile_check --dtypes all   # + fp32 (see --dtypes)
 
-Run it with the triton of the GPU machine (3.6: ``/work/venv36``) before a GPU session, and with the
-local one. Options: --targets 90,80, --kernel NAME, --jobs N, --timeout S, --json FILE.
+Run it before a GPU session with the triton version of the GPU machine (in a separate environment), and
+with the local one. Options: --targets 90,80, --kernel NAME, --jobs N, --timeout S, --json FILE.
 
 What it does. Each launcher (``attention_fwd``, ``attention_bwd``, ``dual_linear_fwd``,
 ``ln_modulate_fwd``/``_bwd``, ``gated_residual_fwd``/``_bwd``; the forward launchers with and without
@@ -26,7 +26,7 @@ For each compiled kernel it prints registers/thread, spill stores/loads (ptxas `
 memory Triton requests at launch (``metadata.shared``), the resident blocks per SM these allow, and
 how many of its loads Triton turned into asynchronous copies (``cp.async``/TMA ops in the TTGIR: the
 pipelined tile loads of a matmul kernel; 0 in a tl.dot kernel means every tile is a register load,
-as the D 72 attention kernels had before their stride alignment hint, benchmarks/RESULTS.md).
+as the D 72 attention kernels had before their stride alignment hint, docs/TUNING.md).
 A row is
   OK     compiled and fits the target;
   SPILL  compiled, ptxas spilled registers to local memory (slow, but runs);
@@ -34,7 +34,7 @@ A row is
          A100: 166912 B) or more than 65536 registers: the GPU would refuse it at launch
          (the autotuner skips such a config at run time);
   SLOW   the compile ran past --timeout and was killed (the autotuner compiles every config of its
-         list at the first launch on the GPU, so this is GPU-session time);
+         list at the first launch on the GPU, so this is GPU time);
   FAIL   did not compile (Triton front end, MLIR pass or ptxas error).
 Exit status 1 when a config FAILs or when a kernel has *no* config left that compiles and fits
 (every config OOR/FAIL: the autotuner would have nothing to run); 0 otherwise (SPILL, SLOW and OOR
@@ -48,7 +48,7 @@ taken from the fake tensors' storage offsets assuming 16-byte aligned allocation
 CUDA caching allocator). Resource numbers are those of the triton/ptxas installed where it runs, so run
 it with the triton version of the GPU machine (3.6 at present) as well as the local one.
 
-TRITON_INTERPRET must be off: the interpreter replaces the jit functions when ``kernels`` is imported
+TRITON_INTERPRET must be off: the interpreter replaces the jit functions when the kernels are imported
 (this script unsets it before importing Triton). Compiles are cached in Triton's cache (with the
 ptxas numbers kept beside it in ``<triton cache dir>/../compile_check/``), so a second run is fast.
 """
@@ -80,7 +80,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import meanflow_fast.kernels.attention as attention_mod  # noqa: E402
 import meanflow_fast.kernels.gated_residual as gated_mod  # noqa: E402
 import meanflow_fast.kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
@@ -170,7 +170,7 @@ def recording(sink: List[Launch]):
 # ---------------------------------------------------------------------------------------------
 # Scenarios: the launchers at the DiT's sizes and layouts
 # ---------------------------------------------------------------------------------------------
-# (label, hidden size, heads): DiT-B/2 (head dim 64) and DiT-XL/2 (head dim 72, padded to BLOCK_D 128).
+# (label, hidden size, heads): DiT-B/2 (head dim 64) and DiT-XL/2 (head dim 72: 64 + 16 column chunks).
 MODELS = (("B/2", 768, 12), ("XL/2", 1152, 16))
 BATCH, TOKENS = 32, 256  # 256 px images: 32×32 latents, patch 2 → 256 tokens
 
@@ -279,7 +279,7 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
                         x, xd = _cuda(BATCH, TOKENS, k, dtype=dt), _cuda(BATCH, TOKENS, k, dtype=dt)
                     w, b = _cuda(n_out, k, dtype=dt), _cuda(n_out, dtype=dt)
                     # impl="triton": CUDA sends epilogue-free launches to cuBLAS by default; the kernel
-                    # stays selectable (kernels/linear.PLAIN_DUAL_IMPL), so every variant is checked
+                    # stays selectable (config switch plain_dual_linear), so every variant is checked
                     linear_mod.dual_linear_fwd(x, w, b, xd if tangent else None, gelu=gelu, store_pre=store_pre,
                                                impl="triton")
                 finally:
@@ -621,7 +621,7 @@ def summarize(jobs: List[Job], record_errors: List[str]) -> int:
     slow = [j for j in jobs if j.status == "SLOW"]
     if slow:
         print("\nSLOW to compile (killed; on the GPU the autotuner compiles every config of a list at its first "
-              "launch, so these cost GPU-session time before anything runs):")
+              "launch, so these cost GPU time before anything runs):")
         for j in slow:
             print(f"  {j.kernel} [{j.variant}] {j.config} {LIMITS[j.capability]['name']}: {j.error}")
     slowish = sorted((j for j in jobs if j.status != "SLOW" and j.seconds > 10), key=lambda j: -j.seconds)

@@ -1,12 +1,12 @@
-"""The process runner of the config sweeps (attention_sweep.py, gemm_sweep.py): every config in its own
-process, so that a config that faults (an illegal memory access kills the CUDA context, and with it the
-process) is reported for that config and the sweep goes on. Standard library only: the parent never
+"""The process runner of the config sweeps (attention_sweep.py, gemm_sweep.py beside it): every config in
+its own process, so that a config that faults (an illegal memory access kills the CUDA context, and with
+it the process) is reported for that config and the sweep goes on. Standard library only: the parent never
 imports torch or the kernels before it has set the environment its workers inherit.
 
 A sweep module's ``main`` adds these options with ``add_runner_args`` and, when it is a worker
 (``--worker JSON``), hands over to ``run_as_worker``, which prints ``json.dumps(worker(job))`` as the last
 line of its output; ``worker`` returns a dict with ``status`` ("ok", "FAULT", "ERROR", ...) and, when
-``job["time"]`` is set, ``ms`` (``time_ms``).
+``job["time"]`` is set, ``ms`` (``time_ms``): ``run_job`` does both.
 """
 import argparse
 import concurrent.futures as cf
@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Any, Callable, Dict, List
 
 
 def run_worker(module: str, job: Dict, timeout: float) -> Dict:
@@ -42,6 +42,20 @@ def check_then_time(module: str, jobs: List[Dict], n_parallel: int, timeout: flo
             res = run_worker(module, dict(job, time=True), timeout)
         results.append(dict(job, **res))
     return results
+
+
+def run_job(job: Dict, out: Dict, prepare: Callable[[], Callable], check: Callable[[Any], Dict]) -> Dict:
+    """A worker's job: ``prepare()`` builds the call under test, ``check`` turns the result of its first
+    run into status fields, and the call is timed when the job asks for it on CUDA. An exception anywhere
+    is the config's failure (FAULT or ERROR). Returns ``out`` with the results."""
+    try:
+        fn = prepare()
+        out.update(check(fn()))
+        if job["time"] and job["device"] == "cuda":
+            out["ms"] = time_ms(fn)
+    except Exception as e:  # noqa: BLE001 - reported per config, the sweep goes on
+        out.update(failure(e))
+    return out
 
 
 def failure(e: Exception) -> Dict:

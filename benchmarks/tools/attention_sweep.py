@@ -1,12 +1,11 @@
 """Every autotune config of an attention kernel on its own: does it run, is it right, how fast is it.
 
-    PYTHONPATH=. python -m benchmarks.attention_sweep [--kernel fwd_tangent] [--dims 64,72] [--hi 16,64]
-                                                      [--shape 64,16,256] [--extra] [--jobs 8]
+    PYTHONPATH=. python -m benchmarks.tools.attention_sweep [--kernel fwd_tangent] [--dims 64,72] [--hi 16,64]
+                                                            [--shape 64,16,256] [--extra] [--jobs 8]
 
-Why: the autotuner launches every candidate of its list at the first call of a new shape, so one
-candidate that faults (an illegal memory access: a compiler bug, as the (64, 32, 8 warps, 3 stages)
-forward config at head dim 72 on triton 3.6, benchmarks/RESULTS.md) kills the process, and one that is
-never the fastest only costs compile time. This script runs each config alone (the autotuner's list set
+Why: the autotuner launches every candidate of its list at the first call of a new shape, so one that
+faults (an illegal memory access, a compiler bug: docs/TUNING.md) kills the process, and one that is never
+the fastest only costs compile time. This script runs each config alone (the autotuner's list set
 to that one config) in its own process, so a fault is reported for that config and the sweep goes on:
 
   1. in parallel (``--jobs`` processes): compile, run once, compare O (and Ȯ, or dQ, dK, dV) with the
@@ -17,27 +16,24 @@ to that one config) in its own process, so a fault is reported for that config a
 
 ``--kernel``: ``fwd`` (primal forward), ``fwd_tangent`` (forward with Ȯ), ``dkdv`` or ``dq`` (the backward
 with that kernel's config varied, the other one at its first config). ``--hi`` overrides the width of the
-high head-dim chunk when D is not a power of 2 (kernels/attention.py cuts D = 72 into 64 + 16; 32 pads the
-high chunk to 64 + 32; 64 to 64 + 64, one wgmma layout for both chunks at 1.6× the P·V work), to measure
-that choice; ``--extra`` adds the sweep-only candidates of ``EXTRA`` to a forward kernel's list; ``--dims`` may name dims outside the supported list
-(e.g. 80: 64 + 16 without a column mask) for the same purpose. ``--device cpu`` is a dry run of the script
-(TRITON_INTERPRET=1, a tiny shape, the interpreter's single config; no timing). Exit status 1 when any
-config failed its check.
+high head-dim chunk when D is not a power of 2 (meanflow_fast/kernels/attention.py cuts D = 72 into
+64 + 16; 32 pads the high chunk to 64 + 32; 64 to 64 + 64, one wgmma layout for both chunks at 1.6× the
+P·V work), to measure that choice; ``--extra`` adds the sweep-only candidates of ``EXTRA`` to a forward
+kernel's list; ``--dims`` may name dims outside the supported list (e.g. 80: 64 + 16 without a column
+mask) for the same purpose. ``--device cpu`` is a dry run of the script (TRITON_INTERPRET=1, a tiny
+shape, the interpreter's single config; no timing). Exit status 1 when any config failed its check.
 """
 import argparse
 import os
 import sys
 from typing import Dict
 
-from benchmarks._sweep import add_runner_args, check_then_time, failure, finish, run_as_worker, time_ms
+from benchmarks.tools.sweep import add_runner_args, check_then_time, finish, run_as_worker, run_job
 
 KERNELS = ("fwd", "fwd_tangent", "dkdv", "dq")
-# Sweep-only forward candidates (BLOCK_M, BLOCK_N, warps, stages), beside kernels/attention._FWD_CONFIGS.
-# (64, 32, 8, 3) faulted at D 72 with tangent on the H100 before the stride alignment hint
-# (benchmarks/RESULTS.md): does it still? The other two are 8-warp, 3-stage versions of listed tiles.
-# compile_check (triton 3.6, sm_90, bf16, with tangent): 139-213 registers at D 64, 181-255 at D 72, no
-# spills, 86-188 KB of shared memory. (128, 128, 8, 2) was rejected there: spills, and over the shared
-# memory at D 72.
+# Sweep-only forward candidates (BLOCK_M, BLOCK_N, warps, stages), beside kernels.attention._FWD_CONFIGS:
+# (64, 32, 8, 3) faulted at D 72 with tangent before the stride alignment hint (does it still?); the other
+# two are 8-warp, 3-stage versions of listed tiles. Their compile figures: docs/TUNING.md.
 EXTRA = [(64, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 3)]
 
 
@@ -92,20 +88,16 @@ def worker(job: Dict) -> Dict:
     dtype = getattr(torch, job["dtype"])
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v, qd, kd, vd, do = (torch.randn(B, H, N, D, device=device, generator=g).to(dtype) for _ in range(7))
-    out = {"label": config_label(cfg)}
-    try:
-        if kernel == "fwd":
-            def fn():
-                return A.attention_fwd(q, k, v)
-        elif kernel == "fwd_tangent":
-            def fn():
-                return A.attention_fwd(q, k, v, qd, kd, vd)
-        else:
-            o, _, lse = A.attention_fwd(q, k, v)
 
-            def fn():
-                return A.attention_bwd(do, q, k, v, o, lse)
-        got = fn()
+    def prepare():
+        if kernel == "fwd":
+            return lambda: A.attention_fwd(q, k, v)
+        if kernel == "fwd_tangent":
+            return lambda: A.attention_fwd(q, k, v, qd, kd, vd)
+        o, _, lse = A.attention_fwd(q, k, v)
+        return lambda: A.attention_bwd(do, q, k, v, o, lse)
+
+    def check(got):
         if device == "cuda":
             torch.cuda.synchronize()
         f32 = [t.float() for t in (q, k, v, qd, kd, vd)]
@@ -118,12 +110,8 @@ def worker(job: Dict) -> Dict:
             leaves = [t.requires_grad_() for t in f32[:3]]
             A.attention_ref(*leaves).backward(do.float())
             errs = [(a.float() - t.grad).abs().max().item() for a, t in zip(got, leaves)]
-        out.update(status="ok", max_err=max(errs))
-        if job["time"] and device == "cuda":
-            out["ms"] = time_ms(fn)
-    except Exception as e:  # noqa: BLE001 - reported per config, the sweep goes on
-        out.update(failure(e))
-    return out
+        return dict(status="ok", max_err=max(errs))
+    return run_job(job, {"label": config_label(cfg)}, prepare, check)
 
 
 def main(argv=None) -> int:
@@ -153,11 +141,12 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         shape = [1, 2, 33]
         if args.dtype == "bfloat16":
-            args.dtype = "float32"  # the interpreter's bf16 dots are wrong (kernels/attention.py)
+            args.dtype = "float32"  # the interpreter's bf16 dots are wrong (meanflow_fast/kernels/attention.py)
     else:
         import torch
         if not torch.cuda.is_available():
-            print("benchmarks/attention_sweep.py: no CUDA device (use --device cpu for a dry run)", file=sys.stderr)
+            print("benchmarks/tools/attention_sweep.py: no CUDA device (use --device cpu for a dry run)",
+                  file=sys.stderr)
             return 2
 
     os.environ.setdefault("PYTHONPATH", ".")
@@ -169,7 +158,7 @@ def main(argv=None) -> int:
     print(f"attention sweep: {args.kernel}, B,H,N = {shape}, {args.dtype}, dims {dims}, high chunk "
           f"{[h for h in his if h] or 'default'}: {len(jobs)} runs (check in {args.jobs} processes, then time "
           f"one at a time)", flush=True)
-    results = check_then_time("benchmarks.attention_sweep", jobs, args.jobs, args.timeout, args.device == "cuda")
+    results = check_then_time("benchmarks.tools.attention_sweep", jobs, args.jobs, args.timeout, args.device == "cuda")
 
     print(f"\n{'D':>4} {'hi':>4} {'config':<20} {'status':<7} {'max err':>9} {'ms':>8} {'TFLOP/s':>8}")
     for r in sorted(results, key=lambda r: (r["D"], r["hi"] or 0, r.get("ms", float("inf")))):
