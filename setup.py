@@ -11,7 +11,6 @@ setup(
     install_requires=[
         "torch>=2.4,<2.15",  # 2.13 (CPU, CI) and 2.11 (GPU image) both satisfy it
         "triton>=3.2",       # CUDA kernels; on CPU its interpreter (TRITON_INTERPRET=1) runs the tests
-        "einops",
         "numpy",
         "safetensors",
         "tqdm",

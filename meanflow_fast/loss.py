@@ -1,4 +1,5 @@
-"""MeanFlowLoss: the training objective of MeanFlow (arXiv 2505.13447, Algorithm 1; DESIGN.md §1).
+"""MeanFlowLoss: the training objective of MeanFlow (arXiv 2505.13447, Algorithm 1; docs/DESIGN.md,
+"1 The MeanFlow objective").
 
     z_t = (1 − t)·x + t·ε,   v = ε − x
     (u, du/dt) = JVP(u_θ, (z_t, r, t), (ṽ, 0, 1))
@@ -8,15 +9,15 @@
 with the guided velocity (paper eq. 19/21), for samples whose t is in the guidance interval and whose
 class was not dropped:  ṽ = ω·v + κ·u(z_t, t, t | c) + (1 − ω − κ)·u(z_t, t, t | ∅)  (no grad).
 """
-from contextlib import nullcontext
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import time_dtype
 
-__all__ = ["MeanFlowLoss", "sample_t_r"]
+__all__ = ["MeanFlowLoss", "sample_t_r", "check_settings"]
 
 
 def _randn(shape, generator, device, dtype=torch.float32):
@@ -52,6 +53,25 @@ def sample_t_r(batch: int, *, mu: float = -0.4, sigma: float = 1.0, ratio_r_neq_
     return t, r
 
 
+def check_settings(*, time_sigma: float, ratio_r_neq_t: float, guidance_interval: Tuple[float, float],
+                   class_dropout: float, adaptive_p: float, adaptive_c: float,
+                   name: Callable[[str], str] = str) -> None:
+    """Raise ValueError for a MeanFlowLoss setting out of its range. ``name`` spells each setting in the
+    message (``meanflow-train`` passes its flag names: ``time_sigma`` → ``--time-sigma``)."""
+    lo, hi = guidance_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{name('guidance_interval')} must satisfy 0 ≤ T_LO ≤ T_HI ≤ 1, got {lo} {hi}")
+    if not 0.0 <= class_dropout < 1.0:
+        raise ValueError(f"{name('class_dropout')} must be in [0, 1), got {class_dropout}")
+    if not 0.0 <= ratio_r_neq_t <= 1.0:
+        raise ValueError(f"{name('ratio_r_neq_t')} must be in [0, 1], got {ratio_r_neq_t}")
+    if time_sigma <= 0:
+        raise ValueError(f"{name('time_sigma')} must be > 0, got {time_sigma}")
+    if adaptive_c <= 0 or adaptive_p < 0:
+        raise ValueError(f"{name('adaptive_c')} must be > 0 and {name('adaptive_p')} ≥ 0, got "
+                         f"c={adaptive_c}, p={adaptive_p}")
+
+
 class MeanFlowLoss(nn.Module):
     """Drop-in MeanFlow loss. ``loss, stats = MeanFlowLoss(...)(model, x, y)``.
 
@@ -81,15 +101,9 @@ class MeanFlowLoss(nn.Module):
         super().__init__()
         if jvp not in ("auto", "forward_jvp", "func"):
             raise ValueError(f"jvp must be 'auto', 'forward_jvp' or 'func', got {jvp!r}")
-        if not 0.0 <= class_dropout < 1.0:
-            raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
-        if not 0.0 <= ratio_r_neq_t <= 1.0:
-            raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {ratio_r_neq_t}")
+        check_settings(time_sigma=time_sigma, ratio_r_neq_t=ratio_r_neq_t, guidance_interval=guidance_interval,
+                       class_dropout=class_dropout, adaptive_p=adaptive_p, adaptive_c=adaptive_c)
         lo, hi = guidance_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"guidance_interval must satisfy 0 ≤ lo ≤ hi ≤ 1, got {guidance_interval}")
-        if adaptive_c <= 0 or adaptive_p < 0:
-            raise ValueError(f"adaptive_c must be > 0 and adaptive_p ≥ 0, got c={adaptive_c}, p={adaptive_p}")
         self.num_classes = num_classes
         self.time_mu, self.time_sigma, self.ratio_r_neq_t = time_mu, time_sigma, ratio_r_neq_t
         self.omega, self.kappa, self.guidance_interval = omega, kappa, (float(lo), float(hi))
@@ -216,10 +230,6 @@ class MeanFlowLoss(nn.Module):
 
 
 def _jvp_safe_attention():
-    """torch.func.jvp has no forward-AD rule for the flash/efficient SDPA kernels (CPU included):
-    restrict F.scaled_dot_product_attention to the math backend while it runs."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel([SDPBackend.MATH])
-    except ImportError:  # pragma: no cover - older torch
-        return nullcontext()
+    """The fused SDPA kernels (CPU included) have no forward-AD rule: for any model run under
+    torch.func.jvp, restrict F.scaled_dot_product_attention to the math backend."""
+    return sdpa_kernel([SDPBackend.MATH])

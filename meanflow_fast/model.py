@@ -1,13 +1,14 @@
 """The MeanFlow DiT: u_θ(z, r, t | y), with a plain forward and a dual-stream forward_jvp.
 
 Architecture as DiT (Peebles & Xie, 2023) with adaLN-Zero blocks; MeanFlow conditions on (t, t − r)
-with two sinusoidal time embedders summed with the label embedding (DESIGN.md §1):
+with two sinusoidal time embedders summed with the label embedding (docs/DESIGN.md, "2 The dual-stream
+model"):
 
     c = E_t(t) + E_h(t − r) + E_y(y)
 
 ``forward`` runs the primal stream alone, ``forward_jvp`` the primal and the tangent stream (tangents dz,
-dr = 0, dt = 1) op by op with the explicit rules of DESIGN.md §2; both through the backend switch of
-``meanflow_fast.ops`` (``PrimalOps`` / ``DualOps``). With ``backend="triton"`` the plain forward runs
+dr = 0, dt = 1) op by op with the explicit rules of docs/DESIGN.md, "3 JVP rules"; both through the
+backend switch of ``meanflow_fast.ops`` (``PrimalOps`` / ``DualOps``). With ``backend="triton"`` the plain forward runs
 the fused LayerNorm-modulate, gated-residual and fc1 + GELU kernels, with the plain linears and fc2 on
 cuBLAS and attention on torch's SDPA; the conditioning (embedders, adaLN) stays in torch either way.
 Both forwards run each gated residual fused with the LayerNorm-modulate that follows it
@@ -16,7 +17,7 @@ are chained through ``DiTBlock.forward_after_ln`` / ``DiTBlock.forward_jvp_after
 ``DiTBlock.forward`` / ``DiTBlock.forward_jvp`` are one block on its own.
 """
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -49,7 +50,7 @@ class DiTConfig:
     max_period: float = 10000.0
 
 
-# The paper's presets (DESIGN.md §1) and small ones for tests and the demo.
+# The paper's presets (docs/DESIGN.md, "1 The MeanFlow objective") and small ones for tests and the demo.
 PRESETS = {
     "XL/2": dict(depth=28, hidden_size=1152, num_heads=16),
     "L/2": dict(depth=24, hidden_size=1024, num_heads=16),
@@ -441,7 +442,7 @@ class MeanFlowDiT(nn.Module):
                     backend: Optional[str] = None, *, dr: Times = 0.0,
                     dt: Times = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
         """(u, u̇): u(z, r, t | y) and its derivative along the tangent (dz, dr, dt), by the explicit rules
-        of DESIGN.md §2. The default direction (dz, 0, 1) gives MeanFlow's du/dt; ``dr`` and ``dt`` (a
+        of docs/DESIGN.md, "3 JVP rules". The default direction (dz, 0, 1) gives MeanFlow's du/dt; ``dr`` and ``dt`` (a
         float, a 0-d or a (B,) tensor, like r and t) pick another one (e.g. dr = 1, dt = 0 for ∂u/∂r
         along dz, or a per-sample mix), for objectives that differentiate along other directions.
 
@@ -494,6 +495,3 @@ def get_2d_sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     emb = np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
     return torch.from_numpy(emb).float().unsqueeze(0)
 
-
-def config_dict(model: MeanFlowDiT) -> dict:
-    return asdict(model.config)

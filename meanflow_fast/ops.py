@@ -3,7 +3,7 @@
 The DiT's ``forward`` is written once against a ``PrimalOps`` table and its ``forward_jvp`` once
 against a ``DualOps`` table; the backend picks the implementation of each op:
 
-- ``torch``  the pure-torch references of ``kernels/`` (explicit JVP rules, runs anywhere);
+- ``torch``  the pure-torch references of ``meanflow_fast.kernels`` (explicit JVP rules, runs anywhere);
 - ``triton`` the fused Triton kernels (CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``).
 
 A ``DualOps`` op returns ``(y, y_dot)``: ``y`` differentiable, ``y_dot`` without an autograd graph.
@@ -15,6 +15,8 @@ from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad as _forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
 
@@ -56,6 +58,11 @@ class PrimalOps:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # The fused SDPA kernels (flash, memory-efficient, CPU flash) have no forward-AD rule: under forward AD
+    # (torch.func.jvp, forward_ad.dual_level) take the math path, which has one; one global read otherwise.
+    if _forward_ad._current_level >= 0:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -106,8 +113,8 @@ def _triton_primal_ops() -> PrimalOps:
     # weight tile and no epilogue to fuse, a Triton GEMM would at best match it. fc1 + GELU is fused
     # inside ``mlp`` (fc2 is cuBLAS there too).
     # Attention stays on torch's SDPA (FlashAttention-2, or cuDNN/FA3 where torch picks it): for the
-    # primal alone it is the stronger kernel; ours (kernels/attention.py) is built around the tangent
-    # stream (three extra accumulators per query block) and brings nothing to a forward without it.
+    # primal alone it is the stronger kernel; ours (meanflow_fast/kernels/attention.py) is built around
+    # the tangent stream (three extra accumulators per query block) and brings nothing without it.
     return PrimalOps(
         linear=F.linear,
         ln_modulate=_autocast_inputs(ln_modulate),

@@ -1,4 +1,4 @@
-"""Samplers: 1-NFE, 2-NFE and n-step MeanFlow sampling (DESIGN.md §1).
+"""Samplers: 1-NFE, 2-NFE and n-step MeanFlow sampling (docs/DESIGN.md, "1 The MeanFlow objective").
 
     1-NFE:   x = ε − u_θ(ε, r = 0, t = 1 | y)
     n steps: z_r = z_t − (t − r)·u_θ(z_t, r, t | y)   on times 1 = t_0 > t_1 > … > t_n = 0

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 __all__ = ["UsageError", "DistEnv", "init_distributed", "cleanup_distributed", "barrier", "get_logger",
            "resolve_backend", "run_cli", "run_command", "end_process", "positive_int", "nonneg_int",
-           "positive_float", "unit_interval"]
+           "positive_float"]
 
 
 class UsageError(ValueError):
@@ -37,7 +37,6 @@ def _typed(kind, check, allowed: str):
 positive_int = _typed(int, lambda v: v >= 1, "an integer ≥ 1")
 nonneg_int = _typed(int, lambda v: v >= 0, "an integer ≥ 0")
 positive_float = _typed(float, lambda v: v > 0 and v == v and v != float("inf"), "a finite number > 0")
-unit_interval = _typed(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def run_cli(parser: argparse.ArgumentParser, check: Callable, main: Callable, argv: Optional[List[str]] = None):
@@ -67,14 +66,10 @@ def run_command(cli: Callable[[], object]) -> None:
 def end_process(status: int = 0) -> NoReturn:
     """Flush the logs and stdio, then exit at once with ``status``, without the interpreter's teardown.
 
-    For a gloo (CPU) torchrun worker that has finished. torch 2.13's gloo frees finished collectives on
-    its own worker threads, and a collective issued during a backward (DDP's gradient all-reduce) holds
-    that backward's ``contextvars.Context``, whose release takes the GIL. When that release comes while
-    the main thread tears the interpreter down, the worker thread is cancelled inside a destructor and
-    the process aborts after a successful run: "terminate called without an active exception", SIGABRT,
-    about 1 run in 10-40 on a loaded 2-core machine (core dump: ``ProcessGroupGloo::runLoop`` →
-    ``~AsyncWork`` → ``~ThreadLocalState`` → decref of a ``_contextvars.Context``). Whatever a command
-    writes is closed and renamed into place before it returns, so nothing is lost by skipping teardown."""
+    For a finished gloo (CPU) torchrun worker: torch 2.13's gloo can free a collective issued inside a
+    backward on its worker thread while the interpreter tears down, which aborts the process (SIGABRT,
+    "terminate called without an active exception") after a successful run. Whatever a command writes
+    is closed and renamed into place before it returns, so nothing is lost by skipping teardown."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

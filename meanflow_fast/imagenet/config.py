@@ -1,4 +1,5 @@
-"""The paper's ImageNet 256 training defaults, per preset, in one table (DESIGN.md §1).
+"""The paper's ImageNet 256 training defaults, per preset, in one table (docs/DESIGN.md, "1 The
+MeanFlow objective").
 
 Every preset trains on SD-VAE latents (32×32×4, scaled by 0.18215) with global batch 256, Adam
 β = (0.9, 0.95), a constant learning rate 1e−4, EMA 0.9999, 240 epochs, 10% class dropout, (t, r) from
@@ -11,10 +12,9 @@ hyper-parameters.
 """
 from typing import Dict
 
-__all__ = ["TRAIN_PRESETS", "PAPER_PRESETS", "LATENT_SCALE", "DEFAULT_VAE", "LATENT_CHANNELS"]
+__all__ = ["TRAIN_PRESETS", "PAPER_PRESETS", "LATENT_SCALE", "DEFAULT_VAE"]
 
 LATENT_SCALE = 0.18215                       # SD-VAE latent scale (Rombach et al. 2022)
-LATENT_CHANNELS = 4
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"    # the VAE DiT trained with; a local directory works offline
 
 _COMMON = dict(

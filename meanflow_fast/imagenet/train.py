@@ -13,27 +13,30 @@ checkpoint stores the model, EMA, optimizer, step, data position and every RNG s
 ``--resume latest`` continues exactly where the run stopped (bit-for-bit on CPU, same world size).
 """
 import argparse
+import logging
 import math
 import os
 import random
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ..io import atomic_write, remove_stale_tmp
-from ..loss import MeanFlowLoss
+from ..loss import MeanFlowLoss, check_settings
 from ..model import DiTConfig, MeanFlowDiT
 from ..sampling import sample
 from ..training import EMA, BadStepCounter, MeanFlowObjective, NonFiniteTrainingError, train_step
 from .checkpoint import (capture_rng, checkpoint_path, load_checkpoint, optimizer_from_tensors, prefixed,
                          resolve_checkpoint, restore_rng, save_checkpoint)
-from .common import (UsageError, barrier, cleanup_distributed, get_logger, init_distributed, nonneg_int,
+from .common import (DistEnv, UsageError, barrier, cleanup_distributed, get_logger, init_distributed, nonneg_int,
                      positive_float, positive_int, resolve_backend, run_cli, run_command)
 from .config import TRAIN_PRESETS
 from .data import LatentShards, ResumableDistributedSampler
@@ -110,7 +113,7 @@ def latents_to_uint8(z: torch.Tensor) -> np.ndarray:
 # =================================================================================================
 def _precompile_kernels(model, loss_fn, local_batch, amp, device, log):
     """Compile every Triton kernel variant of the training step on all CPU threads before the first step
-    (kernels/precompile.py), instead of one after another inside it. Runs the loss and its gradients once
+    (meanflow_fast/kernels/precompile.py), instead of one after another inside it. Runs the loss and its gradients once
     on a random batch of the step's shape with the kernel launches recorded, not run; nothing is updated
     and neither the data order nor any RNG stream of the run is touched (its own generator), so resumed
     runs stay bit-exact."""
@@ -128,23 +131,92 @@ def _precompile_kernels(model, loss_fn, local_batch, amp, device, log):
     precompile(step, log=log.info)
 
 
-def main(args):
-    env = init_distributed(args.device)
-    device = env.device
+@dataclass
+class FaultPlan:
+    """The faults the reliability tests inject, all set by the hidden ``--debug-*`` flags: a NaN in the
+    batch of chosen steps, a pause after every step (time to SIGKILL the run between checkpoints) and a
+    SIGKILL inside one checkpoint's write (tensors file written, state file not)."""
+    nan_steps: frozenset = frozenset()
+    step_delay: float = 0.0
+    crash_in_checkpoint: Optional[int] = None
+
+    @classmethod
+    def from_args(cls, args) -> "FaultPlan":
+        try:
+            nan_steps = frozenset(_parse_steps(args.debug_nan_steps or ""))
+        except ValueError:
+            raise UsageError(f"--debug-nan-steps must look like '3,5-7', got {args.debug_nan_steps!r}")
+        return cls(nan_steps, args.debug_step_delay, args.debug_crash_in_checkpoint)
+
+    def batch(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        """The batch of ``step`` (counted from 1), poisoned with a NaN when the plan says so."""
+        if step not in self.nan_steps:
+            return x
+        x = x.clone()
+        x[0] = float("nan")
+        return x
+
+    def after_step(self) -> None:
+        if self.step_delay:
+            time.sleep(self.step_delay)
+
+    def checkpoint_crash(self, step: int):
+        """``save_checkpoint``'s crash hook for the checkpoint of ``step``: None, or a SIGKILL of this process."""
+        if self.crash_in_checkpoint != step:
+            return None
+        return lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class _Run:
+    """What setup builds and the resume, loop and checkpoint functions share; ``step``, ``epoch`` and
+    ``pos`` (batches into the epoch) are the data position, ``bad`` counts the skipped steps."""
+    args: argparse.Namespace
+    env: DistEnv
+    log: logging.Logger
+    backend: str
+    amp: Optional[torch.dtype]
+    ckpt_dir: str
+    data: LatentShards
+    sampler: ResumableDistributedSampler
+    local_batch: int
+    steps_per_epoch: int
+    max_steps: int
+    config: DiTConfig
+    model: MeanFlowDiT
+    ema: EMA
+    loss_fn: MeanFlowLoss
+    objective: nn.Module
+    opt: torch.optim.Optimizer
+    seed: int
+    loss_gen: torch.Generator
+    bad: BadStepCounter
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+
+    def advance(self) -> None:
+        """One batch consumed: the step and the data position move on."""
+        self.step += 1
+        self.pos += 1
+        if self.pos == self.steps_per_epoch:
+            self.epoch, self.pos = self.epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------- setup
+def _open_run_dir(args, env: DistEnv) -> str:
+    """Rank 0 makes checkpoints/ and samples/ and clears temp files a kill left; returns checkpoints/."""
     ckpt_dir = os.path.join(args.results_dir, "checkpoints")
     if env.is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
         remove_stale_tmp(ckpt_dir)
     barrier()
-    log = get_logger("train", env.is_main, os.path.join(args.results_dir, "log.txt"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    backend = resolve_backend(args.backend, device)
-    amp = torch.bfloat16 if (device.type == "cuda" and args.precision == "bf16") else None
+    return ckpt_dir
 
-    # ------------------------------------------------------------------- data
+
+def _open_data(args, env: DistEnv):
+    """(data, sampler, local batch, steps per sampler epoch, total steps)."""
     data = LatentShards(args.data_path)
     local_batch = args.global_batch_size // env.world_size
     sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank, shuffle=True,
@@ -155,15 +227,19 @@ def main(args):
                          f"{len(data)} latents (with flips) over {env.world_size} rank(s)")
     # --epochs counts passes over the images (the paper's 240); the flips double the items per sampler epoch.
     max_steps = args.max_steps or math.ceil(args.epochs * data.num_images / args.global_batch_size)
-
-    # ------------------------------------------------------------------- model, EMA, optimizer
-    C, h, w = data.latent_shape
+    _, h, w = data.latent_shape
     if h != w:
         raise UsageError(f"--data-path: latents must be square, got {h}×{w}")
+    return data, sampler, local_batch, steps_per_epoch, max_steps
+
+
+def _build_model(args, env: DistEnv, data: LatentShards, backend: str):
+    """(config, model, EMA, loss, objective: the DDP-wrapped model + loss, optimizer)."""
+    C, h, _ = data.latent_shape
     config = DiTConfig(input_size=h, patch_size=2, in_channels=C, hidden_size=args.hidden_size,
                        depth=args.depth, num_heads=args.num_heads, num_classes=data.num_classes)
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    model = MeanFlowDiT(config, backend=backend).to(device)
+    model = MeanFlowDiT(config, backend=backend).to(env.device)
     ema = EMA(model, decay=args.ema_decay)
     loss_fn = MeanFlowLoss(num_classes=data.num_classes, time_mu=args.time_mu, time_sigma=args.time_sigma,
                            ratio_r_neq_t=args.ratio_r_neq_t, omega=args.omega, kappa=args.kappa,
@@ -174,167 +250,224 @@ def main(args):
     # backward hooks all-reduce every gradient (see meanflow_fast.training).
     objective = MeanFlowObjective(model, loss_fn)
     if env.distributed:
-        # static_graph=True breaks forward_jvp (DESIGN.md §4); the only buffer (pos_embed) is constant.
-        objective = DDP(objective, device_ids=[env.local_rank] if device.type == "cuda" else None,
+        # Not static_graph=True: it breaks forward_jvp. The only buffer (pos_embed) is constant.
+        objective = DDP(objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                         broadcast_buffers=False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
-                           weight_decay=args.weight_decay, fused=device.type == "cuda")
+                           weight_decay=args.weight_decay, fused=env.device.type == "cuda")
     ema.update(model, decay=0.0)  # EMA starts as a copy of the (broadcast) weights
+    return config, model, ema, loss_fn, objective, opt
+
+
+def _setup(args) -> _Run:
+    """Process group, run folder, logger, data, model, optimizer and this rank's seeded RNG streams."""
+    env = init_distributed(args.device)
+    device = env.device
+    ckpt_dir = _open_run_dir(args, env)
+    log = get_logger("train", env.is_main, os.path.join(args.results_dir, "log.txt"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    backend = resolve_backend(args.backend, device)
+    amp = torch.bfloat16 if (device.type == "cuda" and args.precision == "bf16") else None
+    data, sampler, local_batch, steps_per_epoch, max_steps = _open_data(args, env)
+    config, model, ema, loss_fn, objective, opt = _build_model(args, env, data, backend)
     seed = args.global_seed * env.world_size + env.rank
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     loss_gen = torch.Generator(device=device).manual_seed(seed)
+    return _Run(args=args, env=env, log=log, backend=backend, amp=amp, ckpt_dir=ckpt_dir, data=data,
+                sampler=sampler, local_batch=local_batch, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
+                config=config, model=model, ema=ema, loss_fn=loss_fn, objective=objective, opt=opt, seed=seed,
+                loss_gen=loss_gen, bad=BadStepCounter(args.max_bad_steps))
 
-    step, epoch, pos, skipped_total = 0, 0, 0, 0
-    if args.resume:
-        jpath = resolve_checkpoint(args.resume, args.results_dir)
-        meta, tensors = load_checkpoint(jpath, map_location=device)
-        saved = meta.get("args", {})
-        diff = {k: (saved.get(k), getattr(args, k)) for k in MUST_MATCH_ON_RESUME
-                if k in saved and _norm(saved.get(k)) != _norm(getattr(args, k))}
-        if meta["model_config"] != vars_config(config):
-            diff["model_config"] = (meta["model_config"], vars_config(config))
-        if diff:
-            raise UsageError(f"--resume {jpath}: the checkpoint does not match this run: " +
-                             "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-        model.load_state_dict(prefixed(tensors, "model"))
-        ema.load_state_dict(prefixed(tensors, "ema"))
-        optimizer_from_tensors(opt, tensors, meta["optimizer_param_groups"])
-        step, epoch, pos = int(meta["step"]), int(meta["epoch"]), int(meta["epoch_pos"])
-        skipped_total = int(meta.get("skipped_total", 0))
-        if int(meta.get("world_size", -1)) == env.world_size:
-            restore_rng(prefixed(tensors, f"rng.{env.rank}"), meta["rng"][env.rank], loss_gen)
-        else:
-            log.warning(f"warning: checkpoint written with world size {meta.get('world_size')}, now "
+
+# ------------------------------------------------------------------------------------------ resume
+def _resume(run: _Run) -> None:
+    """Load ``--resume``'s checkpoint into the run: weights, EMA, optimizer, data position, skipped-step
+    count and (same world size) every RNG stream of this rank."""
+    args, env = run.args, run.env
+    jpath = resolve_checkpoint(args.resume, args.results_dir)
+    meta, tensors = load_checkpoint(jpath, map_location=env.device)
+    saved = meta.get("args", {})
+    diff = {k: (saved.get(k), getattr(args, k)) for k in MUST_MATCH_ON_RESUME
+            if k in saved and _as_json(saved.get(k)) != _as_json(getattr(args, k))}
+    if meta["model_config"] != asdict(run.config):
+        diff["model_config"] = (meta["model_config"], asdict(run.config))
+    if diff:
+        raise UsageError(f"--resume {jpath}: the checkpoint does not match this run: " +
+                         "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    run.model.load_state_dict(prefixed(tensors, "model"))
+    run.ema.load_state_dict(prefixed(tensors, "ema"))
+    optimizer_from_tensors(run.opt, tensors, meta["optimizer_param_groups"])
+    run.step, run.epoch, run.pos = int(meta["step"]), int(meta["epoch"]), int(meta["epoch_pos"])
+    run.bad.total = int(meta.get("skipped_total", 0))
+    if int(meta.get("world_size", -1)) == env.world_size:
+        restore_rng(prefixed(tensors, f"rng.{env.rank}"), meta["rng"][env.rank], run.loss_gen)
+    else:
+        run.log.warning(f"warning: checkpoint written with world size {meta.get('world_size')}, now "
                         f"{env.world_size}: RNG streams are reseeded (the run continues, not bit-for-bit)")
-            loss_gen.manual_seed(seed + 7919 * step)
-        del tensors
-        if pos >= steps_per_epoch:  # a different world size can shorten the epoch
-            epoch, pos = epoch + 1, 0
-        log.info(f"resumed from {jpath}: step {step}, epoch {epoch}, batch {pos} of {steps_per_epoch}")
+        run.loss_gen.manual_seed(run.seed + 7919 * run.step)
+    del tensors
+    if run.pos >= run.steps_per_epoch:  # a different world size can shorten the epoch
+        run.epoch, run.pos = run.epoch + 1, 0
+    run.log.info(f"resumed from {jpath}: step {run.step}, epoch {run.epoch}, batch {run.pos} of "
+                 f"{run.steps_per_epoch}")
 
-    vae = None
-    if env.is_main and args.vae and args.sample_every:
-        from .vae import load_vae
-        vae = load_vae(args.vae, device)
-    g = torch.Generator().manual_seed(args.global_seed + 1)
-    n_grid = min(args.sample_count, 64)
-    grid_y = (torch.arange(n_grid) * max(1, data.num_classes // max(1, n_grid))) % data.num_classes
-    grid_noise = torch.randn((n_grid, C, h, w), generator=g)
 
-    loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(f"MeanFlow {args.preset}: {n_params / 1e6:.1f}M parameters, latents {C}×{h}×{w}, "
-             f"{data.num_classes} classes, {data.num_images} images (+ flips); {env.world_size} rank(s) × batch "
-             f"{local_batch}; {steps_per_epoch} steps per (image + flip) epoch; {max_steps} steps; backend "
-             f"{backend}, {'bf16 autocast' if amp else 'fp32'} on {device.type}")
-    log.info("hyper-parameters: " + ", ".join(f"{k}={getattr(args, k)}" for k in HYPER_FLAGS))
+# ------------------------------------------------------------------------- checkpoints, sample grids
+def _save(run: _Run, faults: FaultPlan) -> None:
+    """Checkpoint at ``run.step``: every rank's RNG states gathered, rank 0 writes, all wait for it."""
+    env = run.env
+    rt, rj = capture_rng(run.loss_gen)
+    all_rt, all_rj = _gather_objects(rt, env), _gather_objects(rj, env)
+    if env.is_main:
+        state = {"epoch": run.epoch, "epoch_pos": run.pos, "steps_per_epoch": run.steps_per_epoch,
+                 "world_size": env.world_size, "model_config": asdict(run.config),
+                 "args": {k: _as_json(v) for k, v in vars(run.args).items()}, "skipped_total": run.bad.total,
+                 "backend": run.backend}
+        path = save_checkpoint(run.ckpt_dir, run.step, model=run.model, ema_model=run.ema.model, optimizer=run.opt,
+                               state=state, rng_tensors=[{k: v.cpu() for k, v in d.items()} for d in all_rt],
+                               rng_json=all_rj, keep_last=run.args.keep_last,
+                               crash_hook=faults.checkpoint_crash(run.step))
+        run.log.info(f"saved checkpoint {path}")
+    barrier()
 
-    nan_steps = _parse_steps(args.debug_nan_steps or "")
-    bad = BadStepCounter(args.max_bad_steps)
-    bad.total = skipped_total
-    acc = [0.0, 0.0, 0.0, 0.0]  # loss, raw_loss, finite steps, steps
-    t_log, step_log = time.time(), step
 
-    def save(step_now: int):
-        rt, rj = capture_rng(loss_gen)
-        all_rt, all_rj = _gather_objects(rt, env), _gather_objects(rj, env)
-        if env.is_main:
-            crash = None
-            if args.debug_crash_in_checkpoint == step_now:
-                crash = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731 - tests only
-            state = {"epoch": epoch, "epoch_pos": pos, "steps_per_epoch": steps_per_epoch, "world_size": env.world_size,
-                     "model_config": vars_config(config), "args": _jsonable(vars(args)), "skipped_total": bad.total,
-                     "backend": backend}
-            path = save_checkpoint(ckpt_dir, step_now, model=model, ema_model=ema.model, optimizer=opt, state=state,
-                                   rng_tensors=[{k: v.cpu() for k, v in d.items()} for d in all_rt], rng_json=all_rj,
-                                   keep_last=args.keep_last, crash_hook=crash)
-            log.info(f"saved checkpoint {path}")
-        barrier()
+class _SampleGrid:
+    """The EMA model's samples of a fixed noise and label set, written by rank 0 as one PNG per call
+    (decoded by ``--vae``, else the first latent channels). Draws from its own generator only."""
 
-    def sample_grid(step_now: int):
-        if not env.is_main:
+    def __init__(self, run: _Run):
+        args, data = run.args, run.data
+        self.run, self.vae = run, None
+        if run.env.is_main and args.vae and args.sample_every:
+            from .vae import load_vae
+            self.vae = load_vae(args.vae, run.env.device)
+        g = torch.Generator().manual_seed(args.global_seed + 1)
+        self.n = min(args.sample_count, 64)
+        self.y = (torch.arange(self.n) * max(1, data.num_classes // max(1, self.n))) % data.num_classes
+        self.noise = torch.randn((self.n, *data.latent_shape), generator=g)
+
+    def __call__(self, step: int) -> None:
+        run = self.run
+        if not run.env.is_main:
             return
+        device, amp = run.env.device, run.amp
         with torch.no_grad(), torch.autocast("cuda", dtype=amp, enabled=amp is not None):
-            z = sample(ema.model, grid_y.to(device), noise=grid_noise.to(device)).float()
-        if vae is not None:
+            z = sample(run.ema.model, self.y.to(device), noise=self.noise.to(device)).float()
+        if self.vae is not None:
             from .vae import decode_to_uint8
-            imgs = decode_to_uint8(vae, z).cpu().numpy()
+            imgs = decode_to_uint8(self.vae, z).cpu().numpy()
         else:
             imgs = latents_to_uint8(z)
-        path = os.path.join(args.results_dir, "samples", f"{step_now:07d}.png")
-        _grid_png(imgs, path, nrow=int(math.ceil(math.sqrt(n_grid))))
-        log.info(f"wrote sample grid {path}")
+        path = os.path.join(run.args.results_dir, "samples", f"{step:07d}.png")
+        _grid_png(imgs, path, nrow=int(math.ceil(math.sqrt(self.n))))
+        run.log.info(f"wrote sample grid {path}")
 
-    if device.type == "cuda" and backend == "triton" and step < max_steps:
-        _precompile_kernels(model, loss_fn, local_batch, amp, device, log)
-    objective.train()
+
+# -------------------------------------------------------------------------------------------- loop
+class _Progress:
+    """The loss of the steps since the last log line, summed over the ranks when it is logged."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.acc = [0.0, 0.0, 0.0, 0.0]  # loss, raw_loss, finite steps, steps
+        self.t_log, self.step_log = time.time(), run.step
+
+    def observe(self, stats: Dict[str, float]) -> None:
+        if not stats["skipped"]:
+            self.acc[0] += stats["loss"]
+            self.acc[1] += stats["raw_loss"]
+            self.acc[2] += 1
+        self.acc[3] += 1
+
+    def log(self, stats: Dict[str, float]) -> None:
+        run = self.run
+        device = run.env.device
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        loss_sum, raw_sum, n_ok, _ = _sum_over_ranks(self.acc, run.env)
+        dt = time.time() - self.t_log
+        ips = (run.step - self.step_log) * run.args.global_batch_size / max(dt, 1e-9)
+        run.log.info(f"step {run.step:07d}/{run.max_steps} | loss {loss_sum / max(n_ok, 1):.4f} | raw loss "
+                     f"{raw_sum / max(n_ok, 1):.4f} | {ips:.1f} images/s | grad norm {stats['grad_norm']:.3g}"
+                     f" | skipped {run.bad.total} | epoch {run.epoch}{peak_memory_note(device)}")
+        self.acc, self.t_log, self.step_log = [0.0, 0.0, 0.0, 0.0], time.time(), run.step
+
+
+def _train_loop(run: _Run, loader: DataLoader, grid: _SampleGrid, faults: FaultPlan) -> None:
+    """Steps until ``max_steps``: a non-finite step is skipped and counted, ``--max-bad-steps`` in a row
+    raise NonFiniteTrainingError; logs, sample grids and checkpoints at their intervals."""
+    args, device = run.args, run.env.device
+    progress = _Progress(run)
+    if device.type == "cuda" and run.backend == "triton" and run.step < run.max_steps:
+        _precompile_kernels(run.model, run.loss_fn, run.local_batch, run.amp, device, run.log)
+    run.objective.train()
+    while run.step < run.max_steps:
+        run.sampler.set_position(run.epoch, run.pos * run.local_batch)
+        for x, y in loader:
+            x = faults.batch(run.step + 1, x.to(device, non_blocking=True))
+            y = y.to(device, non_blocking=True)
+            stats = train_step(run.objective, None, run.opt, x, y, ema=run.ema, generator=run.loss_gen,
+                               autocast_dtype=run.amp, max_grad_norm=args.max_grad_norm)
+            run.advance()
+            skipped = bool(stats["skipped"])
+            if skipped:
+                run.log.warning(f"warning: step {run.step}: non-finite loss or gradient, step skipped "
+                                f"({run.bad.consecutive + 1} in a row, {run.bad.total + 1} in total)")
+            run.bad.observe(skipped, run.step)
+            progress.observe(stats)
+            faults.after_step()
+            if run.step % args.log_every == 0 or run.step == run.max_steps:
+                progress.log(stats)
+            if args.sample_every and run.step % args.sample_every == 0:
+                grid(run.step)
+            if run.step % args.ckpt_every == 0 or run.step == run.max_steps:
+                _save(run, faults)
+            if run.step >= run.max_steps:
+                break
+
+
+def main(args):
+    """Train (``args`` checked by ``check_args``); returns the last checkpoint's JSON path."""
+    faults = FaultPlan.from_args(args)
+    run = _setup(args)
+    if args.resume:
+        _resume(run)
+    grid = _SampleGrid(run)
+    loader = DataLoader(run.data, batch_size=run.local_batch, sampler=run.sampler, num_workers=args.num_workers,
+                        pin_memory=run.env.device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(run.seed))
+    _log_run(run)
     try:
-        while step < max_steps:
-            sampler.set_position(epoch, pos * local_batch)
-            for x, y in loader:
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if step + 1 in nan_steps:  # hidden test flag: poison this step's batch
-                    x = x.clone()
-                    x[0] = float("nan")
-                stats = train_step(objective, None, opt, x, y, ema=ema, generator=loss_gen,
-                                   autocast_dtype=amp, max_grad_norm=args.max_grad_norm)
-                step += 1
-                pos += 1
-                if pos == steps_per_epoch:
-                    epoch, pos = epoch + 1, 0
-                if stats["skipped"]:
-                    log.warning(f"warning: step {step}: non-finite loss or gradient, step skipped "
-                                f"({bad.consecutive + 1} in a row, {bad.total + 1} in total)")
-                bad.observe(bool(stats["skipped"]), step)
-                if not stats["skipped"]:
-                    acc[0] += stats["loss"]
-                    acc[1] += stats["raw_loss"]
-                    acc[2] += 1
-                acc[3] += 1
-                if args.debug_step_delay:
-                    time.sleep(args.debug_step_delay)
-                if step % args.log_every == 0 or step == max_steps:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    loss_sum, raw_sum, n_ok, _ = _sum_over_ranks(acc, env)
-                    dt = time.time() - t_log
-                    ips = (step - step_log) * args.global_batch_size / max(dt, 1e-9)
-                    log.info(f"step {step:07d}/{max_steps} | loss {loss_sum / max(n_ok, 1):.4f} | raw loss "
-                             f"{raw_sum / max(n_ok, 1):.4f} | {ips:.1f} images/s | grad norm {stats['grad_norm']:.3g}"
-                             f" | skipped {bad.total} | epoch {epoch}{peak_memory_note(device)}")
-                    acc, t_log, step_log = [0.0, 0.0, 0.0, 0.0], time.time(), step
-                if args.sample_every and step % args.sample_every == 0:
-                    sample_grid(step)
-                if step % args.ckpt_every == 0 or step == max_steps:
-                    save(step)
-                if step >= max_steps:
-                    break
+        _train_loop(run, loader, grid, faults)
     except NonFiniteTrainingError as e:
-        log.error(f"error: {e}")
+        run.log.error(f"error: {e}")
         cleanup_distributed()
         raise SystemExit(f"meanflow-train: {e}")
-    log.info(f"done: {step} steps, {bad.total} skipped; checkpoints in {ckpt_dir}")
+    run.log.info(f"done: {run.step} steps, {run.bad.total} skipped; checkpoints in {run.ckpt_dir}")
     barrier()
-    del objective  # DDP's reducer goes before the process group it holds
+    run.objective = None  # DDP's reducer goes before the process group it holds
     cleanup_distributed()
-    return checkpoint_path(ckpt_dir, step)[1]
+    return checkpoint_path(run.ckpt_dir, run.step)[1]
 
 
-def vars_config(config: DiTConfig) -> dict:
-    return asdict(config)
+def _log_run(run: _Run) -> None:
+    args, data = run.args, run.data
+    C, h, w = data.latent_shape
+    n_params = sum(p.numel() for p in run.model.parameters())
+    run.log.info(f"MeanFlow {args.preset}: {n_params / 1e6:.1f}M parameters, latents {C}×{h}×{w}, "
+                 f"{data.num_classes} classes, {data.num_images} images (+ flips); {run.env.world_size} rank(s) × "
+                 f"batch {run.local_batch}; {run.steps_per_epoch} steps per (image + flip) epoch; {run.max_steps} "
+                 f"steps; backend {run.backend}, {'bf16 autocast' if run.amp else 'fp32'} on {run.env.device.type}")
+    run.log.info("hyper-parameters: " + ", ".join(f"{k}={getattr(args, k)}" for k in HYPER_FLAGS))
 
 
-def _norm(v):
+def _as_json(v):
+    """A flag's value as the checkpoint's JSON holds it (tuples become lists)."""
     return list(v) if isinstance(v, tuple) else v
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 # =================================================================================================
@@ -385,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-bad-steps", type=positive_int, default=20,
                    help="stop after this many consecutive steps with a non-finite loss or gradient")
     g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    # Fault injection for the reliability tests (hidden).
+    # Fault injection for the reliability tests (hidden; read by FaultPlan).
     p.add_argument("--debug-nan-steps", default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--debug-crash-in-checkpoint", type=int, default=None, help=argparse.SUPPRESS)
@@ -414,17 +547,13 @@ def check_args(args) -> None:
         raise UsageError(f"--adam-betas must both be in [0, 1), got {b1} {b2}")
     if args.weight_decay < 0:
         raise UsageError(f"--weight-decay must be ≥ 0, got {args.weight_decay}")
-    lo, hi = args.guidance_interval
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise UsageError(f"--guidance-interval must satisfy 0 ≤ T_LO ≤ T_HI ≤ 1, got {lo} {hi}")
-    if not 0.0 <= args.class_dropout < 1.0:
-        raise UsageError(f"--class-dropout must be in [0, 1), got {args.class_dropout}")
-    if not 0.0 <= args.ratio_r_neq_t <= 1.0:
-        raise UsageError(f"--ratio-r-neq-t must be in [0, 1], got {args.ratio_r_neq_t}")
-    if args.time_sigma <= 0:
-        raise UsageError(f"--time-sigma must be > 0, got {args.time_sigma}")
-    if args.adaptive_c <= 0 or args.adaptive_p < 0:
-        raise UsageError(f"--adaptive-c must be > 0 and --adaptive-p ≥ 0, got {args.adaptive_c}, {args.adaptive_p}")
+    try:
+        check_settings(time_sigma=args.time_sigma, ratio_r_neq_t=args.ratio_r_neq_t,
+                       guidance_interval=tuple(args.guidance_interval), class_dropout=args.class_dropout,
+                       adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c,
+                       name=lambda setting: "--" + setting.replace("_", "-"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.hidden_size % args.num_heads:
         raise UsageError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-heads ({args.num_heads})")
     if not os.path.isdir(args.data_path):
@@ -436,11 +565,7 @@ def check_args(args) -> None:
         resolve_checkpoint(args.resume, args.results_dir)
     if args.vae and args.sample_every and os.path.sep in args.vae and not os.path.isdir(args.vae):
         raise UsageError(f"--vae {args.vae} is not a directory")
-    if args.debug_nan_steps:
-        try:
-            _parse_steps(args.debug_nan_steps)
-        except ValueError:
-            raise UsageError(f"--debug-nan-steps must look like '3,5-7', got {args.debug_nan_steps!r}")
+    FaultPlan.from_args(args)
 
 
 def cli(argv=None):
