@@ -21,7 +21,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (benchmarks time GPU kernels)", allow_module_level=True)
 
 from meanflow_fast.kernels import config  # noqa: E402
-from meanflow_fast.kernels.gated_residual import gated_residual_jvp, gated_residual_jvp_ref, gated_residual_ref  # noqa: E402
+from meanflow_fast.kernels.gated_residual import (gated_residual_jvp, gated_residual_jvp_ref,  # noqa: E402
+                                                  gated_residual_ref)
 import meanflow_fast.kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
 from meanflow_fast.kernels.layernorm_modulate import ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref  # noqa: E402
 from meanflow_fast.kernels.linear import dual_linear_fwd  # noqa: E402

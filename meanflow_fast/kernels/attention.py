@@ -285,8 +285,9 @@ def _attn_fwd_jvp_kernel(
 ):
     """O, LSE and Ȯ for BLOCK_M queries of one (b, h), in one pass over the key blocks: each K, V, K̇, V̇
     tile is loaded once. The state is (m, l, acc_o) of the online softmax plus, for the tangent,
-    r = Σ P̃ ⊙ (Ṡ − c) and acc_d = Σ (P̃ ⊙ (Ṡ − c))V + P̃V̇ (the
-    acc_g + acc_t of docs/DESIGN.md, JVP rules: attention: only their sum is used, so one accumulator). At the end O = acc_o/l, Ȯ = acc_d/l − (r/l)·O.
+    r = Σ P̃ ⊙ (Ṡ − c) and acc_d = Σ (P̃ ⊙ (Ṡ − c))V + P̃V̇ (the acc_g + acc_t of docs/DESIGN.md, JVP
+    rules: attention; only their sum is used, so one accumulator). At the end O = acc_o/l,
+    Ȯ = acc_d/l − (r/l)·O.
     Every (BLOCK_M, D) quantity is held as two column chunks (see the head-dim note above)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -579,7 +580,7 @@ def _resolve_scale(q: torch.Tensor, scale) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else _check_scale(scale)
 
 
-def _check_inputs(tensors, fake: bool = False) -> None:
+def _check_attention_inputs(tensors, fake: bool = False) -> None:
     """Validate (name, tensor) pairs: each 4-D (B, H, N, D), all alike in shape, dtype and device.
     ``fake``: called on FakeTensors while tracing (torch.compile), where the device is not launched on."""
     for name, t in tensors:
@@ -669,7 +670,7 @@ def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale: Optional[f
         named = [("q", q), ("k", k), ("v", v)]
         if has_tangent:
             named += [("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)]
-        _check_inputs(named)
+        _check_attention_inputs(named)
         sm_scale = _resolve_scale(q, scale)
     else:
         sm_scale = scale
@@ -707,7 +708,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None, 
     given ((B, H, N, D) tensors with unit stride on D, e.g. views of one packed gradient).
     ``check=False``: the caller has validated the inputs and passes the scale as a float."""
     if check:
-        _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)])
+        _check_attention_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)])
         if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
             raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])} on {q.device}, got "
                              f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
@@ -774,7 +775,7 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_attn_fwd_op.register_fake
 def _attn_fwd_fake(q, k, v, scale):
-    _check_inputs([("q", q), ("k", k), ("v", v)], fake=True)
+    _check_attention_inputs([("q", q), ("k", k), ("v", v)], fake=True)
     return _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -787,7 +788,7 @@ def _attn_fwd_jvp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: t
 
 @_attn_fwd_jvp_op.register_fake
 def _attn_fwd_jvp_fake(q, k, v, q_dot, k_dot, v_dot, scale):
-    _check_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)],
+    _check_attention_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)],
                   fake=True)
     return _empty_bnhd(q), _empty_bnhd(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -800,7 +801,7 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 @_attn_bwd_op.register_fake
 def _attn_bwd_fake(do, q, k, v, o, lse, scale):
-    _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)], fake=True)
+    _check_attention_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)], fake=True)
     return _empty_bnhd(q), _empty_bnhd(q), _empty_bnhd(q)
 
 
@@ -818,7 +819,7 @@ def _attn_bwd_qkv_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 @_attn_bwd_qkv_op.register_fake
 def _attn_bwd_qkv_fake(do, q, k, v, o, lse, scale):
-    _check_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)], fake=True)
+    _check_attention_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)], fake=True)
     B, H, N, D = q.shape
     return q.new_empty((B, N, 3, H, D))
 
@@ -954,7 +955,7 @@ _AttentionWithoutJvp = AttentionFunction.without_jvp
 def attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(scale·QKᵀ)·V for (B, H, N, D) inputs (fp32/fp16/bf16, D in SUPPORTED_HEAD_DIMS, any N ≥ 1,
     any strides), scale defaulting to 1/sqrt(D). Differentiable in reverse and forward mode."""
-    _check_inputs([("q", q), ("k", k), ("v", v)])
+    _check_attention_inputs([("q", q), ("k", k), ("v", v)])
     o, _ = pick_function(AttentionFunction, _AttentionWithoutJvp).apply(q, k, v, _resolve_scale(q, scale))
     return o
 
@@ -962,7 +963,7 @@ def attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
 def attention_jvp(q, k, v, q_dot, k_dot, v_dot,
                   scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(O, Ȯ) in one fused pass. O is differentiable in Q, K, V; Ȯ carries no autograd graph."""
-    _check_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)])
+    _check_attention_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)])
     o, o_dot, _ = AttentionJVPFunction.apply(q, k, v, q_dot, k_dot, v_dot,
                                              _resolve_scale(q, scale))
     return o, o_dot
@@ -978,6 +979,6 @@ def attention_jvp_qkv(qkv, qkv_dot, num_heads: int,
     _check_qkv("qkv_dot", qkv_dot, num_heads)
     q, k, v = _qkv_views(qkv, num_heads)
     q_dot, k_dot, v_dot = _qkv_views(qkv_dot, num_heads)
-    _check_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)])
+    _check_attention_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)])
     o, o_dot, _ = AttentionQKVJVPFunction.apply(qkv, qkv_dot, num_heads, _resolve_scale(q, scale))
     return o, o_dot

@@ -26,7 +26,7 @@ from meanflow_fast.kernels.gated_residual_ln import (gated_residual_ln, gated_re
 from meanflow_fast.kernels.layernorm_modulate import ln_modulate, ln_modulate_jvp, ln_modulate_jvp_ref, ln_modulate_ref
 from meanflow_fast.kernels.linear import linear_jvp, linear_jvp_ref, linear_ref
 from meanflow_fast.kernels.mlp import mlp, mlp_jvp, mlp_jvp_ref, mlp_ref
-from tests.helpers import HAS_CUDA, assert_within_torch, rel_err
+from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Floor added to 2× torch's error, in ‖·‖-relative error: ~1/4 of the unit roundoff of each dtype
@@ -539,3 +539,14 @@ def check_second_transform_level_refuses(name):
         # them first, with its own error)
         with pytest.raises((NotImplementedError, RuntimeError), match="not differentiable|implement the jvp"):
             second()
+
+
+def torch_func_cases(grad=(), grad_bf16_gpu=(), vjp_after=(), second_level=()):
+    """One op file's reverse-mode checks under torch.func, as ``(check, name)`` parameters of a single
+    test; every check is called ``check(name, seed)``."""
+    def params(kind, names, check, marks=()):
+        return [pytest.param(check, n, id=f"{kind}-{n}", marks=marks) for n in names]
+    return (params("grad", grad, check_func_grad)
+            + params("grad-bf16-gpu", grad_bf16_gpu, lambda n, _: check_func_grad_bf16(n), requires_cuda)
+            + params("vjp-after", vjp_after, lambda n, _: check_func_vjp_called_after_the_transform(n))
+            + params("second-level", second_level, lambda n, _: check_second_transform_level_refuses(n)))

@@ -20,8 +20,7 @@ from meanflow_fast.kernels.attention import (
     attention_ref,
 )
 from tests.helpers import HAS_CUDA, OpLog, requires_cuda
-from tests.kernels.cases import (check_func_grad, check_func_grad_bf16, check_func_vjp_called_after_the_transform,
-                                 check_second_transform_level_refuses)
+from tests.kernels.cases import (torch_func_cases)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -389,25 +388,13 @@ def test_value_errors(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Reverse mode under torch.func
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["attention", "attention_jvp", "attention_jvp_qkv"])
-def test_func_grad_equals_autograd_and_the_reference(name, seed):
-    check_func_grad(name, seed)
-
-
-@requires_cuda
-@pytest.mark.parametrize("name", ["attention_jvp_qkv"])
-def test_func_grad_equals_autograd_bf16_on_gpu(name):
-    check_func_grad_bf16(name)
-
-
-@pytest.mark.parametrize("name", ["attention"])
-def test_func_vjp_called_after_the_transform(name):
-    check_func_vjp_called_after_the_transform(name)
-
-
-@pytest.mark.parametrize("name", ["attention"])
-def test_second_transform_level_refuses(name):
-    check_second_transform_level_refuses(name)
+@pytest.mark.parametrize("check,name", torch_func_cases(
+    grad=["attention", "attention_jvp", "attention_jvp_qkv"],
+    grad_bf16_gpu=["attention_jvp_qkv"],
+    vjp_after=["attention"],
+    second_level=["attention"]))
+def test_reverse_mode_under_torch_func(check, name, seed):
+    check(name, seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ import torch
 import meanflow_fast.kernels.gated_residual as gated_mod
 from meanflow_fast.kernels.gated_residual import gated_residual, gated_residual_fwd, gated_residual_jvp
 from tests.helpers import HAS_CUDA, requires_cuda
-from tests.kernels.cases import (OPS, assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream,
-                                 check_backward_token_loop, check_bf16_dit_b2, no_interpreter_calls,
-                                 check_func_grad, check_jvp_ref_matches_func_jvp, check_func_jvp_over_primal,
-                                 check_kernel_matches_reference, check_primal_bf16_dit_b2,
+from tests.kernels.cases import (torch_func_cases, OPS, assert_opcheck,
+                                 check_backward_saves_nothing_of_the_tangent_stream, check_backward_token_loop,
+                                 check_bf16_dit_b2, no_interpreter_calls, check_jvp_ref_matches_func_jvp,
+                                 check_func_jvp_over_primal, check_kernel_matches_reference, check_primal_bf16_dit_b2,
                                  check_primal_kernel_matches_reference, check_primal_saves, f32, kernel_cases)
 
 
@@ -117,6 +117,6 @@ def test_invalid_inputs_raise_value_error(call, match):
 # =================================================================================================
 #                         Reverse mode under torch.func
 # =================================================================================================
-@pytest.mark.parametrize("name", ["gated_residual", "gated_residual_jvp"])
-def test_func_grad_equals_autograd_and_the_reference(name, seed):
-    check_func_grad(name, seed)
+@pytest.mark.parametrize("check,name", torch_func_cases(grad=["gated_residual", "gated_residual_jvp"]))
+def test_reverse_mode_under_torch_func(check, name, seed):
+    check(name, seed)

@@ -12,9 +12,7 @@ import meanflow_fast.kernels.gated_residual_ln as grl
 from meanflow_fast.kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp,
                                                      gated_residual_ln_jvp_ref, gated_residual_ln_ref)
 from tests.helpers import assert_within_torch, rel_err, requires_cuda
-from tests.kernels.cases import (FLOOR, check_func_grad, check_func_grad_bf16,
-                                 check_func_vjp_called_after_the_transform, check_second_transform_level_refuses,
-                                 factor, modulation, rand, strided)
+from tests.kernels.cases import (torch_func_cases, FLOOR, factor, modulation, rand, strided)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -128,12 +126,13 @@ def test_backward_saves_nothing_of_the_tangent_stream():
 
 
 def test_backward_launch_shapes():
-    """Worked by hand from the rule in ``_gated_residual_ln_bwd_launch``: whole-row steps of ~2048 elements, at least 8
-    tokens per program, more steps past ~16 k tiles."""
-    assert grl._gated_residual_ln_bwd_launch(128, 256, 1024, True) == (2, 8)    # DiT-B/2 batch 128: 4 steps of 2 rows
-    assert grl._gated_residual_ln_bwd_launch(64, 256, 2048, True) == (1, 8)     # DiT-XL/2 batch 64 (D 1152): 8 steps of 1 row
-    assert grl._gated_residual_ln_bwd_launch(1024, 256, 1024, True) == (2, 16)  # 131072 tiles: 8 steps per program
-    assert grl._gated_residual_ln_bwd_launch(2, 7, 64, False) == (32, 32)       # the interpreter: one 32-row step
+    """Worked by hand from the rule in ``_gated_residual_ln_bwd_launch``: whole-row steps of ~2048
+    elements, at least 8 tokens per program, more steps past ~16 k tiles."""
+    launch = grl._gated_residual_ln_bwd_launch
+    assert launch(128, 256, 1024, True) == (2, 8)    # DiT-B/2 batch 128: 4 steps of 2 rows
+    assert launch(64, 256, 2048, True) == (1, 8)     # DiT-XL/2 batch 64 (D 1152): 8 steps of 1 row
+    assert launch(1024, 256, 1024, True) == (2, 16)  # 131072 tiles: 8 steps per program
+    assert launch(2, 7, 64, False) == (32, 32)       # the interpreter: one 32-row step
 
 
 def test_bad_input_names_the_argument():
@@ -294,22 +293,10 @@ def test_primal_bf16_dit_b2_shapes_on_gpu():
 # =================================================================================================
 #                         Reverse mode under torch.func
 # =================================================================================================
-@pytest.mark.parametrize("name", ["gated_residual_ln", "gated_residual_ln_jvp"])
-def test_func_grad_equals_autograd_and_the_reference(name, seed):
-    check_func_grad(name, seed)
-
-
-@requires_cuda
-@pytest.mark.parametrize("name", ["gated_residual_ln_jvp"])
-def test_func_grad_equals_autograd_bf16_on_gpu(name):
-    check_func_grad_bf16(name)
-
-
-@pytest.mark.parametrize("name", ["gated_residual_ln"])
-def test_func_vjp_called_after_the_transform(name):
-    check_func_vjp_called_after_the_transform(name)
-
-
-@pytest.mark.parametrize("name", ["gated_residual_ln_jvp"])
-def test_second_transform_level_refuses(name):
-    check_second_transform_level_refuses(name)
+@pytest.mark.parametrize("check,name", torch_func_cases(
+    grad=["gated_residual_ln", "gated_residual_ln_jvp"],
+    grad_bf16_gpu=["gated_residual_ln_jvp"],
+    vjp_after=["gated_residual_ln"],
+    second_level=["gated_residual_ln_jvp"]))
+def test_reverse_mode_under_torch_func(check, name, seed):
+    check(name, seed)

@@ -7,9 +7,9 @@ import meanflow_fast.kernels.layernorm_modulate as ln_mod
 from meanflow_fast.kernels.layernorm_modulate import (ln_modulate, ln_modulate_fwd, ln_modulate_jvp,
                                                       ln_modulate_jvp_ref, ln_modulate_ref)
 from tests.helpers import HAS_CUDA, rel_err, requires_cuda
-from tests.kernels.cases import (OPS, assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream,
-                                 check_backward_token_loop, check_bf16_dit_b2, no_interpreter_calls,
-                                 check_func_grad, check_func_grad_bf16, check_func_jvp_over_primal,
+from tests.kernels.cases import (torch_func_cases, OPS, assert_opcheck,
+                                 check_backward_saves_nothing_of_the_tangent_stream, check_backward_token_loop,
+                                 check_bf16_dit_b2, no_interpreter_calls, check_func_jvp_over_primal,
                                  check_jvp_ref_matches_func_jvp, check_kernel_matches_reference,
                                  check_primal_bf16_dit_b2, check_primal_kernel_matches_reference, check_primal_saves,
                                  f32, kernel_cases, make_ln)
@@ -158,12 +158,8 @@ def test_invalid_inputs_raise_value_error(call, match):
 # =================================================================================================
 #                         Reverse mode under torch.func
 # =================================================================================================
-@pytest.mark.parametrize("name", ["ln_modulate", "ln_modulate_jvp"])
-def test_func_grad_equals_autograd_and_the_reference(name, seed):
-    check_func_grad(name, seed)
-
-
-@requires_cuda
-@pytest.mark.parametrize("name", ["ln_modulate"])
-def test_func_grad_equals_autograd_bf16_on_gpu(name):
-    check_func_grad_bf16(name)
+@pytest.mark.parametrize("check,name", torch_func_cases(
+    grad=["ln_modulate", "ln_modulate_jvp"],
+    grad_bf16_gpu=["ln_modulate"]))
+def test_reverse_mode_under_torch_func(check, name, seed):
+    check(name, seed)

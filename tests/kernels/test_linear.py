@@ -6,9 +6,8 @@ import torch
 from meanflow_fast.kernels import config
 from meanflow_fast.kernels.linear import dual_linear_fwd, linear_jvp, linear_jvp_ref
 from tests.helpers import HAS_CUDA, rel_err, requires_cuda
-from tests.kernels.cases import (assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream,
-                                 check_bf16_dit_b2, no_interpreter_calls, check_func_grad,
-                                 check_func_grad_bf16, check_jvp_ref_matches_func_jvp,
+from tests.kernels.cases import (torch_func_cases, assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream,
+                                 check_bf16_dit_b2, no_interpreter_calls, check_jvp_ref_matches_func_jvp,
                                  check_kernel_matches_reference, f32, kernel_cases, make_linear)
 
 
@@ -87,15 +86,9 @@ def test_primal_custom_ops_pass_opcheck():
 # =================================================================================================
 #                         Reverse mode under torch.func
 # =================================================================================================
-@pytest.mark.parametrize("name", ["linear_jvp"])
-def test_func_grad_equals_autograd_and_the_reference(name, seed):
-    check_func_grad(name, seed)
-
-
-@requires_cuda
-@pytest.mark.parametrize("name", ["linear_jvp"])
-def test_func_grad_equals_autograd_bf16_on_gpu(name):
-    check_func_grad_bf16(name)
+@pytest.mark.parametrize("check,name", torch_func_cases(grad=["linear_jvp"], grad_bf16_gpu=["linear_jvp"]))
+def test_reverse_mode_under_torch_func(check, name, seed):
+    check(name, seed)
 
 
 # =================================================================================================

@@ -10,14 +10,12 @@ from meanflow_fast.kernels import config
 from meanflow_fast.kernels.linear import dual_linear_fwd
 from meanflow_fast.kernels.mlp import gelu_bwd, gelu_tanh_grad, mlp, mlp_jvp, mlp_jvp_ref, mlp_ref
 from tests.helpers import HAS_CUDA, OpLog, assert_within_torch, rel_err, requires_cuda
-from tests.kernels.cases import (DEVICE, FLOOR, OPS, check_backward_saves_nothing_of_the_tangent_stream,
-                                 check_bf16_dit_b2, no_interpreter_calls, check_func_grad,
-                                 check_func_grad_bf16, check_func_jvp_over_primal,
-                                 check_func_vjp_called_after_the_transform, check_jvp_ref_matches_func_jvp,
+from tests.kernels.cases import (torch_func_cases, DEVICE, FLOOR, OPS,
+                                 check_backward_saves_nothing_of_the_tangent_stream, check_bf16_dit_b2,
+                                 no_interpreter_calls, check_func_jvp_over_primal, check_jvp_ref_matches_func_jvp,
                                  check_kernel_matches_reference, check_primal_bf16_dit_b2,
-                                 check_primal_kernel_matches_reference, check_primal_saves,
-                                 check_second_transform_level_refuses, dit_case, f32, factor, fp32_matmuls,
-                                 jvp_args, kernel_cases, make_mlp, rand, strided, to)
+                                 check_primal_kernel_matches_reference, check_primal_saves, dit_case, f32, factor,
+                                 fp32_matmuls, jvp_args, kernel_cases, make_mlp, rand, strided, to)
 
 
 # =================================================================================================
@@ -240,22 +238,10 @@ def test_invalid_inputs_raise_value_error(call, match):
 # =================================================================================================
 #                         Reverse mode under torch.func
 # =================================================================================================
-@pytest.mark.parametrize("name", ["mlp", "mlp_jvp"])
-def test_func_grad_equals_autograd_and_the_reference(name, seed):
-    check_func_grad(name, seed)
-
-
-@requires_cuda
-@pytest.mark.parametrize("name", ["mlp_jvp"])
-def test_func_grad_equals_autograd_bf16_on_gpu(name):
-    check_func_grad_bf16(name)
-
-
-@pytest.mark.parametrize("name", ["mlp_jvp"])
-def test_func_vjp_called_after_the_transform(name):
-    check_func_vjp_called_after_the_transform(name)
-
-
-@pytest.mark.parametrize("name", ["mlp"])
-def test_second_transform_level_refuses(name):
-    check_second_transform_level_refuses(name)
+@pytest.mark.parametrize("check,name", torch_func_cases(
+    grad=["mlp", "mlp_jvp"],
+    grad_bf16_gpu=["mlp_jvp"],
+    vjp_after=["mlp_jvp"],
+    second_level=["mlp"]))
+def test_reverse_mode_under_torch_func(check, name, seed):
+    check(name, seed)
