@@ -464,10 +464,9 @@ class MeanFlowDiT(nn.Module):
         x = self.patchify(z) + self.pos_embed.to(z.dtype)
         with torch.no_grad():
             x_dot = self.patchify(dz.to(z.dtype), bias=False)
-        # Every gated residual is fused with the LayerNorm-modulate that follows it (the next block's
-        # first, or the final layer's: ``ops.gated_residual_ln``), so each block's adaLN chunks are made
-        # first and each block gets the next one's. The first LayerNorm-modulate runs alone. Every adaLN
-        # takes SiLU(c): computed once (with its tangent) for all of them, not once per block.
+        # Each gated residual is fused with the LayerNorm-modulate after it (``ops.gated_residual_ln``), so
+        # every block's adaLN chunks are made up front and each block gets the next one's; SiLU(c) and its
+        # tangent are computed once for all adaLN modulations.
         a, a_dot = silu_jvp(c, c_dot)
         mods = [block.modulation_jvp(a, a_dot) for block in self.blocks]
         lns = [block.ln(mod, 1) for block, mod in zip(self.blocks, mods)] + [self.final_layer.ln_jvp(a, a_dot)]

@@ -12,6 +12,25 @@ as ``torch.library`` custom ops ``meanflow_fast::attn_fwd``, ``::attn_fwd_jvp``,
     o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)     # fused dual stream; o_dot has no graph
     o, o_dot = attention_jvp_qkv(qkv, qkv_dot, num_heads)      # the same on the packed (B, N, 3·H·D)
                                                                # projection (the DiT's), packed gradient
+
+Kernel conventions, shared by every kernel of the file:
+
+- tensors are (B, H, N, D) with unit stride on D (the launchers ensure it) and any other strides,
+  so the q, k, v views that the DiT cuts out of its (B, N, 3, H, D) qkv projection need no copy;
+- the grid is (row blocks, B·H); the (b, h) base offsets are int64 (B·H·N·D can pass 2³¹), offsets
+  within one (b, h) stay int32;
+- scores live in the log2 domain (S·log2 e) so the softmax uses exp2; LSE is stored in natural log,
+  LSE = m + log l, fp32, contiguous (B, H, N);
+- Triton tiles are powers of 2 wide, so the head dim is cut into two column chunks: a low chunk
+  [0, BLOCK_DLO), the largest power of 2 ≤ D (no column mask), and, when D is not a power of 2, a high
+  chunk [BLOCK_DLO, BLOCK_DLO + BLOCK_DHI) masked at D: D = 72 runs 64 + 16 columns, D = 96 64 + 32.
+  Every dot over D is then two dots, and every (rows, D) accumulator two; one 128-wide tile for D = 72
+  computed 78% more and spilled in every config (docs/TUNING.md);
+- every (B, H, N) stride and (b, h) offset goes through ``_aligned`` with the launcher's ALIGN, the
+  largest power of 2 ≤ 8 dividing all of them: Triton only specialises integers on divisibility by 16,
+  and at D = 72 (packed qkv head stride 72) the loads were scalar and unpipelined without it;
+- all accumulators, softmax statistics and reductions are fp32; P is rounded to the input dtype only
+  as a tl.dot operand (as FlashAttention does), and fp32 inputs use IEEE dots, not TF32.
 """
 import math
 from typing import Optional, Tuple
@@ -89,23 +108,6 @@ def _check_qkv(name: str, qkv, num_heads) -> None:
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-# Conventions shared by every kernel below:
-# - tensors are (B, H, N, D) with unit stride on D (the launchers ensure it) and any other strides,
-#   so the q, k, v views that the DiT cuts out of its (B, N, 3, H, D) qkv projection need no copy;
-# - the grid is (row blocks, B·H); the (b, h) base offsets are int64 (B·H·N·D can pass 2³¹), offsets
-#   within one (b, h) stay int32;
-# - scores live in the log2 domain (S·log2 e) so the softmax uses exp2; LSE is stored in natural log,
-#   LSE = m + log l, fp32, contiguous (B, H, N);
-# - Triton tiles are powers of 2 wide, so the head dim is cut into two column chunks: a low chunk
-#   [0, BLOCK_DLO), the largest power of 2 ≤ D (no column mask), and, when D is not a power of 2, a high
-#   chunk [BLOCK_DLO, BLOCK_DLO + BLOCK_DHI) masked at D: D = 72 runs 64 + 16 columns, D = 96 64 + 32.
-#   Every dot over D is then two dots, and every (rows, D) accumulator two; one 128-wide tile for D = 72
-#   computed 78% more and spilled in every config (docs/TUNING.md);
-# - every (B, H, N) stride and (b, h) offset goes through ``_aligned`` with the launcher's ALIGN, the
-#   largest power of 2 ≤ 8 dividing all of them: Triton only specialises integers on divisibility by 16,
-#   and at D = 72 (packed qkv head stride 72) the loads were scalar and unpipelined without it;
-# - all accumulators, softmax statistics and reductions are fp32; P is rounded to the input dtype only
-#   as a tl.dot operand (as FlashAttention does), and fp32 inputs use IEEE dots, not TF32.
 _INTERPRET = interpreting()
 
 
@@ -237,11 +239,9 @@ def _attn_fwd_jvp_block(
             s_dot = tl.dot(q1, tl.trans(kd1), s_dot, input_precision=DOT_PRECISION)
         s_dot = s_dot * sm_scale                                           # Ṡ = s·(Q̇Kᵀ + QK̇ᵀ)
         if FIRST:
-            # Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)) does not change when a per-row constant c is taken off Ṡ.
-            # Taking c = the P-weighted mean of Ṡ over the first key block keeps P̃ ⊙ (Ṡ − c) small
-            # before it is rounded to the input dtype for the dot, and the final Ȯ = acc_d/l − (r/l)·O
-            # from cancelling: keys with a shared offset k̄ give Ṡ a row-constant part s·q̇·k̄ that
-            # would otherwise dominate (at N ≤ BLOCK_N, r ends up ≈ 0 and Ȯ is torch's formula in fp32).
+            # Ṗ is unchanged by a per-row constant c taken off Ṡ; c = the P-weighted mean of Ṡ over the
+            # first key block keeps P̃ ⊙ (Ṡ − c) small before its low-precision dot and stops the final
+            # Ȯ = acc_d/l − (r/l)·O from cancelling (keys with a shared offset give Ṡ a row constant).
             c_i = tl.sum(p * s_dot, 1) / p_sum
         ps = p * (s_dot - c_i[:, None])
         r_i = r_i * alpha + tl.sum(ps, 1)

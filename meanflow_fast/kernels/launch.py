@@ -93,24 +93,9 @@ class KernelFunction(torch.autograd.Function):
 
 
 def backward_once(backward: Callable) -> Callable:
-    """Decorator for the ``backward`` of every autograd.Function over the kernels, so that reverse mode
-    through them works under ``torch.func.grad`` / ``torch.func.vjp`` as it does with ``loss.backward()``.
-
-    The kernels' backward is not itself differentiable (no double backward). Plain autograd records it
-    only when asked to (``create_graph=True``), and then fails when a second backward reaches a backward
-    op (none is registered for it). torch.func always runs a backward as if ``create_graph=True``, so
-    every kernel op there has inputs that require grad at the transform's level; torch wraps such an op
-    in its generated autograd.Function, which torch.func refuses ("must override the setup_context
-    staticmethod"). For a Function applied under torch.func (autograd then calls it through functorch's
-    ``_SingleLevelFunction``), the backward therefore runs unrecorded (``torch.no_grad``) and always
-    through the ops, which unwrap functorch's tensors (after ``torch.func.vjp`` returns, its saved tensors
-    are wrappers of a finished level, which a direct launch cannot read). That is right while nothing
-    else will differentiate the result: the Function's own transform is the only live one, or none is
-    (a ``vjp_fn`` called afterwards). Under any other live transform (a grad of a grad, a jvp of a grad,
-    hessian, a vjp_fn called inside a grad) a silent zero would be wrong: NotImplementedError instead.
-
-    Plain autograd and torch.compile run the backward unchanged (under ``create_graph=True`` its kernel
-    calls take the ops by themselves, ``_needs_op``, so a second backward fails loudly)."""
+    """Decorator for the ``backward`` of every autograd.Function over the kernels: under one torch.func
+    transform the backward runs unrecorded and through the ops; under a second live one it raises
+    NotImplementedError instead of a silent zero (docs/DESIGN.md, Backward: why)."""
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
         if torch.compiler.is_compiling() or not _applied_under_func(ctx):

@@ -36,24 +36,19 @@ def linear_jvp_ref(x, weight, bias, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Triton kernel: dual-stream matmul (o = x Wᵀ + b, ȯ = ẋ Wᵀ), optional GELU (tanh) epilogue
 # ---------------------------------------------------------------------------------------------
-# Why one kernel for both streams: the two products share the weight. Each program loads a
-# (BLOCK_K, BLOCK_N) tile of Wᵀ once and feeds it to two tl.dot calls, one per stream, each with its
-# own fp32 accumulator. Per weight tile the kernel does the work of a (2·BLOCK_M) × BLOCK_N tile of a
-# single matmul, so a 64-row dual tile has the arithmetic intensity of a 128-row plain one, and the
-# weight is read from HBM/L2 half as often as by two separate matmuls.
-#
-# The GELU epilogue (fc1 of mlp.py) applies the rule of docs/DESIGN.md, JVP rules: GELU MLP, in fp32:
-#   h = gelu(a) = a·σ(2u),   ḣ = gelu'(a)·ȧ,   u = √(2/π)·(a + 0.044715·a³)
-# with 0.5·(1 + tanh u) = σ(2u) and 1 − tanh²u = 4σ(2u)(1 − σ(2u)), so
-#   gelu'(a) = σ(2u) + 2a·σ(2u)(1 − σ(2u))·√(2/π)·(1 + 3·0.044715·a²).
-# σ is written with e = exp(−2u): σ = 1/(1 + e) and σ(1 − σ) = e·σ², which avoids the cancellation of
-# 1 − σ for large a (which put gelu' at 2.3× torch's fp32 error).
-# The argument of exp is clamped at 80 (exp(80) ≈ 5.5e34 < fp32 max), so a very negative a gives
-# σ ≈ 1.8e-35 instead of an inf intermediate (same result, no overflow warning in the interpreter);
-# e → 0 gives σ = 1.
+# One kernel for both streams because they share the weight: each (BLOCK_K, BLOCK_N) tile of Wᵀ feeds
+# two tl.dot calls, so a 64-row dual tile has a 128-row plain tile's arithmetic intensity and the weight
+# is read half as often as by two matmuls.
 @triton.jit
 def gelu_tanh_and_grad(a):
-    """(gelu(a), gelu'(a)) in fp32 for fp32 a."""
+    """(gelu(a), gelu'(a)) in fp32 for fp32 a: the GELU epilogue of fc1 (docs/DESIGN.md, JVP rules: GELU
+    MLP). With u = √(2/π)·(a + 0.044715·a³), 0.5·(1 + tanh u) = σ(2u) and 1 − tanh²u = 4σ(2u)(1 − σ(2u)):
+
+        h = gelu(a) = a·σ(2u),   gelu'(a) = σ(2u) + 2a·σ(2u)(1 − σ(2u))·√(2/π)·(1 + 3·0.044715·a²)
+
+    σ is written with e = exp(−2u): σ = 1/(1 + e) and σ(1 − σ) = e·σ², which avoids the cancellation of
+    1 − σ for large a (that put gelu' at 2.3× torch's fp32 error). The exp argument is clamped at 80
+    (exp(80) ≈ 5.5e34 < fp32 max): a very negative a gives σ ≈ 1.8e-35 instead of an inf intermediate."""
     inner = a * (1.0 + 0.044715 * a * a)
     e = tl.exp(tl.minimum(-2.0 * 0.7978845608028654 * inner, 80.0))  # exp(−2u), √(2/π) = 0.79788…
     s = 1.0 / (1.0 + e)  # σ(2u)
@@ -143,10 +138,9 @@ def _dual_linear_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-# CUDA: autotuned over the list below (keyed on M, N, K, GELU, HAS_TANGENT; Triton adds the dtypes), sized
-# for two fp32 accumulators; ``_prune_configs`` drops per launch what spills or overflows shared memory
-# (benchmarks/tools/compile_check.py; the figures per config and Triton version are in docs/TUNING.md).
-# The interpreter: one fixed config; its programs run one after another, so fewer, larger ones are faster.
+# CUDA: autotuned over these configs, sized for two fp32 accumulators; ``_prune_configs`` drops per launch
+# what spills or overflows shared memory (benchmarks/tools/compile_check.py, docs/TUNING.md). The
+# interpreter takes one fixed config: its programs run one after another, so few, large ones are faster.
 _CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),

@@ -59,10 +59,9 @@ def mlp_jvp_ref(x, w1, b1, w2, b2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels: the dual-stream matmul of linear.py, launched with GELU=True for fc1 (GELU and its
-# derivative in the epilogue) and GELU=False for fc2 (cuBLAS per stream on CUDA: switch
-# plain_dual_linear), through the ops ``meanflow_fast::dual_linear_fwd`` and, primal-only fc1,
-# ``meanflow_fast::linear_gelu_fwd``. The backward's elementwise pass is the kernel below (``gelu_bwd``).
+# Triton kernels: fc1 and fc2 are launches of linear.py's dual-stream matmul (GELU epilogue for fc1;
+# fc2 on cuBLAS per stream on CUDA, switch plain_dual_linear); the backward's elementwise pass
+# (GELU', the recomputed h and db1) is the kernel below.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _gelu_bwd_kernel(
