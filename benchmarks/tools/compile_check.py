@@ -4,7 +4,7 @@
     python -m benchmarks.tools.compile_check --quick        # bf16, first config of each kernel (~30 s)
     python -m benchmarks.tools.compile_check --dtypes all   # + fp32 (see --dtypes)
 
-Run it before a GPU session with the triton version of the GPU machine (in a separate environment), and
+Run it before a GPU run with the triton version of the GPU machine (in a separate environment), and
 with the local one. Options: --targets 90,80, --kernel NAME, --jobs N, --timeout S, --json FILE.
 
 What it does. Each launcher (``attention_fwd``, ``attention_bwd``, ``dual_linear_fwd``,

@@ -30,7 +30,7 @@
 # interpreter, tiny shapes), the pytest phases skip; it checks this script, not the kernels.
 # The call exits 1, naming them, when a phase's command failed (124: it ran out of its time limit).
 # Full logs go under $OUT (or ./gpu_check_out when OUT is unset). Each phase has its own time limit, so
-# a slow phase cannot eat the other's budget. Before a GPU session, on any CPU machine:
+# a slow phase cannot eat the other's budget. Before a GPU run, on any CPU machine:
 #   python -m benchmarks.tools.compile_check     # every kernel config compiles for sm_90/sm_80
 set -uo pipefail
 PHASES=${1:-all}
