@@ -6,7 +6,8 @@ Layout (B, H, N, D). With S = s·QKᵀ, P = softmax(S), O = PV (docs/DESIGN.md, 
 
 The file runs in one order: the pure-torch references, the Triton kernels, their launchers (registered
 as ``torch.library`` custom ops ``meanflow_fast::attn_fwd``, ``::attn_fwd_jvp``, ``::attn_bwd``,
-``::attn_bwd_qkv`` so that torch.compile can call them), the autograd Functions, and the public functions:
+``::attn_bwd_qkv`` so that torch.compile can call them; internal: they trust the checks of the public
+functions), the autograd Functions, and the public functions:
 
     o = attention(q, k, v, scale=None)                         # differentiable, forward-mode too
     o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)     # fused dual stream; o_dot has no graph
@@ -40,7 +41,8 @@ import triton
 import triton.language as tl
 
 from .reference import compute_dtype
-from .launch import KernelFunction, backward_once, interpreting, jvp_function, kernel_op, pick_function, zeros_if_none
+from .launch import (KernelFunction, backward_once, check_no_bf16_dot_on_cpu, interpreting, jvp_function, kernel_op,
+                     pick_function, zeros_if_none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,6 +610,7 @@ def _check_attention_inputs(tensors, fake: bool = False) -> None:
                     f"{ref_name} is a CPU tensor, but the Triton attention kernels run on the CPU only in "
                     "Triton's interpreter: set TRITON_INTERPRET=1 before kernels.attention is imported, use "
                     "CUDA tensors, or use the pure-torch attention_ref / attention_jvp_ref")
+            check_no_bf16_dot_on_cpu("attention", ref.dtype, ref.device)
         elif ref.device.type != "cuda":
             raise ValueError(f"{ref_name} is on device {ref.device}; supported: cuda (cpu with TRITON_INTERPRET=1)")
     B, H, N, D = ref.shape
@@ -941,12 +944,13 @@ class AttentionFunction(KernelFunction):
         # ctx.saved_tensors holds Q, K, V (jvp_function). O is recomputed with Ȯ in one fused pass (4 of
         # its 6 matmuls are the tangent's): forward does not see the tangents.
         q, k, v = ctx.saved_tensors
-        _, o_dot, _ = _attn_fwd_jvp_op(q, k, v, zeros_if_none(q_t, q), zeros_if_none(k_t, k),
-                                       zeros_if_none(v_t, v), ctx.scale)
+        q_t, k_t, v_t = zeros_if_none(q_t, q), zeros_if_none(k_t, k), zeros_if_none(v_t, v)
+        _check_attention_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_t), ("k_dot", k_t), ("v_dot", v_t)])
+        _, o_dot, _ = _attn_fwd_jvp_op(q, k, v, q_t, k_t, v_t, ctx.scale)
         return o_dot, None
 
 
-_AttentionWithoutJvp = AttentionFunction.without_jvp
+AttentionFunctionWithoutJvp = AttentionFunction.without_jvp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -956,7 +960,7 @@ def attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(scale·QKᵀ)·V for (B, H, N, D) inputs (fp32/fp16/bf16, D in SUPPORTED_HEAD_DIMS, any N ≥ 1,
     any strides), scale defaulting to 1/sqrt(D). Differentiable in reverse and forward mode."""
     _check_attention_inputs([("q", q), ("k", k), ("v", v)])
-    o, _ = pick_function(AttentionFunction, _AttentionWithoutJvp).apply(q, k, v, _resolve_scale(q, scale))
+    o, _ = pick_function(AttentionFunction, AttentionFunctionWithoutJvp).apply(q, k, v, _resolve_scale(q, scale))
     return o
 
 

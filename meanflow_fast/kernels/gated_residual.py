@@ -260,11 +260,12 @@ class GatedResidualFunction(KernelFunction):
     @staticmethod
     def jvp(ctx, x_t, gate_t, f_t):
         x, gate, f = ctx.saved_tensors
-        return gated_residual_fwd_op(x, gate, f, zeros_if_none(x_t, x), zeros_if_none(gate_t, gate),
-                                     zeros_if_none(f_t, f))[1]
+        tangents = zeros_if_none(x_t, x), zeros_if_none(gate_t, gate), zeros_if_none(f_t, f)
+        check_gated_residual("gated_residual_jvp", x, gate, f, *tangents)
+        return gated_residual_fwd_op(x, gate, f, *tangents)[1]
 
 
-_GatedResidualWithoutJvp = GatedResidualFunction.without_jvp
+GatedResidualFunctionWithoutJvp = GatedResidualFunction.without_jvp
 
 
 class GatedResidualJvpFunction(KernelFunction):
@@ -295,7 +296,7 @@ def gated_residual(x, gate, f) -> torch.Tensor:
     """x + g ⊙ f (g (B, D) broadcast over the N tokens) in one Triton kernel, primal only; differentiable
     (Triton backward). Same signature and contract as ``gated_residual_ref``."""
     check_gated_residual("gated_residual", x, gate, f, None, None, None)
-    return pick_function(GatedResidualFunction, _GatedResidualWithoutJvp).apply(x, gate, f)
+    return pick_function(GatedResidualFunction, GatedResidualFunctionWithoutJvp).apply(x, gate, f)
 
 
 def gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -188,9 +188,9 @@ def _gated_residual_ln_bwd_launch(B: int, N: int, block_d: int, cuda: bool) -> T
 
 
 def _check_gated_residual_ln(op: str, x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
-                             eps) -> None:
+                             eps) -> float:
     check_gated_residual(op, x, gate, f, x_dot, gate_dot, f_dot)
-    check_ln_modulate(op, x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+    return check_ln_modulate(op, x, shift, scale, x_dot, shift_dot, scale_dot, eps)
 
 
 def gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot=None, gate_dot=None, f_dot=None, shift_dot=None,
@@ -202,8 +202,8 @@ def gated_residual_ln_fwd(x, gate, f, shift, scale, x_dot=None, gate_dot=None, f
     tangents = (x_dot, gate_dot, f_dot, shift_dot, scale_dot)
     has_tangent = any(t is not None for t in tangents)
     if check:
-        _check_gated_residual_ln("gated_residual_ln_jvp" if has_tangent else "gated_residual_ln",
-                                 x, gate, f, shift, scale, *tangents, eps)
+        eps = _check_gated_residual_ln("gated_residual_ln_jvp" if has_tangent else "gated_residual_ln",
+                                       x, gate, f, shift, scale, *tangents, eps)
     B, N, D = x.shape
     x2, f2 = rows(x, D), rows(f, D)
     M = x2.shape[0]
@@ -346,13 +346,14 @@ class GatedResidualLnFunction(KernelFunction):
     @staticmethod
     def jvp(ctx, x_t, gate_t, f_t, shift_t, scale_t, _eps_t):
         x, gate, f, shift, scale = ctx.saved_tensors
-        _, y_dot, _, m_dot, _, _ = gated_residual_ln_fwd_op(
-            x, gate, f, shift, scale, zeros_if_none(x_t, x), zeros_if_none(gate_t, gate), zeros_if_none(f_t, f),
-            zeros_if_none(shift_t, shift), zeros_if_none(scale_t, scale), ctx.eps)
+        tangents = (zeros_if_none(x_t, x), zeros_if_none(gate_t, gate), zeros_if_none(f_t, f),
+                    zeros_if_none(shift_t, shift), zeros_if_none(scale_t, scale))
+        _check_gated_residual_ln("gated_residual_ln_jvp", x, gate, f, shift, scale, *tangents, ctx.eps)
+        _, y_dot, _, m_dot, _, _ = gated_residual_ln_fwd_op(x, gate, f, shift, scale, *tangents, ctx.eps)
         return y_dot, m_dot, None, None
 
 
-_GatedResidualLnWithoutJvp = GatedResidualLnFunction.without_jvp
+GatedResidualLnFunctionWithoutJvp = GatedResidualLnFunction.without_jvp
 
 
 class GatedResidualLnJvpFunction(KernelFunction):
@@ -390,8 +391,8 @@ def gated_residual_ln(x, gate, f, shift, scale, eps: float = 1e-6) -> Tuple[torc
     if config.get("residual_ln") == "apart":
         y = gated_residual(x, gate, f)
         return y, ln_modulate(y, shift, scale, eps)
-    _check_gated_residual_ln("gated_residual_ln", x, gate, f, shift, scale, None, None, None, None, None, eps)
-    fn = pick_function(GatedResidualLnFunction, _GatedResidualLnWithoutJvp)
+    eps = _check_gated_residual_ln("gated_residual_ln", x, gate, f, shift, scale, None, None, None, None, None, eps)
+    fn = pick_function(GatedResidualLnFunction, GatedResidualLnFunctionWithoutJvp)
     y, m, _, _ = fn.apply(x, gate, f, shift, scale, eps)
     return y, m
 
@@ -405,7 +406,7 @@ def gated_residual_ln_jvp(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shif
     if config.get("residual_ln") == "apart":
         y, y_dot = gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot)
         return (y, y_dot, *ln_modulate_jvp(y, shift, scale, y_dot, shift_dot, scale_dot, eps))
-    _check_gated_residual_ln("gated_residual_ln_jvp", x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot,
-                             scale_dot, eps)
+    eps = _check_gated_residual_ln("gated_residual_ln_jvp", x, gate, f, shift, scale, x_dot, gate_dot, f_dot,
+                                   shift_dot, scale_dot, eps)
     return GatedResidualLnJvpFunction.apply(x, gate, f, shift, scale, x_dot, gate_dot, f_dot, shift_dot, scale_dot,
                                             eps)[:4]

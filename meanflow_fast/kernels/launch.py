@@ -188,6 +188,13 @@ def check_tensors(op: str, tensors: Dict[str, Optional[torch.Tensor]]) -> torch.
     return dtype
 
 
+def check_no_bf16_dot_on_cpu(op: str, dtype: torch.dtype, device: torch.device) -> None:
+    """The interpreter's bf16 tl.dot returns garbage (triton issue #11584): refuse bf16 GEMMs on the CPU."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        raise ValueError(f"{op}: bfloat16 is not supported in Triton's CPU interpreter (its bf16 tl.dot "
+                         f"returns garbage, triton issue #11584); use float32/float16 on the CPU or bf16 on CUDA")
+
+
 def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
     if tuple(t.shape) != tuple(expected):
         hint = f" ({what})" if what else ""

@@ -158,7 +158,7 @@ def _ln_modulate_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 # Tiles: whole rows, ~2048 values each (rownorm.tile_rows), for the dual and the primal-only launch.
-def check_ln_modulate(op: str, x, shift, scale, x_dot, shift_dot, scale_dot, eps) -> None:
+def check_ln_modulate(op: str, x, shift, scale, x_dot, shift_dot, scale_dot, eps) -> float:
     """Validate a call of ``op`` (``ln_modulate`` without the tangents, ``ln_modulate_jvp`` with all three)."""
     tangents = {"x_dot": x_dot, "shift_dot": shift_dot, "scale_dot": scale_dot}
     has_tangent = check_tangents_together(op, tangents)
@@ -173,8 +173,13 @@ def check_ln_modulate(op: str, x, shift, scale, x_dot, shift_dot, scale_dot, eps
     for name, t in (("shift", shift), ("scale", scale), ("shift_dot", shift_dot), ("scale_dot", scale_dot)):
         if t is not None:
             check_shape(op, name, t, (B, D), "(B, D) of x = (B, N, D), broadcast over the N tokens")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+    try:  # a Python or NumPy number or a 0-d tensor, as float() takes it
+        value = float(eps)
+    except (TypeError, ValueError, RuntimeError):
+        value = float("nan")
+    if isinstance(eps, bool) or not value >= 0:
         raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
+    return value
 
 
 def ln_modulate_fwd(x, shift, scale, x_dot=None, shift_dot=None, scale_dot=None, eps: float = 1e-6,
@@ -186,8 +191,8 @@ def ln_modulate_fwd(x, shift, scale, x_dot=None, shift_dot=None, scale_dot=None,
     ``check=False``: the caller has validated the inputs."""
     has_tangent = x_dot is not None or shift_dot is not None or scale_dot is not None
     if check:
-        check_ln_modulate("ln_modulate_jvp" if has_tangent else "ln_modulate",
-                          x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+        eps = check_ln_modulate("ln_modulate_jvp" if has_tangent else "ln_modulate",
+                                x, shift, scale, x_dot, shift_dot, scale_dot, eps)
     B, N, D = x.shape
     x2 = rows(x, D)
     M = x2.shape[0]
@@ -327,12 +332,13 @@ class LnModulateFunction(KernelFunction):
     @staticmethod
     def jvp(ctx, x_t, shift_t, scale_t, _eps_t):
         x, shift, scale = ctx.saved_tensors
-        m_dot = ln_modulate_fwd_op(x, shift, scale, zeros_if_none(x_t, x), zeros_if_none(shift_t, shift),
-                                   zeros_if_none(scale_t, scale), ctx.eps)[1]
+        tangents = zeros_if_none(x_t, x), zeros_if_none(shift_t, shift), zeros_if_none(scale_t, scale)
+        check_ln_modulate("ln_modulate_jvp", x, shift, scale, *tangents, ctx.eps)
+        m_dot = ln_modulate_fwd_op(x, shift, scale, *tangents, ctx.eps)[1]
         return m_dot, None, None
 
 
-_LnModulateWithoutJvp = LnModulateFunction.without_jvp
+LnModulateFunctionWithoutJvp = LnModulateFunction.without_jvp
 
 
 class LnModulateJvpFunction(KernelFunction):
@@ -365,13 +371,13 @@ class LnModulateJvpFunction(KernelFunction):
 def ln_modulate(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
     """m = LayerNorm(x)·(1 + scale) + shift (no affine) in one Triton kernel, primal only; differentiable
     (Triton backward). Same signature and contract as ``ln_modulate_ref``."""
-    check_ln_modulate("ln_modulate", x, shift, scale, None, None, None, eps)
-    return pick_function(LnModulateFunction, _LnModulateWithoutJvp).apply(x, shift, scale, eps)[0]
+    eps = check_ln_modulate("ln_modulate", x, shift, scale, None, None, None, eps)
+    return pick_function(LnModulateFunction, LnModulateFunctionWithoutJvp).apply(x, shift, scale, eps)[0]
 
 
 def ln_modulate_jvp(x, shift, scale, x_dot, shift_dot, scale_dot,
                     eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """(m, ṁ) of LayerNorm (no affine) + modulate in one Triton kernel; m is differentiable, ṁ carries
     no autograd graph. Same signature and contract as ``ln_modulate_jvp_ref``."""
-    check_ln_modulate("ln_modulate_jvp", x, shift, scale, x_dot, shift_dot, scale_dot, eps)
+    eps = check_ln_modulate("ln_modulate_jvp", x, shift, scale, x_dot, shift_dot, scale_dot, eps)
     return LnModulateJvpFunction.apply(x, shift, scale, x_dot, shift_dot, scale_dot, eps)[:2]

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import config
-from .launch import KernelFunction, backward_once, check_shape, check_tensors, kernel_op, rows
+from .launch import KernelFunction, backward_once, check_no_bf16_dot_on_cpu, check_shape, check_tensors, kernel_op, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,13 +194,6 @@ def _op_name(gelu: bool, has_tangent: bool) -> str:
     return "linear_jvp" if has_tangent else "linear (triton)"
 
 
-def check_no_bf16_dot_on_cpu(op: str, dtype: torch.dtype, device: torch.device) -> None:
-    """The interpreter's bf16 tl.dot returns garbage (triton issue #11584): refuse bf16 GEMMs on the CPU."""
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        raise ValueError(f"{op}: bfloat16 is not supported in Triton's CPU interpreter (its bf16 tl.dot "
-                         f"returns garbage, triton issue #11584); use float32/float16 on the CPU or bf16 on CUDA")
-
-
 def _check_dual_linear(op: str, x, weight, bias, x_dot) -> None:
     dtype = check_tensors(op, {"x": x, "weight": weight, "bias": bias, "x_dot": x_dot})
     if weight.dim() != 2:
@@ -357,5 +350,8 @@ def linear_jvp(x, weight, bias, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
     "triton" for the fused kernel), in the CPU interpreter the Triton kernel. o is differentiable, ȯ
     carries no autograd graph. Same signature and contract as ``linear_jvp_ref``; fp32/fp16/bf16, CUDA
     or the CPU interpreter."""
+    if x_dot is None:
+        raise ValueError("linear_jvp: x_dot must be a tensor (the tangent of x; zeros for a constant x); for the "
+                         "primal alone use F.linear")
     _check_dual_linear("linear_jvp", x, weight, bias, x_dot)
     return LinearJvpFunction.apply(x, weight, bias, x_dot)

@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 from . import config
-from .launch import (KernelFunction, backward_once, check_shape, check_tensors, elementwise_tiles, jvp_function,
-                     kernel_op, pick_function, rows, steps_per_program, zeros_if_none)
-from .linear import check_no_bf16_dot_on_cpu, dual_linear_fwd_op, gelu_tanh_and_grad, linear_gelu_fwd_op
+from .launch import (KernelFunction, backward_once, check_no_bf16_dot_on_cpu, check_shape, check_tensors,
+                     elementwise_tiles, jvp_function, kernel_op, pick_function, rows, steps_per_program,
+                     zeros_if_none)
+from .linear import dual_linear_fwd_op, gelu_tanh_and_grad, linear_gelu_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
@@ -180,11 +181,13 @@ def _fc1_on_cublaslt(x, b1) -> bool:
     return config.get("no_grad_fc1") == "cublaslt" and x.is_cuda and b1 is not None
 
 
-def mlp_fwd(x, w1, b1, w2, b2, store_pre: bool = False):
+def mlp_fwd(x, w1, b1, w2, b2, store_pre: bool = False, check: bool = True):
     """(y, a), primal only: fc1 + GELU in one launch (Triton with HAS_TANGENT=False, or cuBLASLt's GELU
     epilogue without ``store_pre``: switch ``no_grad_fc1``), fc2 on cuBLAS. The pre-activation
     a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else an empty tensor. h is written once by fc1 and
-    read once by fc2. The caller has validated the inputs (``mlp``)."""
+    read once by fc2. ``check=False``: the caller has validated the inputs."""
+    if check:
+        _check_mlp("mlp", x, w1, b1, w2, b2, None)
     if not store_pre and _fc1_on_cublaslt(x, b1):
         hidden, dim = w1.shape
         h = torch._addmm_activation(b1, rows(x, dim), w1.t(), use_gelu=True).reshape(*x.shape[:-1], hidden)
@@ -193,10 +196,12 @@ def mlp_fwd(x, w1, b1, w2, b2, store_pre: bool = False):
     return F.linear(h, w2, b2), a
 
 
-def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre: bool = False):
+def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre: bool = False, check: bool = True):
     """(y, ẏ, a): the MLP and its tangent; a = x W1ᵀ + b1 (x's dtype) when ``store_pre``, else empty.
-    The hidden activations h and ḣ are written once by fc1 and read once by fc2. The caller has validated
-    the inputs (``mlp_jvp``)."""
+    The hidden activations h and ḣ are written once by fc1 and read once by fc2. ``check=False``: the
+    caller has validated the inputs."""
+    if check:
+        _check_mlp("mlp_jvp", x, w1, b1, w2, b2, x_dot)
     h, h_dot, a = dual_linear_fwd_op(x, w1, b1, x_dot, True, store_pre)
     y, y_dot, _ = dual_linear_fwd_op(h, w2, b2, h_dot, False, False)
     return y, y_dot, a
@@ -243,7 +248,7 @@ class MlpFunction(KernelFunction):
 
     @staticmethod
     def forward(x, w1, b1, w2, b2, need_backward: bool):
-        return mlp_fwd(x, w1, b1, w2, b2, store_pre=need_backward)
+        return mlp_fwd(x, w1, b1, w2, b2, store_pre=need_backward, check=False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -279,7 +284,7 @@ class MlpFunction(KernelFunction):
         return y_t, None
 
 
-_MlpWithoutJvp = MlpFunction.without_jvp
+MlpFunctionWithoutJvp = MlpFunction.without_jvp
 
 
 class MlpJvpFunction(KernelFunction):
@@ -290,7 +295,7 @@ class MlpJvpFunction(KernelFunction):
 
     @staticmethod
     def forward(x, w1, b1, w2, b2, x_dot, need_backward: bool):
-        return mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre=need_backward)
+        return mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, store_pre=need_backward, check=False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -321,7 +326,7 @@ def mlp(x, w1, b1, w2, b2) -> torch.Tensor:
     GEMM with its GELU epilogue on CUDA when no backward follows: switch ``no_grad_fc1``), fc2 on
     cuBLAS; differentiable. Same signature and contract as ``mlp_ref``."""
     _check_mlp("mlp", x, w1, b1, w2, b2, None)
-    fn = pick_function(MlpFunction, _MlpWithoutJvp)
+    fn = pick_function(MlpFunction, MlpFunctionWithoutJvp)
     return fn.apply(x, w1, b1, w2, b2, _needs_backward(x, w1, b1, w2, b2))[0]
 
 

@@ -20,7 +20,7 @@ from meanflow_fast.kernels.attention import (
     attention_ref,
 )
 from tests.helpers import HAS_CUDA, OpLog, requires_cuda
-from tests.kernels.cases import (torch_func_cases)
+from tests.kernels.cases import torch_func_cases
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -416,3 +416,17 @@ def test_gpu_fp32_uses_ieee_dots():
 @requires_cuda
 def test_gpu_compile_inductor():
     _compile_check("inductor")
+
+
+def test_forward_mode_tangents_are_checked():
+    """torch.func.jvp over ``attention`` checks its tangents as ``attention_jvp`` does."""
+    q, k, v = _inputs(1, 2, 8, 32, torch.float32)[:3]
+    with pytest.raises(ValueError, match="k_dot has dtype torch.float16 but q has torch.float32"):
+        torch.func.jvp(lambda k_: attention(q, k_, v), (k,), (k.half(),))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's bf16 dots; on CUDA bf16 is supported")
+def test_bf16_in_the_interpreter_is_refused():
+    q, k, v = _inputs(1, 2, 8, 32, torch.bfloat16)[:3]
+    with pytest.raises(ValueError, match="bfloat16 is not supported in Triton's CPU interpreter"):
+        attention(q, k, v)

@@ -7,11 +7,11 @@ import torch
 import meanflow_fast.kernels.gated_residual as gated_mod
 from meanflow_fast.kernels.gated_residual import gated_residual, gated_residual_fwd, gated_residual_jvp
 from tests.helpers import HAS_CUDA, requires_cuda
-from tests.kernels.cases import (torch_func_cases, OPS, assert_opcheck,
-                                 check_backward_saves_nothing_of_the_tangent_stream, check_backward_token_loop,
-                                 check_bf16_dit_b2, no_interpreter_calls, check_jvp_ref_matches_func_jvp,
-                                 check_func_jvp_over_primal, check_kernel_matches_reference, check_primal_bf16_dit_b2,
-                                 check_primal_kernel_matches_reference, check_primal_saves, f32, kernel_cases)
+from tests.kernels.cases import (OPS, assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream,
+                                 check_backward_token_loop, check_bf16_dit_b2, check_func_jvp_over_primal,
+                                 check_jvp_ref_matches_func_jvp, check_kernel_matches_reference,
+                                 check_primal_bf16_dit_b2, check_primal_kernel_matches_reference, check_primal_saves,
+                                 f32, kernel_cases, no_interpreter_calls, torch_func_cases)
 
 
 # =================================================================================================
@@ -120,3 +120,10 @@ def test_invalid_inputs_raise_value_error(call, match):
 @pytest.mark.parametrize("check,name", torch_func_cases(grad=["gated_residual", "gated_residual_jvp"]))
 def test_reverse_mode_under_torch_func(check, name, seed):
     check(name, seed)
+
+
+def test_forward_mode_tangents_are_checked():
+    """torch.func.jvp over the primal-only op checks its tangents as ``gated_residual_jvp`` does."""
+    x, g, f = f32(2, 3, 8), f32(2, 8), f32(2, 3, 8)
+    with pytest.raises(ValueError, match="gated_residual_jvp: x_dot has dtype torch.float16 but x has"):
+        torch.func.jvp(lambda a: gated_residual(a, g, f), (x,), (x.half(),))

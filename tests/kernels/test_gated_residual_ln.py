@@ -4,6 +4,7 @@ tangents and gradients against fp64, within 2× the error of torch's own computa
 precision (the rule of tests/kernels/cases.py, whose input helpers this file shares). Interpreter on
 the CPU (fp32, fp16, bf16: no tl.dot here), the GPU in bf16 at DiT-B/2 shapes.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ import meanflow_fast.kernels.gated_residual_ln as grl
 from meanflow_fast.kernels.gated_residual_ln import (gated_residual_ln, gated_residual_ln_jvp,
                                                      gated_residual_ln_jvp_ref, gated_residual_ln_ref)
 from tests.helpers import assert_within_torch, rel_err, requires_cuda
-from tests.kernels.cases import (torch_func_cases, FLOOR, factor, modulation, rand, strided)
+from tests.kernels.cases import (FLOOR, factor, modulation, rand, strided, torch_func_cases)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -300,3 +301,16 @@ def test_primal_bf16_dit_b2_shapes_on_gpu():
     second_level=["gated_residual_ln_jvp"]))
 def test_reverse_mode_under_torch_func(check, name, seed):
     check(name, seed)
+
+
+def test_forward_mode_tangents_are_checked():
+    """torch.func.jvp over the primal-only op checks its tangents as ``gated_residual_ln_jvp`` does."""
+    prim, _ = _inputs(2, 3, 8, torch.float32, False)
+    with pytest.raises(ValueError, match="gated_residual_ln_jvp: f_dot has dtype torch.float16 but x has"):
+        torch.func.jvp(lambda f: gated_residual_ln(prim[0], prim[1], f, *prim[3:]), (prim[2],), (prim[2].half(),))
+
+
+def test_eps_takes_any_real_number():
+    prim, _ = _inputs(2, 3, 8, torch.float32, False)
+    for got, want in zip(gated_residual_ln(*prim, eps=np.float32(2**-16)), gated_residual_ln(*prim, eps=2**-16)):
+        assert torch.equal(got, want)

@@ -223,3 +223,18 @@ def test_primal_ops_trace_with_aot_eager():
 @requires_cuda
 def test_primal_torch_compile_matches_eager_on_gpu():
     _compare_compiled_primal("inductor", 4, 64, 128, 512, torch.bfloat16, 1e-2)
+
+
+def test_compile_twins_pickle_by_name():
+    """Each Function's twin without jvp is a module attribute under its own name, like any class."""
+    import pickle
+    import meanflow_fast.kernels.attention as attention_mod
+    import meanflow_fast.kernels.gated_residual as gated_mod
+    import meanflow_fast.kernels.gated_residual_ln as grl_mod
+    import meanflow_fast.kernels.layernorm_modulate as ln_mod
+    import meanflow_fast.kernels.mlp as mlp_mod
+    for fn in (attention_mod.AttentionFunction, gated_mod.GatedResidualFunction, grl_mod.GatedResidualLnFunction,
+               ln_mod.LnModulateFunction, mlp_mod.MlpFunction):
+        twin = fn.without_jvp
+        assert twin is not fn and "jvp" not in vars(twin) and "jvp" in vars(fn)
+        assert pickle.loads(pickle.dumps(twin)) is twin

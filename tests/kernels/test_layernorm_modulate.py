@@ -1,5 +1,6 @@
 """LayerNorm-modulate (kernels/layernorm_modulate.py): ``ln_modulate_jvp`` with tangents and ``ln_modulate``
 of the plain forward, against fp64 references with the rule and cases of tests/kernels/cases.py."""
+import numpy as np
 import pytest
 import torch
 
@@ -7,12 +8,11 @@ import meanflow_fast.kernels.layernorm_modulate as ln_mod
 from meanflow_fast.kernels.layernorm_modulate import (ln_modulate, ln_modulate_fwd, ln_modulate_jvp,
                                                       ln_modulate_jvp_ref, ln_modulate_ref)
 from tests.helpers import HAS_CUDA, rel_err, requires_cuda
-from tests.kernels.cases import (torch_func_cases, OPS, assert_opcheck,
-                                 check_backward_saves_nothing_of_the_tangent_stream, check_backward_token_loop,
-                                 check_bf16_dit_b2, no_interpreter_calls, check_func_jvp_over_primal,
+from tests.kernels.cases import (OPS, assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream,
+                                 check_backward_token_loop, check_bf16_dit_b2, check_func_jvp_over_primal,
                                  check_jvp_ref_matches_func_jvp, check_kernel_matches_reference,
                                  check_primal_bf16_dit_b2, check_primal_kernel_matches_reference, check_primal_saves,
-                                 f32, kernel_cases, make_ln)
+                                 f32, kernel_cases, make_ln, no_interpreter_calls, torch_func_cases)
 
 
 # =================================================================================================
@@ -163,3 +163,18 @@ def test_invalid_inputs_raise_value_error(call, match):
     grad_bf16_gpu=["ln_modulate"]))
 def test_reverse_mode_under_torch_func(check, name, seed):
     check(name, seed)
+
+
+def test_forward_mode_tangents_are_checked():
+    """torch.func.jvp over the primal-only op checks its tangents as ``ln_modulate_jvp`` does."""
+    x, s = f32(2, 3, 8), f32(2, 8)
+    with pytest.raises(ValueError, match="ln_modulate_jvp: shift_dot has dtype torch.float16 but x has"):
+        torch.func.jvp(lambda sh: ln_modulate(x, sh, s), (s,), (s.half(),))
+
+
+@pytest.mark.parametrize("eps", [np.float32(2**-16), torch.tensor(2**-16), 2**-16], ids=["numpy", "tensor", "float"])
+def test_eps_takes_any_real_number(eps):
+    """eps may be any real number float() takes (a NumPy scalar, a 0-d tensor); 2⁻¹⁶ is exact in each."""
+    x, s = f32(2, 3, 8), f32(2, 8)
+    assert torch.equal(ln_modulate(x, s, s, eps=eps), ln_modulate(x, s, s, eps=2**-16))
+    assert torch.equal(ln_modulate_jvp(x, s, s, x, s, s, eps=eps)[1], ln_modulate_jvp(x, s, s, x, s, s, eps=2**-16)[1])

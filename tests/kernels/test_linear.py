@@ -6,9 +6,9 @@ import torch
 from meanflow_fast.kernels import config
 from meanflow_fast.kernels.linear import dual_linear_fwd, linear_jvp, linear_jvp_ref
 from tests.helpers import HAS_CUDA, rel_err, requires_cuda
-from tests.kernels.cases import (torch_func_cases, assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream,
-                                 check_bf16_dit_b2, no_interpreter_calls, check_jvp_ref_matches_func_jvp,
-                                 check_kernel_matches_reference, f32, kernel_cases, make_linear)
+from tests.kernels.cases import (assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream, check_bf16_dit_b2,
+                                 check_jvp_ref_matches_func_jvp, check_kernel_matches_reference, f32, kernel_cases,
+                                 make_linear, no_interpreter_calls, torch_func_cases)
 
 
 def test_jvp_ref_matches_func_jvp():
@@ -105,3 +105,9 @@ def test_bf16_dual_linear_kernel_on_gpu():
     otherwise sends to cuBLAS (the config switch plain_dual_linear)."""
     with config.override(plain_dual_linear="triton"):
         check_bf16_dit_b2("linear")
+
+
+def test_missing_tangent_is_a_value_error():
+    x, w, b = make_linear(((2, 5), 40, 72), torch.float32, False).primals
+    with pytest.raises(ValueError, match="linear_jvp: x_dot must be a tensor"):
+        linear_jvp(x, w, b, None)

@@ -8,14 +8,15 @@ import torch
 
 from meanflow_fast.kernels import config
 from meanflow_fast.kernels.linear import dual_linear_fwd
-from meanflow_fast.kernels.mlp import gelu_bwd, gelu_tanh_grad, mlp, mlp_jvp, mlp_jvp_ref, mlp_ref
+from meanflow_fast.kernels.mlp import (gelu_bwd, gelu_tanh_grad, mlp, mlp_fwd, mlp_jvp, mlp_jvp_fwd, mlp_jvp_ref,
+                                       mlp_ref)
 from tests.helpers import HAS_CUDA, OpLog, assert_within_torch, rel_err, requires_cuda
-from tests.kernels.cases import (torch_func_cases, DEVICE, FLOOR, OPS,
-                                 check_backward_saves_nothing_of_the_tangent_stream, check_bf16_dit_b2,
-                                 no_interpreter_calls, check_func_jvp_over_primal, check_jvp_ref_matches_func_jvp,
+from tests.kernels.cases import (DEVICE, FLOOR, OPS, check_backward_saves_nothing_of_the_tangent_stream,
+                                 check_bf16_dit_b2, check_func_jvp_over_primal, check_jvp_ref_matches_func_jvp,
                                  check_kernel_matches_reference, check_primal_bf16_dit_b2,
                                  check_primal_kernel_matches_reference, check_primal_saves, dit_case, f32, factor,
-                                 fp32_matmuls, jvp_args, kernel_cases, make_mlp, rand, strided, to)
+                                 fp32_matmuls, jvp_args, kernel_cases, make_mlp, no_interpreter_calls, rand, strided,
+                                 to, torch_func_cases)
 
 
 # =================================================================================================
@@ -245,3 +246,19 @@ def test_invalid_inputs_raise_value_error(call, match):
     second_level=["mlp"]))
 def test_reverse_mode_under_torch_func(check, name, seed):
     check(name, seed)
+
+
+def test_forward_mode_tangents_are_checked():
+    """torch.func.jvp over the primal-only op checks its tangents as ``mlp_jvp`` does."""
+    x, w1, b1, w2, b2 = make_mlp(((2, 5), 40, 72), torch.float32, False).primals
+    with pytest.raises(ValueError, match="mlp_jvp: x_dot has dtype torch.float16 but x has"):
+        torch.func.jvp(lambda a: mlp(a, w1, b1, w2, b2), (x,), (x.half(),))
+
+
+def test_launchers_called_alone_validate():
+    x, w1, b1, w2, b2 = make_mlp(((2, 5), 40, 72), torch.float32, False).primals
+    with pytest.raises(ValueError, match=r"mlp: b1 must have shape \(72,\)"):
+        mlp_fwd(x, w1, b1[:5], w2, b2)
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="bfloat16 is not supported in Triton's CPU interpreter"):
+            mlp_jvp_fwd(*(t.bfloat16() for t in (x, w1, b1, w2, b2, x)))
