@@ -550,3 +550,16 @@ def torch_func_cases(grad=(), grad_bf16_gpu=(), vjp_after=(), second_level=()):
             + params("grad-bf16-gpu", grad_bf16_gpu, lambda n, _: check_func_grad_bf16(n), requires_cuda)
             + params("vjp-after", vjp_after, lambda n, _: check_func_vjp_called_after_the_transform(n))
             + params("second-level", second_level, lambda n, _: check_second_transform_level_refuses(n)))
+
+
+def bad_call_params(name, calls):
+    """``(call, match)`` parameters of op ``name``'s bad calls (id, call, message), with the calls without
+    the interpreter added on a machine without CUDA."""
+    if not HAS_CUDA:
+        calls = calls + no_interpreter_calls(name)
+    return [pytest.param(call, match, id=i) for i, call, match in calls]
+
+
+def check_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -6,12 +6,13 @@ import torch
 
 import meanflow_fast.kernels.gated_residual as gated_mod
 from meanflow_fast.kernels.gated_residual import gated_residual, gated_residual_fwd, gated_residual_jvp
-from tests.helpers import HAS_CUDA, requires_cuda
-from tests.kernels.cases import (OPS, assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream,
-                                 check_backward_token_loop, check_bf16_dit_b2, check_func_jvp_over_primal,
-                                 check_jvp_ref_matches_func_jvp, check_kernel_matches_reference,
-                                 check_primal_bf16_dit_b2, check_primal_kernel_matches_reference, check_primal_saves,
-                                 f32, kernel_cases, no_interpreter_calls, torch_func_cases)
+from tests.helpers import requires_cuda
+from tests.kernels.cases import (OPS, assert_opcheck, bad_call_params,
+                                 check_backward_saves_nothing_of_the_tangent_stream, check_backward_token_loop,
+                                 check_bf16_dit_b2, check_func_jvp_over_primal, check_jvp_ref_matches_func_jvp,
+                                 check_kernel_matches_reference, check_primal_bf16_dit_b2,
+                                 check_primal_kernel_matches_reference, check_primal_saves, check_raises_value_error,
+                                 f32, kernel_cases, torch_func_cases)
 
 
 # =================================================================================================
@@ -103,15 +104,12 @@ def _bad_calls():
         ("primal-device", lambda: gated_residual(x, s, torch.empty(2, 5, 8, device="meta")), "is on meta"),
         ("primal-partial-tangent", lambda: gated_residual_jvp(x, s, x, None, s, x), "must be given together"),
     ]
-    if not HAS_CUDA:  # CPU tensors without the interpreter
-        cases += no_interpreter_calls("gated_residual")
     return cases
 
 
-@pytest.mark.parametrize("call,match", [pytest.param(c, m, id=i) for i, c, m in _bad_calls()])
+@pytest.mark.parametrize("call,match", bad_call_params("gated_residual", _bad_calls()))
 def test_invalid_inputs_raise_value_error(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+    check_raises_value_error(call, match)
 
 
 # =================================================================================================

@@ -7,12 +7,13 @@ import torch
 import meanflow_fast.kernels.layernorm_modulate as ln_mod
 from meanflow_fast.kernels.layernorm_modulate import (ln_modulate, ln_modulate_fwd, ln_modulate_jvp,
                                                       ln_modulate_jvp_ref, ln_modulate_ref)
-from tests.helpers import HAS_CUDA, rel_err, requires_cuda
-from tests.kernels.cases import (OPS, assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream,
-                                 check_backward_token_loop, check_bf16_dit_b2, check_func_jvp_over_primal,
-                                 check_jvp_ref_matches_func_jvp, check_kernel_matches_reference,
-                                 check_primal_bf16_dit_b2, check_primal_kernel_matches_reference, check_primal_saves,
-                                 f32, kernel_cases, make_ln, no_interpreter_calls, torch_func_cases)
+from tests.helpers import rel_err, requires_cuda
+from tests.kernels.cases import (OPS, assert_opcheck, bad_call_params,
+                                 check_backward_saves_nothing_of_the_tangent_stream, check_backward_token_loop,
+                                 check_bf16_dit_b2, check_func_jvp_over_primal, check_jvp_ref_matches_func_jvp,
+                                 check_kernel_matches_reference, check_primal_bf16_dit_b2,
+                                 check_primal_kernel_matches_reference, check_primal_saves, check_raises_value_error,
+                                 f32, kernel_cases, make_ln, torch_func_cases)
 
 
 # =================================================================================================
@@ -144,15 +145,12 @@ def _bad_calls():
         ("primal-d0", lambda: ln_modulate(f32(2, 5, 0), f32(2, 0), f32(2, 0)), "D = 0"),
         ("primal-partial-tangent", lambda: ln_modulate_jvp(x, s, s, x, None, s), "must be given together"),
     ]
-    if not HAS_CUDA:  # CPU tensors without the interpreter
-        cases += no_interpreter_calls("ln_modulate")
     return cases
 
 
-@pytest.mark.parametrize("call,match", [pytest.param(c, m, id=i) for i, c, m in _bad_calls()])
+@pytest.mark.parametrize("call,match", bad_call_params("ln_modulate", _bad_calls()))
 def test_invalid_inputs_raise_value_error(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+    check_raises_value_error(call, match)
 
 
 # =================================================================================================

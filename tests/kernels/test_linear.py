@@ -6,9 +6,9 @@ import torch
 from meanflow_fast.kernels import config
 from meanflow_fast.kernels.linear import dual_linear_fwd, linear_jvp, linear_jvp_ref
 from tests.helpers import HAS_CUDA, rel_err, requires_cuda
-from tests.kernels.cases import (assert_opcheck, check_backward_saves_nothing_of_the_tangent_stream, check_bf16_dit_b2,
-                                 check_jvp_ref_matches_func_jvp, check_kernel_matches_reference, f32, kernel_cases,
-                                 make_linear, no_interpreter_calls, torch_func_cases)
+from tests.kernels.cases import (assert_opcheck, bad_call_params, check_backward_saves_nothing_of_the_tangent_stream,
+                                 check_bf16_dit_b2, check_jvp_ref_matches_func_jvp, check_kernel_matches_reference,
+                                 check_raises_value_error, f32, kernel_cases, make_linear, torch_func_cases)
 
 
 def test_jvp_ref_matches_func_jvp():
@@ -56,14 +56,12 @@ def _bad_calls():
     if not HAS_CUDA:
         cases.append(("bf16-interp", lambda: linear_jvp(*(t.bfloat16() for t in (x, w, b, x))),
                       "bfloat16 is not supported in Triton's CPU interpreter"))
-        cases += no_interpreter_calls("linear")
     return cases
 
 
-@pytest.mark.parametrize("call,match", [pytest.param(c, m, id=i) for i, c, m in _bad_calls()])
+@pytest.mark.parametrize("call,match", bad_call_params("linear", _bad_calls()))
 def test_invalid_inputs_raise_value_error(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+    check_raises_value_error(call, match)
 
 
 # =================================================================================================

@@ -11,11 +11,12 @@ from meanflow_fast.kernels.linear import dual_linear_fwd
 from meanflow_fast.kernels.mlp import (gelu_bwd, gelu_tanh_grad, mlp, mlp_fwd, mlp_jvp, mlp_jvp_fwd, mlp_jvp_ref,
                                        mlp_ref)
 from tests.helpers import HAS_CUDA, OpLog, assert_within_torch, rel_err, requires_cuda
-from tests.kernels.cases import (DEVICE, FLOOR, OPS, check_backward_saves_nothing_of_the_tangent_stream,
-                                 check_bf16_dit_b2, check_func_jvp_over_primal, check_jvp_ref_matches_func_jvp,
+from tests.kernels.cases import (DEVICE, FLOOR, OPS, bad_call_params,
+                                 check_backward_saves_nothing_of_the_tangent_stream, check_bf16_dit_b2,
+                                 check_func_jvp_over_primal, check_jvp_ref_matches_func_jvp,
                                  check_kernel_matches_reference, check_primal_bf16_dit_b2,
-                                 check_primal_kernel_matches_reference, check_primal_saves, dit_case, f32, factor,
-                                 fp32_matmuls, jvp_args, kernel_cases, make_mlp, no_interpreter_calls, rand, strided,
+                                 check_primal_kernel_matches_reference, check_primal_saves, check_raises_value_error,
+                                 dit_case, f32, factor, fp32_matmuls, jvp_args, kernel_cases, make_mlp, rand, strided,
                                  to, torch_func_cases)
 
 
@@ -226,14 +227,12 @@ def _bad_calls():
                       "bfloat16 is not supported in Triton's CPU interpreter"))
         cases.append(("primal-bf16-interp", lambda: mlp(*(t.bfloat16() for t in (x, w1, b1, w2, b2))),
                       "bfloat16 is not supported in Triton's CPU interpreter"))
-        cases += no_interpreter_calls("mlp")
     return cases
 
 
-@pytest.mark.parametrize("call,match", [pytest.param(c, m, id=i) for i, c, m in _bad_calls()])
+@pytest.mark.parametrize("call,match", bad_call_params("mlp", _bad_calls()))
 def test_invalid_inputs_raise_value_error(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
+    check_raises_value_error(call, match)
 
 
 # =================================================================================================
