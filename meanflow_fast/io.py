@@ -3,13 +3,15 @@
 Every writer goes through ``atomic_write``: write to a temporary file in the target's folder, fsync it,
 rename it onto the final name (atomic on POSIX), fsync the folder. A reader therefore sees the old file
 or the new one, never half of one; a killed writer leaves at most a ``.tmp-*`` file behind, which
-``remove_stale_tmp`` cleans up.
+``remove_stale_tmp`` cleans up. The file gets the mode a plain ``open()`` would give it (0o666 minus the
+umask, or the folder's default ACL), not ``tempfile.mkstemp``'s 0o600.
 """
 import glob
 import json
 import os
-import tempfile
-from typing import Callable, Dict, Optional
+import secrets
+import stat
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,10 +32,12 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise ValueError(f"path must name a file, but {path} is a directory")
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + ".", dir=d)
-    os.close(fd)
+    tmp, mode = _new_tmp_file(d, os.path.basename(path))
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            # The writer replaced the file (safetensors' save_file renames its own 0o600 temp file onto it).
+            os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,6 +50,24 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _new_tmp_file(folder: str, name: str) -> Tuple[str, int]:
+    """Create an empty, new ``.tmp-<name>.<random>`` file in ``folder``; returns its path and mode."""
+    for _ in range(100):
+        tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{secrets.token_hex(4)}")
+        try:
+            # Mode 0o666 as open() asks: the kernel applies the umask (or a default ACL) at creation, so
+            # no os.umask set-and-restore, which would race with files other threads create meanwhile.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        return tmp, mode
+    raise FileExistsError(f"could not create a new temporary file for {name} in {folder}")
 
 
 def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str] = None) -> None:

@@ -3,6 +3,7 @@ bit-for-bit, atomic checkpoints, corrupt images in extraction."""
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from meanflow_fast.imagenet.checkpoint import list_checkpoints, load_checkpoint,
 from meanflow_fast.imagenet.common import UsageError
 from meanflow_fast.imagenet.data import LatentShards, ResumableDistributedSampler, center_crop_arr, write_shard
 from meanflow_fast.imagenet.inception import FIDInceptionV3, load_fid_inception
-from meanflow_fast.io import atomic_write, load_json
+from meanflow_fast.io import atomic_write, load_json, save_json, save_npz, save_safetensors
 from meanflow_fast.training import EMA, BadStepCounter, MeanFlowObjective, NonFiniteTrainingError, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,6 +96,13 @@ def test_train_rejects_reversed_guidance_interval(shards, tmp_path, capsys):
     assert "--guidance-interval must satisfy 0 ≤ T_LO ≤ T_HI ≤ 1, got 0.8 0.2" in err
 
 
+def test_train_rejects_meaningless_guidance(shards, tmp_path, capsys):
+    err = cli_error(train.cli, train_argv(shards, tmp_path, "--kappa", "1.0"), capsys)
+    assert "--kappa must be in [0, 1)" in err and "got 1.0" in err
+    err = cli_error(train.cli, train_argv(shards, tmp_path, "--omega", "-0.5"), capsys)
+    assert "--omega must be ≥ 0 and finite, got -0.5" in err
+
+
 def test_train_rejects_negative_lr(shards, tmp_path, capsys):
     err = cli_error(train.cli, train_argv(shards, tmp_path, "--lr", "-1"), capsys)
     assert "--lr: must be a finite number > 0" in err
@@ -156,6 +164,45 @@ def test_train_resume_latest_without_checkpoints(shards, tmp_path, capsys):
     assert "no checkpoint found in" in err
 
 
+def _train_usage_failure(case, shards, one_step_run, tmp_path):
+    """(argv, expected message) of a meanflow-train usage failure found only after check_args."""
+    if case == "empty data dir":
+        (tmp_path / "empty").mkdir()
+        return train_argv(str(tmp_path / "empty"), tmp_path / "r"), "has no latent shards"
+    if case == "batch larger than the data":
+        return (train_argv(shards, tmp_path / "r", "--global-batch-size", "64"),
+                "--global-batch-size 64 is larger than the data allows")
+    if case == "VAE folder without config.json":
+        (tmp_path / "no-vae").mkdir()
+        return (train_argv(shards, tmp_path / "r", "--sample-every", "1", "--vae", str(tmp_path / "no-vae")),
+                "not a diffusers AutoencoderKL directory")
+    assert case == "resume from another run that does not match"
+    return (train_argv(shards, tmp_path / "r", "--resume", str(one_step_run), "--global-seed", "5"),
+            "the checkpoint does not match this run")
+
+
+TRAIN_USAGE_FAILURES = ["empty data dir", "batch larger than the data", "VAE folder without config.json",
+                        "resume from another run that does not match"]
+
+
+@pytest.mark.parametrize("case", TRAIN_USAGE_FAILURES)
+def test_train_usage_error_creates_no_results_dir(case, shards, one_step_run, tmp_path, capsys):
+    argv, message = _train_usage_failure(case, shards, one_step_run, tmp_path)
+    err = cli_error(train.cli, argv, capsys)
+    assert message in err
+    assert not (tmp_path / "r").exists(), sorted(os.listdir(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("case", TRAIN_USAGE_FAILURES)
+def test_train_usage_error_leaves_existing_results_dir_unchanged(case, shards, one_step_run, tmp_path, capsys):
+    argv, message = _train_usage_failure(case, shards, one_step_run, tmp_path)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    err = cli_error(train.cli, argv, capsys)
+    assert message in err
+    assert sorted(os.listdir(tmp_path / "r")) == ["notes.txt"]
+
+
 def test_resume_rejects_mismatched_run(shards, one_step_run, tmp_path, capsys):
     run = _copy_run(one_step_run, tmp_path / "run")
     err = cli_error(train.cli, train_argv(shards, run, "--resume", "latest", "--depth", "3", "--max-steps", "2"),
@@ -206,6 +253,16 @@ def test_extract_rejects_shards_from_other_settings(tmp_path, capsys):
     err = cli_error(extract.cli, ["--data-path", str(tmp_path / "img"), "--out", str(tmp_path / "out"),
                                   "--image-size", "16", "--device", "cpu"], capsys)
     assert "exists but was written with image_size=64, not 16" in err
+
+
+def test_extract_usage_error_creates_no_out_dir(tmp_path, capsys):
+    (tmp_path / "img" / "c0").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(tmp_path / "img" / "c0" / "0.png")
+    (tmp_path / "no-vae").mkdir()
+    err = cli_error(extract.cli, ["--data-path", str(tmp_path / "img"), "--out", str(tmp_path / "out"),
+                                  "--vae", str(tmp_path / "no-vae"), "--image-size", "16", "--device", "cpu"], capsys)
+    assert "not a diffusers AutoencoderKL directory" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_sample_rejects_zero_samples(one_step_run, tmp_path, capsys):
@@ -357,6 +414,35 @@ def test_bad_step_counter_rejects_limit():
 def test_atomic_write_rejects_directory(tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         atomic_write(str(tmp_path), lambda tmp: None)
+
+
+def test_atomic_writers_give_files_the_mode_of_a_plain_open(tmp_path):
+    """Every writer of meanflow_fast.io creates (and replaces) its file with 0o666 minus the umask, as
+    open() does, so others on shared storage can read what the umask lets them."""
+    def text(path):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write("x")
+        atomic_write(path, write)
+    writers = {"atomic_write.txt": text,
+               "save_json.json": lambda p: save_json({"a": 1}, p),
+               "save_npz.npz": lambda p: save_npz(p, arr_0=np.zeros(3)),
+               "save_safetensors.safetensors": lambda p: save_safetensors({"w": torch.zeros(2)}, p)}
+    got, want = {}, {}
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o027, 0o640)):
+        d = tmp_path / oct(umask)
+        old = os.umask(umask)
+        try:
+            for name, write in writers.items():
+                write(str(d / name))
+                got[oct(umask), name, "new"] = oct(stat.S_IMODE(os.stat(d / name).st_mode))
+                write(str(d / name))  # replacing an existing file
+                got[oct(umask), name, "replaced"] = oct(stat.S_IMODE(os.stat(d / name).st_mode))
+                want[oct(umask), name, "new"] = want[oct(umask), name, "replaced"] = oct(mode)
+        finally:
+            os.umask(old)
+        assert sorted(os.listdir(d)) == sorted(writers)  # no temp file left behind
+    assert got == want
 
 
 def test_load_json_rejects_malformed(tmp_path):

@@ -66,20 +66,21 @@ def main(args):
     log = get_logger("extract", env.is_main)
     files, classes = list_image_folder(args.data_path)
     n_shards = math.ceil(len(files) / args.shard_size)
-    os.makedirs(args.out, exist_ok=True)
-    if env.is_main:
-        remove_stale_tmp(args.out)
-    barrier()
     mine = list(range(env.rank, n_shards, env.world_size))
     todo = []
     for k in mine:
         lo, hi = k * args.shard_size, min(len(files), (k + 1) * args.shard_size)
         if not _shard_done(os.path.join(args.out, shard_name(k)), args, hi - lo):
             todo.append((k, lo, hi))
+    vae = load_vae(args.vae, env.device, _DTYPES[args.vae_dtype]) if todo else None
+    # --out is made only now, after every check that can fail: a usage error leaves no trace.
+    os.makedirs(args.out, exist_ok=True)
+    if env.is_main:
+        remove_stale_tmp(args.out)
+    barrier()
     log.info(f"{len(files)} images in {len(classes)} classes → {n_shards} shards of ≤ {args.shard_size}; "
              f"{env.world_size} rank(s); rank 0: {len(todo)} of {len(mine)} shards to do")
 
-    vae = load_vae(args.vae, env.device, _DTYPES[args.vae_dtype]) if todo else None
     indices = [i for _, lo, hi in todo for i in range(lo, hi)]
     ds = Subset(ImageFolderImages(files, args.image_size), indices)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,

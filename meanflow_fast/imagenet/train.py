@@ -13,6 +13,7 @@ checkpoint stores the model, EMA, optimizer, step, data position and every RNG s
 ``--resume latest`` continues exactly where the run stopped (bit-for-bit on CPU, same world size).
 """
 import argparse
+import inspect
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import random
 import signal
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -250,21 +251,25 @@ def _build_model(args, env: DistEnv, data: LatentShards, backend: str):
     # backward hooks all-reduce every gradient (see meanflow_fast.training).
     objective = MeanFlowObjective(model, loss_fn)
     if env.distributed:
-        # Not static_graph=True: it breaks forward_jvp. The only buffer (pos_embed) is constant.
+        # Not static_graph=True: it breaks forward_jvp. The only buffer (pos_embed) is constant: no sync
+        # before each forward. torch 2.13 calls that switch forward_sync_buffers (and warns on
+        # broadcast_buffers); older torch knows only broadcast_buffers.
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                   else "broadcast_buffers")
         objective = DDP(objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-                        broadcast_buffers=False)
+                        **{no_sync: False})
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
                            weight_decay=args.weight_decay, fused=env.device.type == "cuda")
     ema.update(model, decay=0.0)  # EMA starts as a copy of the (broadcast) weights
     return config, model, ema, loss_fn, objective, opt
 
 
-def _setup(args) -> _Run:
-    """Process group, run folder, logger, data, model, optimizer and this rank's seeded RNG streams."""
+def _setup(args):
+    """(run, the sample grids' VAE or None, ``--resume``'s checkpoint or None): process group, data,
+    model, optimizer, this rank's seeded RNG streams, the VAE and the checkpoint, all opened and checked
+    before the run folder and its log are made, so a usage error leaves --results-dir as it was."""
     env = init_distributed(args.device)
     device = env.device
-    ckpt_dir = _open_run_dir(args, env)
-    log = get_logger("train", env.is_main, os.path.join(args.results_dir, "log.txt"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -277,27 +282,45 @@ def _setup(args) -> _Run:
     np.random.seed(seed % 2**32)
     random.seed(seed)
     loss_gen = torch.Generator(device=device).manual_seed(seed)
-    return _Run(args=args, env=env, log=log, backend=backend, amp=amp, ckpt_dir=ckpt_dir, data=data,
-                sampler=sampler, local_batch=local_batch, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
-                config=config, model=model, ema=ema, loss_fn=loss_fn, objective=objective, opt=opt, seed=seed,
-                loss_gen=loss_gen, bad=BadStepCounter(args.max_bad_steps))
+    vae = _load_grid_vae(args, env)
+    checkpoint = _read_checkpoint(args, env, config) if args.resume else None
+    ckpt_dir = _open_run_dir(args, env)
+    log = get_logger("train", env.is_main, os.path.join(args.results_dir, "log.txt"))
+    run = _Run(args=args, env=env, log=log, backend=backend, amp=amp, ckpt_dir=ckpt_dir, data=data,
+               sampler=sampler, local_batch=local_batch, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
+               config=config, model=model, ema=ema, loss_fn=loss_fn, objective=objective, opt=opt, seed=seed,
+               loss_gen=loss_gen, bad=BadStepCounter(args.max_bad_steps))
+    return run, vae, checkpoint
+
+
+def _load_grid_vae(args, env: DistEnv):
+    """Rank 0's VAE that decodes the sample grids (``--vae`` with ``--sample-every``), else None."""
+    if env.is_main and args.vae and args.sample_every:
+        from .vae import load_vae
+        return load_vae(args.vae, env.device)
+    return None
 
 
 # ------------------------------------------------------------------------------------------ resume
-def _resume(run: _Run) -> None:
-    """Load ``--resume``'s checkpoint into the run: weights, EMA, optimizer, data position, skipped-step
-    count and (same world size) every RNG stream of this rank."""
-    args, env = run.args, run.env
+def _read_checkpoint(args, env: DistEnv, config: DiTConfig) -> Tuple[str, dict, Dict[str, torch.Tensor]]:
+    """``--resume``'s checkpoint (JSON path, state, tensors), checked against this run."""
     jpath = resolve_checkpoint(args.resume, args.results_dir)
     meta, tensors = load_checkpoint(jpath, map_location=env.device)
     saved = meta.get("args", {})
     diff = {k: (saved.get(k), getattr(args, k)) for k in MUST_MATCH_ON_RESUME
             if k in saved and _as_json(saved.get(k)) != _as_json(getattr(args, k))}
-    if meta["model_config"] != asdict(run.config):
-        diff["model_config"] = (meta["model_config"], asdict(run.config))
+    if meta["model_config"] != asdict(config):
+        diff["model_config"] = (meta["model_config"], asdict(config))
     if diff:
         raise UsageError(f"--resume {jpath}: the checkpoint does not match this run: " +
                          "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    return jpath, meta, tensors
+
+
+def _resume(run: _Run, jpath: str, meta: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    """Load the checkpoint (from ``_read_checkpoint``) into the run: weights, EMA, optimizer, data
+    position, skipped-step count and (same world size) every RNG stream of this rank."""
+    env = run.env
     run.model.load_state_dict(prefixed(tensors, "model"))
     run.ema.load_state_dict(prefixed(tensors, "ema"))
     optimizer_from_tensors(run.opt, tensors, meta["optimizer_param_groups"])
@@ -339,12 +362,9 @@ class _SampleGrid:
     """The EMA model's samples of a fixed noise and label set, written by rank 0 as one PNG per call
     (decoded by ``--vae``, else the first latent channels). Draws from its own generator only."""
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: _Run, vae=None):
         args, data = run.args, run.data
-        self.run, self.vae = run, None
-        if run.env.is_main and args.vae and args.sample_every:
-            from .vae import load_vae
-            self.vae = load_vae(args.vae, run.env.device)
+        self.run, self.vae = run, vae
         g = torch.Generator().manual_seed(args.global_seed + 1)
         self.n = min(args.sample_count, 64)
         self.y = (torch.arange(self.n) * max(1, data.num_classes // max(1, self.n))) % data.num_classes
@@ -433,10 +453,11 @@ def _train_loop(run: _Run, loader: DataLoader, grid: _SampleGrid, faults: FaultP
 def main(args):
     """Train (``args`` checked by ``check_args``); returns the last checkpoint's JSON path."""
     faults = FaultPlan.from_args(args)
-    run = _setup(args)
-    if args.resume:
-        _resume(run)
-    grid = _SampleGrid(run)
+    run, vae, checkpoint = _setup(args)
+    if checkpoint is not None:
+        _resume(run, *checkpoint)
+        del checkpoint  # its tensors are in the model, the EMA and the optimizer now
+    grid = _SampleGrid(run, vae)
     loader = DataLoader(run.data, batch_size=run.local_batch, sampler=run.sampler, num_workers=args.num_workers,
                         pin_memory=run.env.device.type == "cuda", drop_last=True,
                         generator=torch.Generator().manual_seed(run.seed))
@@ -548,8 +569,9 @@ def check_args(args) -> None:
     if args.weight_decay < 0:
         raise UsageError(f"--weight-decay must be ≥ 0, got {args.weight_decay}")
     try:
-        check_settings(time_sigma=args.time_sigma, ratio_r_neq_t=args.ratio_r_neq_t,
-                       guidance_interval=tuple(args.guidance_interval), class_dropout=args.class_dropout,
+        check_settings(time_sigma=args.time_sigma, ratio_r_neq_t=args.ratio_r_neq_t, omega=args.omega,
+                       kappa=args.kappa, guidance_interval=tuple(args.guidance_interval),
+                       class_dropout=args.class_dropout,
                        adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c,
                        name=lambda setting: "--" + setting.replace("_", "-"))
     except ValueError as e:
