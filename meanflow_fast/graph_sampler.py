@@ -60,7 +60,7 @@ class GraphSampler:
 
     def _time_buffers(self, B: int, noise: torch.Tensor):
         """(t, r) per step as (B,) tensors, in the precision the model turns times into (float64 for
-        float64 noise, else float32), so that the times equal what ``sample``'s floats become."""
+        float64 noise, else float32): the tensors ``sample`` passes."""
         dtype = time_dtype(noise.dtype)
         return [(torch.full((B,), t, device=noise.device, dtype=dtype),
                  torch.full((B,), r, device=noise.device, dtype=dtype))

@@ -9,6 +9,8 @@
 with the guided velocity (paper eq. 19/21), for samples whose t is in the guidance interval and whose
 class was not dropped:  ṽ = ω·v + κ·u(z_t, t, t | c) + (1 − ω − κ)·u(z_t, t, t | ∅)  (no grad).
 """
+import math
+from contextlib import contextmanager
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -35,8 +37,9 @@ def sample_t_r(batch: int, *, mu: float = -0.4, sigma: float = 1.0, ratio_r_neq_
                generator: Optional[torch.Generator] = None, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Draw (t, r), each (batch,) float32 with 0 < r ≤ t < 1.
 
-    Two independent logit-normal(mu, sigma) draws; t = max, r = min; then all but
-    round(ratio_r_neq_t · batch) samples, chosen at random, are set to r = t.
+    Two independent logit-normal(mu, sigma) draws; t = max, r = min; then int(batch · (1 − ratio_r_neq_t))
+    samples, chosen at random, are set to r = t (the official rule: one r ≠ t sample remains at batch 1
+    or 2 for any ratio > 0).
     """
     if batch < 1:
         raise ValueError(f"batch must be ≥ 1, got {batch}")
@@ -48,16 +51,22 @@ def sample_t_r(batch: int, *, mu: float = -0.4, sigma: float = 1.0, ratio_r_neq_
     s = torch.sigmoid(mu + sigma * _randn((2, batch), generator, device))
     t, r = s.max(dim=0).values, s.min(dim=0).values
     gdev = generator.device if generator is not None else device
-    equal = torch.randperm(batch, generator=generator, device=gdev)[int(round(ratio_r_neq_t * batch)):]
+    # batch − int(batch·(1 − ratio)) = ceil(batch·ratio); rounded to 9 decimals first so that a decimal
+    # ratio is not off by one row through float error (int(90 · 0.7) is 62 in floats).
+    n_neq = math.ceil(round(batch * ratio_r_neq_t, 9))
+    equal = torch.randperm(batch, generator=generator, device=gdev)[n_neq:]
     r[equal.to(device)] = t[equal.to(device)]
     return t, r
 
 
 def check_settings(*, time_sigma: float, ratio_r_neq_t: float, guidance_interval: Tuple[float, float],
-                   class_dropout: float, adaptive_p: float, adaptive_c: float,
-                   name: Callable[[str], str] = str) -> None:
+                   class_dropout: float, adaptive_p: float, adaptive_c: float, omega: float = 1.0,
+                   kappa: float = 0.0, name: Callable[[str], str] = str) -> None:
     """Raise ValueError for a MeanFlowLoss setting out of its range. ``name`` spells each setting in the
-    message (``meanflow-train`` passes its flag names: ``time_sigma`` → ``--time-sigma``)."""
+    message (``meanflow-train`` passes its flag names: ``time_sigma`` → ``--time-sigma``).
+
+    Guidance: ω ≥ 0 (ω = 0 is guidance scale 0) and 0 ≤ κ < 1, since the effective scale is ω/(1 − κ)
+    (κ = 1 makes it infinite); both finite."""
     lo, hi = guidance_interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"{name('guidance_interval')} must satisfy 0 ≤ T_LO ≤ T_HI ≤ 1, got {lo} {hi}")
@@ -67,6 +76,11 @@ def check_settings(*, time_sigma: float, ratio_r_neq_t: float, guidance_interval
         raise ValueError(f"{name('ratio_r_neq_t')} must be in [0, 1], got {ratio_r_neq_t}")
     if time_sigma <= 0:
         raise ValueError(f"{name('time_sigma')} must be > 0, got {time_sigma}")
+    if not (omega >= 0.0 and math.isfinite(omega)):
+        raise ValueError(f"{name('omega')} must be ≥ 0 and finite, got {omega}")
+    if not 0.0 <= kappa < 1.0:
+        raise ValueError(f"{name('kappa')} must be in [0, 1) (the effective guidance scale is "
+                         f"{name('omega')}/(1 − {name('kappa')})), got {kappa}")
     if adaptive_c <= 0 or adaptive_p < 0:
         raise ValueError(f"{name('adaptive_c')} must be > 0 and {name('adaptive_p')} ≥ 0, got "
                          f"c={adaptive_c}, p={adaptive_p}")
@@ -80,14 +94,19 @@ class MeanFlowLoss(nn.Module):
             ``model.num_classes`` at call time.
         time_mu, time_sigma: logit-normal parameters of the (t, r) draws.
         ratio_r_neq_t: fraction of the batch with r ≠ t (the rest has r = t). 0 gives flow matching.
-        omega, kappa, guidance_interval: training-time guidance (ω, κ, [t_lo, t_hi]); ω = 1, κ = 0 is
-            unguided and skips the two extra evaluations.
+        omega, kappa, guidance_interval: training-time guidance (ω ≥ 0, 0 ≤ κ < 1, [t_lo, t_hi]); the
+            effective scale is ω/(1 − κ); ω = 1, κ = 0 is unguided and skips the two extra evaluations.
         class_dropout: probability of replacing a label with the null label.
         adaptive_p, adaptive_c: adaptive weight w = 1/(L + c)^p (p = 0 gives the plain mean of L).
         jvp: "auto" (``model.forward_jvp`` if the model has it, else torch.func.jvp), "forward_jvp" or
             "func" (torch.func.jvp over ``model(z, r, t, y)`` for any callable).
         validate: check the values of the inputs (labels in range, 0 ≤ r ≤ t ≤ 1), which costs a
             device sync per call and a graph break under torch.compile; shapes are always checked.
+
+    The model is called as ``model(z, r, t, y)`` with r, t (B,) float tensors and y (B,) int labels in
+    [0, num_classes]: it must accept the null label ``num_classes`` (class dropout, on by default, and
+    guidance's unconditional call use it). An IndexError raised by a call holding the null label is
+    re-raised as a ValueError saying so (on CUDA an out-of-range embedding is a device-side assert).
 
     ``forward`` returns the scalar loss and a dict of detached tensors: ``loss`` (weighted),
     ``raw_loss`` (mean of L_i: the number to watch; the weighted loss sits near 1) and ``frac_r_neq_t``.
@@ -102,7 +121,8 @@ class MeanFlowLoss(nn.Module):
         if jvp not in ("auto", "forward_jvp", "func"):
             raise ValueError(f"jvp must be 'auto', 'forward_jvp' or 'func', got {jvp!r}")
         check_settings(time_sigma=time_sigma, ratio_r_neq_t=ratio_r_neq_t, guidance_interval=guidance_interval,
-                       class_dropout=class_dropout, adaptive_p=adaptive_p, adaptive_c=adaptive_c)
+                       class_dropout=class_dropout, adaptive_p=adaptive_p, adaptive_c=adaptive_c,
+                       omega=omega, kappa=kappa)
         lo, hi = guidance_interval
         self.num_classes = num_classes
         self.time_mu, self.time_sigma, self.ratio_r_neq_t = time_mu, time_sigma, ratio_r_neq_t
@@ -148,11 +168,12 @@ class MeanFlowLoss(nn.Module):
         v = noise - x
         v_tilde = self._guided_velocity(model, z, t, y, v, drop, num_classes) if self.guided else v
 
-        if flow_matching:
-            u = model(z, r, t, y_in)
-            dudt = torch.zeros_like(u)
-        else:
-            u, dudt = self._jvp(model, z, r, t, y_in, v_tilde)
+        with _null_label_hint(num_classes, drop):
+            if flow_matching:
+                u = model(z, r, t, y_in)
+                dudt = torch.zeros_like(u)
+            else:
+                u, dudt = self._jvp(model, z, r, t, y_in, v_tilde)
         with torch.no_grad():
             u_tgt = v_tilde - (t - r).clamp(0, 1).view(bshape).to(dudt.dtype) * dudt
         acc = torch.promote_types(u.dtype, torch.float32)  # fp32 sums for fp16/bf16, fp64 stays fp64
@@ -178,8 +199,9 @@ class MeanFlowLoss(nn.Module):
         lo, hi = self.guidance_interval
         use = (t >= lo) & (t <= hi) & ~drop
         # One batched call for the conditional and unconditional predictions.
-        u_both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
-                       torch.cat([y, torch.full_like(y, num_classes)]))
+        with _null_label_hint(num_classes):
+            u_both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
+                           torch.cat([y, torch.full_like(y, num_classes)]))
         u_c, u_u = u_both[:B].to(v.dtype), u_both[B:].to(v.dtype)
         v_g = self.omega * v + self.kappa * u_c + (1 - self.omega - self.kappa) * u_u
         return torch.where(use.view((B,) + (1,) * (v.dim() - 1)), v_g, v)
@@ -227,6 +249,22 @@ class MeanFlowLoss(nn.Module):
         if drop is not None and (not torch.is_tensor(drop) or drop.dtype != torch.bool or drop.shape != (B,)):
             raise ValueError(f"drop must be a bool tensor of shape ({B},)")
         return B
+
+
+@contextmanager
+def _null_label_hint(num_classes: int, drop: Optional[torch.Tensor] = None):
+    """Re-raise an IndexError from a model call whose labels held the null label (always, or where
+    ``drop`` has a True) as a ValueError naming the null label; ``drop`` is only read on that error."""
+    try:
+        yield
+    except IndexError as err:
+        if drop is not None and not bool(drop.any()):
+            raise
+        raise ValueError(
+            f"the model raised IndexError on labels holding the null label {num_classes}: a model trained with "
+            f"MeanFlowLoss must accept the label {num_classes} (the null label, used by class dropout and by "
+            f"guidance's unconditional call), e.g. a label embedding of num_classes + 1 rows; or train "
+            f"without it: class_dropout=0 and omega=1, kappa=0") from err
 
 
 def _jvp_safe_attention():

@@ -9,6 +9,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .model import time_dtype
+
 __all__ = ["sample", "sample_times", "time_grid", "initial_noise"]
 
 
@@ -75,10 +77,15 @@ def sample(model, y: torch.Tensor, *, steps: int = 1, noise: Optional[torch.Tens
     ``generator`` (seeded: same generator state → same samples) with ``shape`` (default: the model's
     (C, H, W) from ``model.config``). ``times`` overrides the uniform grid of ``steps`` steps; it must
     decrease from 1 to 0.
+
+    The model is called as ``model(z, r, t, y)`` with r and t (B,) tensors on z's device, in
+    ``meanflow_fast.model.time_dtype(z.dtype)`` (float32, float64 for float64 z), as MeanFlowLoss passes
+    them: a MeanFlowDiT turns float times into exactly these tensors.
     """
     grid = time_grid(steps, times)
     noise = initial_noise(model, y, noise, generator=generator, shape=shape, dtype=dtype)
     z = noise
     for t, r in zip(grid, grid[1:]):
-        z = z - (t - r) * model(z, r, t, y)
+        times = [torch.full((z.shape[0],), s, dtype=time_dtype(z.dtype), device=z.device) for s in (r, t)]
+        z = z - (t - r) * model(z, *times, y)
     return z

@@ -1,12 +1,15 @@
 """MeanFlowLoss against a hand-written computation, the (t, r) sampler's statistics, and the
 equivalence of its two JVP paths."""
 import math
+from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow_fast import MeanFlowLoss, meanflow_dit, sample_t_r
+from meanflow_fast.loss import check_settings
 from tests.helpers import randomize_, rel_err
 
 NUM_CLASSES = 5
@@ -147,6 +150,72 @@ def test_time_sampler_statistics():
     assert abs(lt.mean().item() - (mu + sigma / math.sqrt(math.pi))) < 4 * sigma / math.sqrt(lt.numel())
 
 
+def _official_r_eq_t_rows(bz, data_proportion: str) -> int:
+    """The official code's count of r = t rows, ``int(bz * data_proportion)`` (data_proportion = 1 − ratio),
+    in exact decimal arithmetic: in floats it would give 62, not 63, at bz = 90, 0.7."""
+    return math.floor(bz * Fraction(data_proportion))
+
+
+def test_r_neq_t_count_follows_the_official_rule():
+    """int(B·(1 − ratio)) rows get r = t: one r ≠ t row remains at B = 1 or 2 (not flow matching)."""
+    hand_worked = [  # (batch, ratio, r ≠ t rows)
+        (128, 0.25, 32), (100, 0.25, 25), (1, 0.25, 1), (2, 0.25, 1), (3, 0.25, 1), (5, 0.25, 2),
+        (6, 0.25, 2), (10, 0.9, 9), (90, 0.3, 27), (7, 0.5, 4), (1, 0.0, 0), (2, 0.0, 0), (1, 1.0, 1),
+        (2, 1.0, 2)]
+    for batch, ratio, neq in hand_worked:
+        t, r = sample_t_r(batch, ratio_r_neq_t=ratio, generator=torch.Generator().manual_seed(batch))
+        official = batch - _official_r_eq_t_rows(batch, str(1 - Fraction(str(ratio))))
+        assert (r != t).sum().item() == neq == official, (batch, ratio)
+    for ratio, proportion in (("0.25", "0.75"), ("0.1", "0.9"), ("0.3", "0.7"), ("0.7", "0.3"), ("0.9", "0.1")):
+        for batch in range(1, 200):
+            t, r = sample_t_r(batch, ratio_r_neq_t=float(ratio), generator=torch.Generator().manual_seed(0))
+            assert (r != t).sum().item() == batch - _official_r_eq_t_rows(batch, proportion), (ratio, batch)
+    # B = 128 (the demo's batch), where the count is unchanged: the same draws as before, in the same order
+    g = torch.Generator().manual_seed(4)
+    t, r = sample_t_r(128, generator=torch.Generator().manual_seed(4))
+    s = torch.sigmoid(-0.4 + torch.randn((2, 128), generator=g))
+    t_ref, r_ref = s.max(dim=0).values, s.min(dim=0).values
+    equal = torch.randperm(128, generator=g)[32:]
+    r_ref[equal] = t_ref[equal]
+    assert torch.equal(t, t_ref) and torch.equal(r, r_ref)
+
+
+@pytest.mark.parametrize("batch,frac", [(1, 1.0), (2, 0.5)])
+def test_small_batches_keep_an_r_neq_t_row(batch, frac):
+    model = _model()
+    x, y, *_ = _draws(batch)
+    _, stats = MeanFlowLoss()(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert stats["frac_r_neq_t"].item() == frac
+
+
+class _SmallTableModel(nn.Module):
+    """A user's model whose label embedding has num_classes rows: no room for the null label."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(NUM_CLASSES, 1).double()
+
+    def forward(self, z, r, t, y):
+        return z * (1 + t[:, None, None, None] - r[:, None, None, None]) + self.emb(y)[:, :, None, None]
+
+
+@pytest.mark.parametrize("settings,drop", [
+    (dict(), [False, False, True, False, False, False]),          # class dropout in the JVP call
+    (dict(ratio_r_neq_t=0.0), [True] * 6),                        # flow matching: the plain call
+    (dict(omega=2.0), [False] * 6),                               # guidance: the unconditional call
+])
+def test_null_label_index_error_is_explained(settings, drop):
+    x, y, t, r, noise, _ = _draws()
+    loss_fn = MeanFlowLoss(num_classes=NUM_CLASSES, **settings)
+    with pytest.raises(ValueError, match=rf"must accept the label {NUM_CLASSES} \(the null label") as info:
+        loss_fn(_SmallTableModel(), x, y, noise=noise, drop=torch.tensor(drop))
+    assert isinstance(info.value.__cause__, IndexError)
+    # no null label in the batch, no guidance: the model works
+    loss, _ = MeanFlowLoss(num_classes=NUM_CLASSES)(_SmallTableModel(), x, y, t=t, r=r, noise=noise,
+                                                    drop=torch.zeros(6, dtype=torch.bool))
+    assert torch.isfinite(loss)
+
+
 def test_class_dropout_rate():
     model = _model()
     """About 10% of the labels reaching the network are the null label."""
@@ -192,3 +261,20 @@ def test_loss_rejects_bad_config():
         MeanFlowLoss(jvp="fast")
     with pytest.raises(ValueError, match="ratio_r_neq_t"):
         MeanFlowLoss(ratio_r_neq_t=1.5)
+
+
+def test_loss_rejects_meaningless_guidance():
+    bad = [(-0.5, 0.0, "omega must be ≥ 0"), (float("nan"), 0.0, "omega must be ≥ 0"),
+           (float("inf"), 0.0, "omega must be ≥ 0"), (1.0, 1.0, r"kappa must be in \[0, 1\)"),
+           (0.2, 1.5, r"kappa must be in \[0, 1\)"), (1.0, -0.1, r"kappa must be in \[0, 1\)"),
+           (1.0, float("nan"), r"kappa must be in \[0, 1\)")]
+    for omega, kappa, match in bad:
+        with pytest.raises(ValueError, match=match):
+            MeanFlowLoss(omega=omega, kappa=kappa)
+        with pytest.raises(ValueError, match="--" + match.split()[0]):  # meanflow-train's flag names
+            check_settings(time_sigma=1.0, ratio_r_neq_t=0.25, guidance_interval=(0.0, 1.0), class_dropout=0.1,
+                           adaptive_p=1.0, adaptive_c=0.01, omega=omega, kappa=kappa,
+                           name=lambda setting: "--" + setting.replace("_", "-"))
+    # accepted: unguided, the L/2 setting ω = 0.2, κ = 0.92 (effective scale ω/(1 − κ) = 2.5), scale 0
+    for omega, kappa in [(1.0, 0.0), (0.2, 0.92), (3.0, 0.0), (1.0, 0.5), (0.0, 0.0)]:
+        MeanFlowLoss(omega=omega, kappa=kappa)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from meanflow_fast import meanflow_dit, sample
+from meanflow_fast.model import time_dtype
 from meanflow_fast.sampling import sample_times
 from tests.helpers import randomize_, rel_err
 
@@ -39,12 +40,51 @@ def test_exact_average_velocity_recovers_the_data_point(steps):
     x_star = torch.randn(1, 3, 5, 5, dtype=torch.float64)
 
     def u(z, r, t, y):
-        return (z - x_star) / t
+        return (z - x_star) / t.view(-1, 1, 1, 1)  # t: (B,)
 
     y = torch.zeros(4, dtype=torch.long)
     x = sample(u, y, steps=steps, shape=(3, 5, 5), dtype=torch.float64,
                generator=torch.Generator().manual_seed(0))
     assert torch.allclose(x, x_star.expand(4, -1, -1, -1), atol=1e-12)
+
+
+def test_user_callable_may_index_the_times():
+    """r and t reach the model as (B,) tensors, as in MeanFlowLoss: r[:, None] works in both."""
+    x_star = torch.randn(1, 3, 5, 5)
+
+    def u(z, r, t, y):
+        return (z - x_star) / t[:, None, None, None] + 0 * r[:, None, None, None]
+
+    x = sample(u, torch.zeros(4, dtype=torch.long), steps=3, shape=(3, 5, 5),
+               generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, x_star.expand(4, -1, -1, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("times", [None, (1.0, 0.6, 0.13, 0.0)])
+def test_times_are_batch_tensors_and_samples_are_unchanged(dtype, times):
+    """Times are (B,) tensors in the model's time dtype on z's device, and the project's model gives
+    exactly z_r = z_t − (t − r)·u(z_t, r, t) with those tensors (the float times it was given before
+    round to the same values)."""
+    model = _model().to(dtype)
+    y = torch.tensor([1, 0, 3])
+    seen = []
+
+    def spy(z, r, t, y_):
+        seen.append((r, t))
+        return model(z, r, t, y_)
+
+    grid = list(times) if times is not None else [1.0, 0.5, 0.0]
+    x = sample(spy, y, times=times, steps=2, noise=(eps := torch.randn(3, 2, 4, 4, dtype=dtype)))
+    assert len(seen) == len(grid) - 1
+    z = eps
+    for (r_seen, t_seen), t, r in zip(seen, grid, grid[1:]):
+        for got, want in ((r_seen, r), (t_seen, t)):
+            assert torch.is_tensor(got) and got.shape == (3,) and got.dtype == time_dtype(z.dtype)
+            assert torch.equal(got, torch.full((3,), want, dtype=time_dtype(z.dtype)))
+        z = z - (t - r) * model(z, torch.full((3,), r, dtype=time_dtype(z.dtype)),
+                                torch.full((3,), t, dtype=time_dtype(z.dtype)), y)
+    assert torch.equal(x, z)
 
 
 def test_seeded_sampling_is_reproducible():
