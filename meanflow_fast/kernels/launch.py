@@ -43,8 +43,8 @@ def _needs_op(args) -> bool:
     dispatch mode (FakeTensorMode, tracers, loggers), a torch.func transform (its wrapped tensors have no
     storage to launch on), a first argument that is not a plain tensor, a backward under torch.func
     (``backward_once``), or a call autograd would record (grad mode on, an input requiring grad): a direct
-    launch is invisible to autograd, while the op fails loudly ("no autograd formula") or runs the
-    backward registered for it."""
+    launch is invisible to autograd, while the op's backward raises NotImplementedError (``kernel_op``) or
+    is the real one an op file registered."""
     return (torch.compiler.is_compiling() or _in_dispatch_mode() or _functorch_active()
             or type(args[0]) not in _EAGER_TYPES or _forced_op_calls > 0
             or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)))
@@ -56,9 +56,13 @@ def kernel_op(name: str) -> Callable:
     eager mode and the op wherever something traces, transforms or watches the call (``_needs_op``).
     The op would add nothing to a plain eager call but host time: ~55 µs a call for the dispatcher and the
     custom-op autograd wrapper, at 172 calls per guided DiT-B/2 step (benchmarks/tools/host_overhead.py).
-    The callable forwards ``register_fake`` and ``register_autograd`` to the op."""
+    The callable forwards ``register_fake`` and ``register_autograd`` to the op. Every op starts with a
+    backward that raises NotImplementedError (``_not_differentiable``): autograd reaches an op only when
+    something differentiates the kernels' backward (create_graph=True) or the op is called directly. An op
+    file may register the op's real backward after this one (attention's forward ops do)."""
     def wrap(fn: Callable) -> Callable:
         op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_autograd(functools.partial(_not_differentiable, name))
 
         @functools.wraps(fn)
         def call(*args):
@@ -67,6 +71,16 @@ def kernel_op(name: str) -> Callable:
         call.register_autograd = op.register_autograd
         return call
     return wrap
+
+
+# Why a second derivative through the kernels raises, and what to use instead (kernel_op, backward_once).
+NOT_DIFFERENTIABLE = ("the Triton kernels' backward is not differentiable{}; use the pure-torch backend "
+                      "(backend='torch' / the *_ref functions) for higher derivatives")
+
+
+def _not_differentiable(name: str, ctx, *grads):
+    raise NotImplementedError(f"{name}: " + NOT_DIFFERENTIABLE.format(
+        " (a backward through its custom op: a create_graph=True gradient differentiated again)"))
 
 
 try:  # what torch's apply does to the arguments outside a transform (a finished level's wrappers)
@@ -148,11 +162,9 @@ def _check_single_level(ctx) -> None:
             return
     except AttributeError:
         pass
-    raise NotImplementedError(
-        "the Triton kernels' backward is not differentiable: torch.func.grad / vjp over them works under "
-        "one transform, not under a second one (a grad of a grad, a jvp of a grad, hessian, a vjp_fn called "
-        "inside a grad); use the pure-torch backend (backend='torch' / the *_ref functions) for higher "
-        "derivatives")
+    raise NotImplementedError(NOT_DIFFERENTIABLE.format(
+        ": torch.func.grad / vjp over them works under one transform, not under a second one (a grad of a "
+        "grad, a jvp of a grad, hessian, a vjp_fn called inside a grad)"))
 
 
 def check_tensors(op: str, tensors: Dict[str, Optional[torch.Tensor]]) -> torch.dtype:

@@ -121,7 +121,7 @@ def test_eager_apply_skips_the_signature_binding(monkeypatch):
 def test_plain_backward(monkeypatch):
     """Outside torch.func: the usual backward launches its kernels directly (not through the custom ops);
     with create_graph=True it goes through the ops, so that differentiating it again fails loudly at the
-    backward op (no autograd formula) instead of silently dropping the kernels' share of the second
+    backward op (NotImplementedError) instead of silently dropping the kernels' share of the second
     derivative (a directly launched kernel is invisible to autograd; here x³ keeps the graph alive)."""
     import meanflow_fast.kernels.launch as utils
     seen = []
@@ -141,8 +141,24 @@ def test_plain_backward(monkeypatch):
     seen.clear()
     (gx,) = torch.autograd.grad(first, x, create_graph=True)
     assert seen == [True], seen
-    with pytest.raises(RuntimeError, match="autograd formula"):
+    with pytest.raises(NotImplementedError, match="ln_modulate_bwd: the Triton kernels' backward is not "
+                                                  "differentiable.*backend='torch'"):
         gx.sum().backward()
+
+
+# Not linear_jvp: its backward is three torch GEMMs, which differentiate again (correctly) as torch's do.
+@pytest.mark.parametrize("name", ["attention", "attention_jvp_qkv", "mlp", "mlp_jvp", "ln_modulate",
+                                  "ln_modulate_jvp", "gated_residual", "gated_residual_jvp", "gated_residual_ln",
+                                  "gated_residual_ln_jvp"])
+def test_create_graph_second_derivative_raises(name):
+    """A create_graph=True gradient through the kernels, then a backward through it, reaches a backward
+    kernel's custom op: NotImplementedError pointing to backend='torch', not a bare "no autograd formula"."""
+    fn, _, inputs = func_cases(torch.float32)[name]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    loss = sum(o.square().sum() for o in differentiable(name, fn)(*leaves))
+    first = torch.autograd.grad(loss, leaves, create_graph=True)
+    with pytest.raises(NotImplementedError, match=r"not differentiable.*backend='torch'"):
+        sum(g.square().sum() for g in first).backward()
 
 
 # =================================================================================================
