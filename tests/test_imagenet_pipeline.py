@@ -239,7 +239,7 @@ def test_train_ddp_and_resume(trained):
     assert Image.open(run_dir / "samples" / "0000006.png").size[0] > IMAGE_SIZE  # VAE-decoded 32 px tiles
 
 
-def test_sample_and_fid(trained, vae_dir, workdir, tmp_path):
+def test_sample_and_fid(trained, vae_dir, workdir, tmp_path, capsys):
     run_dir, _, _ = trained
     npz = tmp_path / "samples.npz"
     run(["-m", "meanflow_fast.imagenet.sample", "--ckpt", str(run_dir), "--vae", str(vae_dir), "--num-samples", "7",
@@ -262,26 +262,39 @@ def test_sample_and_fid(trained, vae_dir, workdir, tmp_path):
     with np.load(one) as d:
         np.testing.assert_array_equal(d["arr_0"], arr[:3])
 
-    # FID with a randomly initialised FID Inception saved to a file (there are no downloads).
+    # FID with a randomly initialised FID Inception saved to a file (there are no downloads), its features
+    # of order 1; the distance against one computed here from the same features, independently.
     from meanflow_fast.imagenet import fid as fid_cmd
-    from meanflow_fast.imagenet.inception import FIDInceptionV3
-    torch.manual_seed(0)
+    from tests.test_vae_and_fid import frechet_from_features, random_fid_inception
+    net = random_fid_inception()
     weights = tmp_path / "pt_inception-random.pth"
-    torch.save(FIDInceptionV3().state_dict(), weights)
+    torch.save(net.state_dict(), weights)
     rng = np.random.default_rng(1)
     ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=rng.integers(0, 255, (6, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+    ref_images = rng.integers(0, 255, (6, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    np.savez(ref, arr_0=ref_images)
     stats = tmp_path / "ref_stats.npz"
-    fid = fid_cmd.cli([str(npz), "--ref", str(ref), "--inception-weights", str(weights), "--save-ref-stats",
-                       str(stats), "--out", str(tmp_path / "fid.json"), "--device", "cpu"])
-    assert np.isfinite(fid) and fid > 0
-    with np.load(stats) as d:
-        assert d["mu"].shape == (2048,) and d["sigma"].shape == (2048, 2048)
-    # Reference statistics instead of images: the same number; a set against itself: 0.
-    fid2 = fid_cmd.cli([str(npz), "--ref", str(stats), "--inception-weights", str(weights), "--device", "cpu"])
-    assert fid2 == pytest.approx(fid, rel=1e-9)
-    assert fid_cmd.cli([str(npz), "--ref", str(npz), "--inception-weights", str(weights), "--device", "cpu"]) \
-        == pytest.approx(0.0, abs=1e-6)
+    capsys.readouterr()
+    torch.set_num_threads(1)  # as the meanflow-fid process below, whose FID must agree to 1e-9
+    try:
+        fid = fid_cmd.cli([str(npz), "--ref", str(ref), "--inception-weights", str(weights), "--save-ref-stats",
+                           str(stats), "--out", str(tmp_path / "fid.json"), "--device", "cpu"])
+        with torch.no_grad():
+            feats = [net(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255).double().numpy()
+                     for x in (arr, ref_images)]
+        assert fid == pytest.approx(frechet_from_features(*feats), rel=1e-6) and fid > 1e-3
+        # 7 samples and 6 images against 2,048 feature dimensions: computed, but with one warning.
+        out = capsys.readouterr().out
+        assert out.count("too few images") == 1 and "samples 7" in out and "reference 6" in out, out
+        with np.load(stats) as d:
+            assert d["mu"].shape == (2048,) and d["sigma"].shape == (2048, 2048)
+        # Reference statistics instead of images: the same number; a set against itself: 0.
+        fid2 = fid_cmd.cli([str(npz), "--ref", str(stats), "--inception-weights", str(weights), "--device", "cpu"])
+        assert fid2 == pytest.approx(fid, rel=1e-9)
+        assert fid_cmd.cli([str(npz), "--ref", str(npz), "--inception-weights", str(weights), "--device", "cpu"]) \
+            == pytest.approx(0.0, abs=1e-6)
+    finally:
+        torch.set_num_threads(threads)
     assert json.loads((tmp_path / "fid.json").read_text())["fid"] == pytest.approx(fid)
     # The meanflow-fid command: exit status 0 and the FID in --out (sys.exit(cli()) exited 1 with the FID).
     p = console_script("meanflow-fid", [str(npz), "--ref", str(stats), "--inception-weights", str(weights),

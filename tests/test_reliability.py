@@ -587,3 +587,13 @@ def test_log_line_peak_memory_note(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: seen.append(device) or 3.5 * 2**30)
     assert train.peak_memory_note(torch.device("cuda", 1)) == " | peak mem 3.5 GiB"
     assert seen == [torch.device("cuda", 1)]
+
+
+def test_train_accepts_a_vae_hub_id_and_names_a_bad_vae_path(shards, tmp_path, capsys):
+    """--vae takes a hub id (owner/name) as well as a local folder; a path that is neither is named."""
+    args = train.build_parser().parse_args(train_argv(shards, tmp_path, "--sample-every", "5",
+                                                      "--vae", "stabilityai/sd-vae-ft-ema"))
+    train.check_args(args)  # no network needed for the check
+    err = cli_error(train.cli, train_argv(shards, tmp_path, "--sample-every", "5", "--vae",
+                                          str(tmp_path / "no" / "vae")), capsys)
+    assert "no such directory" in err and str(tmp_path / "no" / "vae") in err

@@ -11,7 +11,7 @@ numbers come from the TensorFlow graph; the same weights in torch agree closely 
 """
 import argparse
 import os
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .common import UsageError, get_logger, positive_int, run_cli, run_command
 from .inception import FIDInceptionV3, load_fid_inception
 
 __all__ = ["main", "build_parser", "check_args", "cli", "load_images_npz", "inception_features",
-           "reference_stats"]
+           "reference_stats", "small_set_warning"]
 
 
 def _open_npz(path: str, flag: str):
@@ -65,6 +65,12 @@ def inception_features(net: FIDInceptionV3, images: np.ndarray, batch_size: int 
 
 
 def reference_stats(path: str, net, batch_size: int, device) -> Tuple[np.ndarray, np.ndarray]:
+    mu, sigma, _ = _reference_stats(path, net, batch_size, device)
+    return mu, sigma
+
+
+def _reference_stats(path: str, net, batch_size: int, device) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
+    """mu, sigma and the number of images they come from (None for a statistics file)."""
     with _open_npz(path, "--ref") as d:
         if "mu" in d.files and "sigma" in d.files:
             mu, sigma = d["mu"].astype(np.float64), d["sigma"].astype(np.float64)
@@ -74,11 +80,22 @@ def reference_stats(path: str, net, batch_size: int, device) -> Tuple[np.ndarray
                                  f"{sigma.shape}")
             if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
                 raise UsageError(f"--ref {path}: mu/sigma contain non-finite values")
-            return mu, sigma
+            return mu, sigma, None
         if "arr_0" not in d.files:
             raise UsageError(f"--ref {path} has neither 'mu' + 'sigma' nor 'arr_0' images (found {d.files})")
         images = _check_images(d["arr_0"], path, "--ref")
-    return feature_stats(inception_features(net, images, batch_size, device))
+    return (*feature_stats(inception_features(net, images, batch_size, device)), len(images))
+
+
+def small_set_warning(counts: Dict[str, Optional[int]], dim: int = FIDInceptionV3.feature_dim) -> Optional[str]:
+    """The warning for sets of fewer images than feature dimensions (their covariance is singular, the
+    Fréchet distance of such estimates is mostly bias), or None. ``counts``: set name → images (None: unknown)."""
+    small = [f"{name} {n}" for name, n in counts.items() if n is not None and n < dim]
+    if not small:
+        return None
+    return (f"warning: too few images for a reliable FID ({', '.join(small)}; fewer than the {dim} feature "
+            f"dimensions, so the covariance is singular): the number below is not a usable estimate. Use at least "
+            f"{dim} images per set; 10,000 or 50,000 is standard (ADM: 50,000 samples vs 10,000 reference images)")
 
 
 def main(args) -> float:
@@ -86,10 +103,13 @@ def main(args) -> float:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples = load_images_npz(args.samples, "SAMPLES")
     net = load_fid_inception(args.inception_weights, device)
-    mu_r, sigma_r = reference_stats(args.ref, net, args.batch_size, device)
+    mu_r, sigma_r, n_ref = _reference_stats(args.ref, net, args.batch_size, device)
     if args.save_ref_stats:
         save_npz(args.save_ref_stats, mu=mu_r, sigma=sigma_r)
     mu_s, sigma_s = feature_stats(inception_features(net, samples, args.batch_size, device))
+    warning = small_set_warning({"samples": len(samples), "reference": n_ref})
+    if warning:
+        log.warning(warning)
     fid = frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
     log.info(f"FID {fid:.4f} ({len(samples)} samples of {samples.shape[1]}×{samples.shape[2]} vs {args.ref})")
     if args.out:

@@ -41,6 +41,7 @@ from .common import (DistEnv, UsageError, barrier, cleanup_distributed, get_logg
                      positive_float, positive_int, resolve_backend, run_cli, run_command)
 from .config import TRAIN_PRESETS
 from .data import LatentShards, ResumableDistributedSampler
+from .vae import check_vae_arg
 
 __all__ = ["main", "build_parser", "check_args", "cli", "HYPER_FLAGS", "MUST_MATCH_ON_RESUME"]
 
@@ -585,8 +586,8 @@ def check_args(args) -> None:
         raise UsageError(f"--results-dir {args.results_dir} exists and is not a directory")
     if args.resume:
         resolve_checkpoint(args.resume, args.results_dir)
-    if args.vae and args.sample_every and os.path.sep in args.vae and not os.path.isdir(args.vae):
-        raise UsageError(f"--vae {args.vae} is not a directory")
+    if args.vae and args.sample_every:
+        check_vae_arg(args.vae)
     FaultPlan.from_args(args)
 
 
