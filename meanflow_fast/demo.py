@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .imagenet.common import UsageError, positive_float, positive_int, run_cli
 from .io import save_json, save_safetensors
 from .loss import MeanFlowLoss
 from .metrics import feature_stats, frechet_distance
@@ -33,6 +34,10 @@ from .sampling import sample
 from .training import EMA, train_step
 
 NUM_CLASSES = 10
+# Presets small enough for a CPU; the model is built for the data (8×8, 1 channel, 10 classes).
+DEMO_PRESETS = ("digits", "tiny")
+DATA_SHAPE = dict(input_size=8, in_channels=1, num_classes=NUM_CLASSES)
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 8)  # torch generators take [-2**63, 2**64 - 1]; the demo uses seed + 7
 
 
 # =================================================================================================
@@ -100,7 +105,7 @@ def evaluate(clf: DigitClassifier, x, y, ref_stats) -> dict:
 # =================================================================================================
 def train_generator(name: str, loss_fn: MeanFlowLoss, x, y, args) -> EMA:
     torch.manual_seed(args.seed)
-    model = meanflow_dit(args.preset)
+    model = meanflow_dit(args.preset, **DATA_SHAPE)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
     ema = EMA(model, decay=args.ema)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -133,12 +138,12 @@ def save_grid(x: torch.Tensor, path: str, nrow: int, scale: int = 4) -> None:
 def main(args) -> dict:
     t_start = time.time()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    os.makedirs(args.out, exist_ok=True)
     (x_tr, y_tr), (x_te, y_te) = load_digits_split(args.seed)
+    os.makedirs(args.out, exist_ok=True)
     print(f"digits: {len(x_tr)} train, {len(x_te)} held-out; preset {args.preset}, {args.steps} steps, "
           f"batch {args.batch_size}")
 
-    clf = train_classifier(x_tr, y_tr, seed=args.seed)
+    clf = train_classifier(x_tr, y_tr, steps=args.classifier_steps, seed=args.seed)
     with torch.no_grad():
         ref_stats = feature_stats(clf.features(x_te).numpy())
     metrics = {"config": {k: v for k, v in vars(args).items()},
@@ -178,25 +183,58 @@ def main(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="MeanFlow vs flow matching on bundled 8×8 digits (CPU, minutes).")
-    p.add_argument("--out", default="demo_out", help="output directory")
-    p.add_argument("--preset", default="digits", help="model preset (meanflow_fast.PRESETS)")
-    p.add_argument("--steps", type=int, default=800, help="training steps per model")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the sampled weights")
-    p.add_argument("--ratio-r-neq-t", type=float, default=0.25, help="MeanFlow's fraction with r ≠ t")
-    p.add_argument("--samples-per-class", type=int, default=100)
+    p = argparse.ArgumentParser(prog="meanflow-demo",
+                                description="MeanFlow vs flow matching on bundled 8×8 digits (CPU, minutes).")
+    p.add_argument("--out", default="demo_out", help="output directory (created if missing)")
+    p.add_argument("--preset", default="digits", choices=DEMO_PRESETS,
+                   help="model preset, built for 8×8 1-channel digits and 10 classes: %(choices)s")
+    p.add_argument("--steps", type=positive_int, default=800, help="training steps per model")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the sampled weights, in [0, 1)")
+    p.add_argument("--ratio-r-neq-t", type=float, default=0.25, help="MeanFlow's fraction with r ≠ t, in [0, 1]")
+    p.add_argument("--samples-per-class", type=positive_int, default=100, help="≥ 10 (the PNG grids show 10)")
+    p.add_argument("--classifier-steps", type=positive_int, default=1500,
+                   help="training steps of the evaluation classifier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def cli(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.samples_per_class < 10:
-        raise SystemExit("--steps and --batch-size must be ≥ 1 and --samples-per-class ≥ 10")
-    main(args)
+def check_out(path: str) -> None:
+    """--out must be a directory that exists and is writable, or one that can be created."""
+    if not path:
+        raise UsageError("argument --out: must not be empty")
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"argument --out: {path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"argument --out: directory {path} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"argument --out: cannot create {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"argument --out: cannot create {path}: {parent} is not writable")
+
+
+def check_args(args) -> None:
+    if args.samples_per_class < 10:
+        raise UsageError(f"argument --samples-per-class: must be an integer ≥ 10, got {args.samples_per_class}")
+    if not 0.0 <= args.ema < 1.0:
+        raise UsageError(f"argument --ema: must be in [0, 1), got {args.ema}")
+    if not 0.0 <= args.ratio_r_neq_t <= 1.0:
+        raise UsageError(f"argument --ratio-r-neq-t: must be in [0, 1], got {args.ratio_r_neq_t}")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise UsageError(f"argument --seed: must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {args.seed}")
+    check_out(args.out)
+
+
+def cli(argv=None) -> None:
+    """The ``meanflow-demo`` command: a bad argument is a usage error (exit 2) before any work."""
+    run_cli(build_parser(), check_args, main, argv)
 
 
 if __name__ == "__main__":
