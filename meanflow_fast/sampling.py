@@ -86,6 +86,6 @@ def sample(model, y: torch.Tensor, *, steps: int = 1, noise: Optional[torch.Tens
     noise = initial_noise(model, y, noise, generator=generator, shape=shape, dtype=dtype)
     z = noise
     for t, r in zip(grid, grid[1:]):
-        times = [torch.full((z.shape[0],), s, dtype=time_dtype(z.dtype), device=z.device) for s in (r, t)]
-        z = z - (t - r) * model(z, *times, y)
+        r_b, t_b = (torch.full((z.shape[0],), s, dtype=time_dtype(z.dtype), device=z.device) for s in (r, t))
+        z = z - (t - r) * model(z, r_b, t_b, y)
     return z
