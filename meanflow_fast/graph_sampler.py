@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .model import time_dtype
+from .model import skip_value_checks, time_dtype
 from .sampling import initial_noise, time_grid
 
 __all__ = ["GraphSampler"]
@@ -23,7 +23,9 @@ __all__ = ["GraphSampler"]
 
 class GraphSampler:
     """``x = GraphSampler(model, steps=1)(y, noise)``: samples (B, C, H, W) from labels y (B,), checked
-    as ``sample`` checks them (range included: one device sync per call, before the replay).
+    as ``sample`` checks them (range included: one device sync per call, before the replay). The model
+    runs inside ``meanflow_fast.model.skip_value_checks`` (a capture allows no sync; the grid and the
+    labels are checked here), so the labels of a model without ``num_classes`` go unchecked.
 
     Args:
         model: ``u(z, r, t, y)`` (a MeanFlowDiT, typically the EMA copy) in eval mode.
@@ -51,7 +53,7 @@ class GraphSampler:
         """The sampler's arithmetic; ``times`` holds (t, r) tensors of shape (B,) per step."""
         ctx = (torch.autocast("cuda", dtype=self.autocast_dtype)
                if self.autocast_dtype is not None and z.device.type == "cuda" else nullcontext())
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), ctx, skip_value_checks():
             for (t, r), (tf, rf) in zip(times, zip(self.grid, self.grid[1:])):
                 z = z - (tf - rf) * self.model(z, r, t, y).to(z.dtype)
             if self.decode is not None and self.decode_in_graph:

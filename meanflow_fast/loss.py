@@ -10,14 +10,14 @@ with the guided velocity (paper eq. 19/21), for samples whose t is in the guidan
 class was not dropped:  ṽ = ω·v + κ·u(z_t, t, t | c) + (1 − ω − κ)·u(z_t, t, t | ∅)  (no grad).
 """
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .model import time_dtype
+from .model import check_values, skip_value_checks, time_dtype
 
 __all__ = ["MeanFlowLoss", "sample_t_r", "check_settings"]
 
@@ -100,8 +100,11 @@ class MeanFlowLoss(nn.Module):
         adaptive_p, adaptive_c: adaptive weight w = 1/(L + c)^p (p = 0 gives the plain mean of L).
         jvp: "auto" (``model.forward_jvp`` if the model has it, else torch.func.jvp), "forward_jvp" or
             "func" (torch.func.jvp over ``model(z, r, t, y)`` for any callable).
-        validate: check the values of the inputs (labels in range, 0 ≤ r ≤ t ≤ 1), which costs a
+        validate: check the values of the inputs (labels in range, 0 ≤ r ≤ t ≤ 1), which costs one
             device sync per call and a graph break under torch.compile; shapes are always checked.
+            A MeanFlowDiT's own value checks are skipped inside the loss, whose draws are valid by
+            construction (``meanflow_fast.model.skip_value_checks``), unless the loss's num_classes is
+            not the model's; ``validate=False`` skips them as well.
 
     The model is called as ``model(z, r, t, y)`` with r, t (B,) float tensors and y (B,) int labels in
     [0, num_classes]: it must accept the null label ``num_classes`` (class dropout, on by default, and
@@ -166,9 +169,12 @@ class MeanFlowLoss(nn.Module):
         tb = t.view(bshape).to(x.dtype)
         z = (1 - tb) * x + tb * noise
         v = noise - x
-        v_tilde = self._guided_velocity(model, z, t, y, v, drop, num_classes) if self.guided else v
+        # A MeanFlowDiT's value checks would repeat _check's (same num_classes) or undo validate=False.
+        covered = not self.validate or getattr(model, "num_classes", num_classes) == num_classes
+        vouch = skip_value_checks if covered else nullcontext
+        v_tilde = self._guided_velocity(model, z, t, y, v, drop, num_classes, vouch) if self.guided else v
 
-        with _null_label_hint(num_classes, drop):
+        with _null_label_hint(num_classes, drop), vouch():
             if flow_matching:
                 u = model(z, r, t, y_in)
                 dudt = torch.zeros_like(u)
@@ -193,13 +199,13 @@ class MeanFlowLoss(nn.Module):
         return int(n)
 
     @torch.no_grad()
-    def _guided_velocity(self, model, z, t, y, v, drop, num_classes):
+    def _guided_velocity(self, model, z, t, y, v, drop, num_classes, vouch=nullcontext):
         """ṽ = ω·v + κ·u(z, t, t | c) + (1 − ω − κ)·u(z, t, t | ∅) inside the interval, else v."""
         B = z.shape[0]
         lo, hi = self.guidance_interval
         use = (t >= lo) & (t <= hi) & ~drop
         # One batched call for the conditional and unconditional predictions.
-        with _null_label_hint(num_classes):
+        with _null_label_hint(num_classes), vouch():
             u_both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
                            torch.cat([y, torch.full_like(y, num_classes)]))
         u_c, u_u = u_both[:B].to(v.dtype), u_both[B:].to(v.dtype)
@@ -232,22 +238,24 @@ class MeanFlowLoss(nn.Module):
             raise ValueError(f"y must be an integer tensor of shape ({B},), got {desc}")
         if y.device != x.device:
             raise ValueError(f"y is on {y.device} but x is on {x.device}")
-        if self.validate and bool((y < 0).any() | (y >= num_classes).any()):
-            raise ValueError(f"y must hold labels in [0, {num_classes}), got min {int(y.min())}, max {int(y.max())}")
         if (t is None) != (r is None):
             raise ValueError("pass t and r together (or neither)")
         if t is not None:
             for name, s in (("t", t), ("r", r)):
                 if not torch.is_tensor(s) or s.shape != (B,) or not s.is_floating_point():
                     raise ValueError(f"{name} must be a float tensor of shape ({B},)")
-                if self.validate and bool(((s < 0) | (s > 1)).any()):
-                    raise ValueError(f"{name} must lie in [0, 1]")
-            if self.validate and bool((r.to(t.device) > t).any()):
-                raise ValueError("r must be ≤ t for every sample (r > t found)")
-        if noise is not None and (not torch.is_tensor(noise) or noise.shape != x.shape):
-            raise ValueError(f"noise must have the shape of x {tuple(x.shape)}")
+        if noise is not None:
+            if not torch.is_tensor(noise) or noise.shape != x.shape:
+                got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+                raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {got}")
+            if noise.dtype != x.dtype or noise.device != x.device:
+                raise ValueError(f"noise must have the dtype and device of x ({x.dtype} on {x.device}), got "
+                                 f"{noise.dtype} on {noise.device}: pass noise.to(x)")
         if drop is not None and (not torch.is_tensor(drop) or drop.dtype != torch.bool or drop.shape != (B,)):
             raise ValueError(f"drop must be a bool tensor of shape ({B},)")
+        if self.validate:  # data labels (no null label) and the given times, at one sync
+            check_values(y, num_classes, *((None, None) if t is None else (r.to(y.device), t.to(y.device))),
+                         null_label=False)
         return B
 
 

@@ -16,7 +16,9 @@ Both forwards run each gated residual fused with the LayerNorm-modulate that fol
 are chained through ``DiTBlock.forward_after_ln`` / ``DiTBlock.forward_jvp_after_ln``;
 ``DiTBlock.forward`` / ``DiTBlock.forward_jvp`` are one block on its own.
 """
+import contextvars
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
@@ -106,6 +108,90 @@ def _as_batch_times(name: str, value: Times, z: torch.Tensor) -> torch.Tensor:
     if value.shape != (batch,):
         raise ValueError(f"{name} must be a float, a 0-d tensor or shape ({batch},), got {tuple(value.shape)}")
     return value.to(device=z.device, dtype=time_dtype(z.dtype))
+
+
+# =================================================================================================
+#                                          Input checks
+# =================================================================================================
+# Value checks read tensor values: on CUDA that is a host sync. Callers that checked their own draws
+# (MeanFlowLoss, sample, GraphSampler) run the model inside ``skip_value_checks``, so a training or
+# sampling step adds none; under torch.compile they are off (a sync is a graph break).
+_values_vouched_for = contextvars.ContextVar("meanflow_fast_values_vouched_for", default=False)
+
+
+@contextmanager
+def _vouching():
+    token = _values_vouched_for.set(True)
+    try:
+        yield
+    finally:
+        _values_vouched_for.reset(token)
+
+
+def skip_value_checks():
+    """Context manager: ``MeanFlowDiT`` calls inside it skip their value checks (0 ≤ r ≤ t ≤ 1, labels in
+    [0, num_classes]), the caller vouching for the values; the structural checks (shapes, dtypes,
+    devices) still run. A no-op under torch.compile, where the value checks are off anyway."""
+    return nullcontext() if torch.compiler.is_compiling() else _vouching()
+
+
+def _value_checks_on() -> bool:
+    """Whether a model call here runs its value checks: not under torch.compile, not inside
+    ``skip_value_checks``."""
+    return not torch.compiler.is_compiling() and not _values_vouched_for.get()
+
+
+def _label_range(num_classes: int, null_label: bool) -> str:
+    return (f"[0, {num_classes}] ({num_classes} = the null label, unconditional)" if null_label
+            else f"[0, {num_classes})")
+
+
+def _time_range_error(name: str, s: torch.Tensor) -> Optional[str]:
+    """The message for times ``s`` outside [0, 1] (NaN included), None if there are none."""
+    if bool(((s >= 0) & (s <= 1)).all()):
+        return None
+    if bool(s.isnan().any()):
+        return f"{name} must lie in [0, 1] (0 ≤ r ≤ t ≤ 1), got NaN"
+    return (f"{name} must lie in [0, 1] (0 ≤ r ≤ t ≤ 1), got {name}.min() = {float(s.min()):.6g}, "
+            f"{name}.max() = {float(s.max()):.6g}")
+
+
+def check_values(y: torch.Tensor, num_classes: int, r: Optional[torch.Tensor] = None,
+                 t: Optional[torch.Tensor] = None, *, null_label: bool = True) -> None:
+    """Raise a ValueError unless the labels y lie in [0, num_classes] ([0, num_classes) with
+    ``null_label=False``: data labels, before class dropout) and, when given, the (B,) times satisfy
+    0 ≤ r ≤ t ≤ 1 (NaN fails). One flag for all of it: one host sync on CUDA; the message is worked
+    out only on failure. Shared by the model, MeanFlowLoss and the samplers."""
+    high = num_classes if null_label else num_classes - 1
+    bad_y = ((y < 0) | (y > high)).any()
+    bad = bad_y
+    if t is not None:
+        bad = bad | ~((r >= 0) & (r <= t) & (t <= 1)).all()
+    if not bool(bad):
+        return
+    if bool(bad_y):
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        raise ValueError(f"y must hold labels in {_label_range(num_classes, null_label)}, got min {lo}, max {hi}")
+    msg = _time_range_error("t", t) or _time_range_error("r", r)
+    if msg is None:
+        above = (r > t).nonzero().flatten()
+        i = int(above[0])
+        msg = (f"r must be ≤ t for every sample (0 ≤ r ≤ t ≤ 1), got r = {float(r[i]):.6g} > t = "
+               f"{float(t[i]):.6g} at sample {i} (r > t at {above.numel()} of {t.numel()} samples)")
+    raise ValueError(msg)
+
+
+def _check_dtype(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """``x`` (an input of a model whose parameters are ``dtype``) must be ``dtype``, or under
+    torch.autocast on x's device also the autocast dtype (autocast casts it with the weights)."""
+    if x.dtype == dtype:
+        return
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.dtype == torch.get_autocast_dtype(dev):
+        return
+    raise ValueError(f"{name} has dtype {x.dtype} but the model's parameters are {dtype}: pass "
+                     f"{name}.to({dtype}) or convert the model with model.to({x.dtype}) (torch.autocast "
+                     f"does not change {name}'s dtype)")
 
 
 # =================================================================================================
@@ -339,8 +425,14 @@ class FinalLayer(nn.Module):
 #                                        The MeanFlow DiT
 # =================================================================================================
 class MeanFlowDiT(nn.Module):
-    """u_θ(z, r, t | y): z (B, C, H, W); r, t floats or (B,) with 0 ≤ r ≤ t ≤ 1; y (B,) int64 labels
-    in [0, num_classes] (num_classes = the null label). Returns the average velocity, shaped like z."""
+    """u_θ(z, r, t | y): z (B, C, H, W) in the parameters' dtype; r, t floats or (B,) with 0 ≤ r ≤ t ≤ 1;
+    y (B,) int64 labels in [0, num_classes] (num_classes = the null label). Returns the average
+    velocity, shaped like z.
+
+    ``forward`` and ``forward_jvp`` check their inputs (``_check_inputs``) and raise a ValueError naming
+    the argument: shapes, dtypes and devices always; the values (times and labels in range) too, at one
+    host sync per call on CUDA, except under torch.compile and inside ``skip_value_checks()``, which
+    MeanFlowLoss, ``sample`` and GraphSampler use for the draws they checked themselves."""
 
     def __init__(self, config: DiTConfig = DiTConfig(), backend: str = "torch"):
         super().__init__()
@@ -389,7 +481,16 @@ class MeanFlowDiT(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def _check_inputs(self, z: torch.Tensor, y: torch.Tensor):
+    def _check_inputs(self, z: torch.Tensor, r: Times, t: Times, y: torch.Tensor,
+                      tangents: Optional[Tuple[torch.Tensor, Times, Times]] = None):
+        """The one check of a call's inputs (``forward``; ``forward_jvp`` with ``tangents`` = (dz, dr, dt)).
+        Returns r, t (and dr, dt, else None) as (B,) tensors (``_as_batch_times``).
+
+        Structural, always (no device sync): z (B, C, H, W) floating in the parameters' dtype
+        (``_check_dtype``), y (B,) int32/int64 on z's device, the times a float, 0-d or (B,), dz shaped
+        like z in its dtype and device. Values (``check_values``: 0 ≤ r ≤ t ≤ 1, labels in
+        [0, num_classes]): one host sync on CUDA; off under torch.compile and inside
+        ``skip_value_checks``."""
         c = self.config
         expected = (c.in_channels, c.input_size, c.input_size)
         if not torch.is_tensor(z) or z.dim() != 4 or tuple(z.shape[1:]) != expected:
@@ -397,10 +498,29 @@ class MeanFlowDiT(nn.Module):
             raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {shape}")
         if z.shape[0] == 0:
             raise ValueError("z is an empty batch (B = 0)")
+        if not z.is_floating_point():
+            raise ValueError(f"z must be a floating-point tensor, got dtype {z.dtype}")
+        _check_dtype("z", z, self.x_embedder.weight.dtype)
         if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32) or y.shape != (z.shape[0],):
             desc = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
             raise ValueError(f"y must be an integer tensor of shape ({z.shape[0]},) with labels in "
                              f"[0, {c.num_classes}] ({c.num_classes} = null label), got {desc}")
+        if y.device != z.device:
+            raise ValueError(f"y is on {y.device} but z is on {z.device}")
+        r_b, t_b = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
+        dr_b = dt_b = None
+        if tangents is not None:
+            dz, dr, dt = tangents
+            if not torch.is_tensor(dz) or dz.shape != z.shape:
+                raise ValueError(f"dz must be a tensor shaped like z {tuple(z.shape)}, got "
+                                 f"{tuple(dz.shape) if torch.is_tensor(dz) else type(dz).__name__}")
+            if dz.dtype != z.dtype or dz.device != z.device:
+                raise ValueError(f"dz must have z's dtype and device ({z.dtype} on {z.device}), got "
+                                 f"{dz.dtype} on {dz.device}: pass dz.to(z)")
+            dr_b, dt_b = _as_batch_times("dr", dr, z), _as_batch_times("dt", dt, z)
+        if _value_checks_on():
+            check_values(y, c.num_classes, r_b, t_b)
+        return r_b, t_b, dr_b, dt_b
 
     def patchify(self, z: torch.Tensor, bias: bool = True) -> torch.Tensor:
         x = F.conv2d(z, self.x_embedder.weight, self.x_embedder.bias if bias else None,
@@ -422,9 +542,8 @@ class MeanFlowDiT(nn.Module):
         """u_θ(z, r, t | y), the primal stream alone. ``backend`` (default: ``self.backend``) is one of
         ``meanflow_fast.ops.BACKENDS``: "torch" runs torch ops, "triton" the fused primal-only kernels
         (``meanflow_fast.ops.PrimalOps``)."""
-        self._check_inputs(z, y)
+        r, t, _, _ = self._check_inputs(z, r, t, y)
         ops = get_primal_ops(backend or self.backend)
-        r, t = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
         x = self.patchify(z) + self.pos_embed.to(z.dtype)  # (B, N, D)
         c = self.condition(r, t, y)                         # (B, D)
         # As in forward_jvp: every gated residual fused with the LayerNorm-modulate after it, and every
@@ -449,13 +568,8 @@ class MeanFlowDiT(nn.Module):
         ``u`` is differentiable; ``u̇`` carries no autograd graph. ``backend`` (default:
         ``self.backend``) is one of ``meanflow_fast.ops.BACKENDS``.
         """
-        self._check_inputs(z, y)
-        if not torch.is_tensor(dz) or dz.shape != z.shape:
-            raise ValueError(f"dz must be a tensor shaped like z {tuple(z.shape)}, got "
-                             f"{tuple(dz.shape) if torch.is_tensor(dz) else type(dz).__name__}")
+        r, t, dr, dt = self._check_inputs(z, r, t, y, (dz, dr, dt))
         ops = get_dual_ops(backend or self.backend)
-        r, t = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
-        dr, dt = _as_batch_times("dr", dr, z), _as_batch_times("dt", dt, z)
         # Conditioning: ċ = E_t'(t)·ṫ + E_h'(t − r)·(ṫ − ṙ); the label embedding is constant.
         ct, ct_dot = self.t_embedder.forward_jvp(t, dt)
         ch, ch_dot = self.h_embedder.forward_jvp(t - r, dt - dr)

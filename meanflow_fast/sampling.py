@@ -5,11 +5,12 @@
 
 Guidance is folded into training (MeanFlowLoss's ω, κ), so sampling is plain conditional.
 """
+from contextlib import nullcontext
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .model import time_dtype
+from .model import check_values, skip_value_checks, time_dtype
 
 __all__ = ["sample", "sample_times", "time_grid", "initial_noise"]
 
@@ -44,10 +45,7 @@ def initial_noise(model, y: torch.Tensor, noise: Optional[torch.Tensor] = None, 
     if num_classes is not None:
         # One device sync per call: a label outside the embedding table would otherwise be a device-side
         # assert on CUDA, which leaves the process unable to run anything more on the GPU.
-        lo, hi = (int(v) for v in torch.aminmax(y))
-        if lo < 0 or hi > num_classes:
-            raise ValueError(f"y must hold labels in [0, {num_classes}] ({num_classes} = the null label, "
-                             f"unconditional), got min {lo}, max {hi}")
+        check_values(y, num_classes)
     B, device = y.shape[0], y.device
     if noise is not None:
         if not torch.is_tensor(noise) or noise.shape[0] != B or noise.device != device:
@@ -80,12 +78,17 @@ def sample(model, y: torch.Tensor, *, steps: int = 1, noise: Optional[torch.Tens
 
     The model is called as ``model(z, r, t, y)`` with r and t (B,) tensors on z's device, in
     ``meanflow_fast.model.time_dtype(z.dtype)`` (float32, float64 for float64 z), as MeanFlowLoss passes
-    them: a MeanFlowDiT turns float times into exactly these tensors.
+    them: a MeanFlowDiT turns float times into exactly these tensors. For a model with ``num_classes``
+    the calls run inside ``meanflow_fast.model.skip_value_checks`` (the grid and the labels are checked
+    here: no device sync per step).
     """
     grid = time_grid(steps, times)
     noise = initial_noise(model, y, noise, generator=generator, shape=shape, dtype=dtype)
     z = noise
-    for t, r in zip(grid, grid[1:]):
-        r_b, t_b = (torch.full((z.shape[0],), s, dtype=time_dtype(z.dtype), device=z.device) for s in (r, t))
-        z = z - (t - r) * model(z, r_b, t_b, y)
+    # The grid is checked and, for a model with num_classes, the labels too (initial_noise).
+    vouch = skip_value_checks if getattr(model, "num_classes", None) is not None else nullcontext
+    with vouch():
+        for t, r in zip(grid, grid[1:]):
+            r_b, t_b = (torch.full((z.shape[0],), s, dtype=time_dtype(z.dtype), device=z.device) for s in (r, t))
+            z = z - (t - r) * model(z, r_b, t_b, y)
     return z

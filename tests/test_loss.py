@@ -278,3 +278,34 @@ def test_loss_rejects_meaningless_guidance():
     # accepted: unguided, the L/2 setting ω = 0.2, κ = 0.92 (effective scale ω/(1 − κ) = 2.5), scale 0
     for omega, kappa in [(1.0, 0.0), (0.2, 0.92), (3.0, 0.0), (1.0, 0.5), (0.0, 0.0)]:
         MeanFlowLoss(omega=omega, kappa=kappa)
+
+
+# ------------------------------------------------------------------------------- explicit draws: dtype, device, NaN
+@pytest.mark.parametrize("kwargs,match", [
+    # noise of another dtype than x made z float32 for a float64 model: a raw conv RuntimeError before
+    (dict(noise=torch.randn(6, 2, 4, 4)), r"noise must have the dtype and device of x \(torch.float64 on cpu\), "
+                                          r"got torch.float32 on cpu: pass noise.to\(x\)"),
+    (dict(noise=torch.randn(6, 2, 4, 4, dtype=torch.float64, device="meta")), "noise must have the dtype and device"),
+    (dict(noise=torch.randn(6, 2, 16)), r"noise must have the shape of x \(6, 2, 4, 4\), got \(6, 2, 16\)"),
+    # NaN passed the (t < 0) | (t > 1) test before
+    (dict(t=torch.tensor([0.5, float("nan"), 0.5, 0.5, 0.5, 0.5], dtype=torch.float64),
+          r=torch.zeros(6, dtype=torch.float64)), r"t must lie in \[0, 1\] .*got NaN"),
+    (dict(t=torch.full((6,), 0.5, dtype=torch.float64), r=torch.tensor([0.1] * 5 + [1.5], dtype=torch.float64)),
+     r"r must lie in \[0, 1\] \(0 ≤ r ≤ t ≤ 1\), got r.min\(\) = 0.1, r.max\(\) = 1.5"),
+    (dict(t=torch.full((6,), 0.5, dtype=torch.float64), r=torch.tensor([0.1] * 4 + [0.6, 0.7], dtype=torch.float64)),
+     r"r must be ≤ t for every sample .*r = 0.6 > t = 0.5 at sample 4 \(r > t at 2 of 6 samples\)"),
+], ids=["noise dtype", "noise device", "noise shape", "t NaN", "r > 1", "r > t"])
+def test_loss_checks_explicit_draws(kwargs, match):
+    model = _model()
+    x, y, *_ = _draws()
+    with pytest.raises(ValueError, match=match):
+        MeanFlowLoss()(model, x, y, **kwargs)
+
+
+def test_loss_data_of_another_dtype_than_the_model_is_named():
+    """float32 data into a float64 model: the model's own check names z and both dtypes (a raw conv
+    RuntimeError before)."""
+    model = _model()
+    x, y, *_ = _draws()
+    with pytest.raises(ValueError, match="z has dtype torch.float32 but the model's parameters are torch.float64"):
+        MeanFlowLoss()(model, x.float(), y)

@@ -1,6 +1,10 @@
 """Attention forward with its tangent, and the primal backward.
 
-Layout (B, H, N, D). With S = s·QKᵀ, P = softmax(S), O = PV (docs/DESIGN.md, JVP rules: attention):
+Layout (B, H, N, D): batch, heads, tokens, head dim. A (B, N, H, D) tensor (heads and tokens swapped,
+e.g. a (B, N, 3, H, D) projection unbound without its transpose) has the right rank and, when its last
+dim is a supported head dim, passes every check: the kernels then attend over the heads instead of the
+tokens, silently. Use ``split_qkv`` or ``.transpose(1, 2)``. With S = s·QKᵀ, P = softmax(S), O = PV
+(docs/DESIGN.md, JVP rules: attention):
 
     Ṡ = s·(Q̇Kᵀ + QK̇ᵀ),   Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)),   Ȯ = ṖV + PV̇
 
@@ -53,7 +57,10 @@ def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
 
 
 def attention_ref(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(scale·QKᵀ)·V in plain torch ops (fp16/bf16 computed in fp32); torch.func.jvp works on it."""
+    """softmax(scale·QKᵀ)·V for q, k, v (B, H, N, D) (batch, heads, tokens, head dim; any dtype, any D) in
+    plain torch ops (fp16/bf16 computed in fp32), scale defaulting to 1/sqrt(D); torch.func.jvp works on
+    it. Returns O (B, H, N, D)."""
+    _check_bhnd([("q", q), ("k", k), ("v", v)])
     s = _default_scale(q, scale)
     dt = compute_dtype(q.dtype)
     qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
@@ -63,7 +70,9 @@ def attention_ref(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
 
 def attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot,
                       scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(O, Ȯ) by the explicit rule. O is differentiable; Ȯ carries no autograd graph."""
+    """(O, Ȯ) of ``attention_ref`` by the explicit rule, q, k, v and their tangents all (B, H, N, D) (batch,
+    heads, tokens, head dim), as O and Ȯ. O is differentiable; Ȯ carries no autograd graph."""
+    _check_bhnd([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)])
     s = _default_scale(q, scale)
     dt = compute_dtype(q.dtype)
     qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
@@ -582,27 +591,39 @@ def _resolve_scale(q: torch.Tensor, scale) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else _check_scale(scale)
 
 
-def _check_attention_inputs(tensors, fake: bool = False) -> None:
-    """Validate (name, tensor) pairs: each 4-D (B, H, N, D), all alike in shape, dtype and device.
-    ``fake``: called on FakeTensors while tracing (torch.compile), where the device is not launched on."""
+_LAYOUT = "(B, H, N, D) (batch, heads, tokens, head dim)"
+
+
+def _check_bhnd(tensors, dtypes=None) -> None:
+    """Validate (name, tensor) pairs: each a 4-D (B, H, N, D) tensor (of one of ``dtypes`` when given), all
+    alike in shape, dtype and device. What the layout cannot tell: a (B, N, H, D) tensor passes."""
     for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, N, D), got {t.dim()}-D with shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+            raise ValueError(f"{name} must be 4-D {_LAYOUT}, got {t.dim()}-D with shape {tuple(t.shape)}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: "
+                             f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}")
     ref_name, ref = tensors[0]
     for name, t in tensors[1:]:
         if t.shape != ref.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}: "
-                             "all inputs must share one (B, H, N, D)")
+                             f"all inputs must share one {_LAYOUT}")
         if t.dtype != ref.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: all inputs must "
                              "share one dtype")
         if t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all inputs must be "
                              "on one device")
+
+
+def _check_attention_inputs(tensors, fake: bool = False) -> None:
+    """Validate (name, tensor) pairs for the kernels: ``_check_bhnd`` in a supported dtype, on a device
+    the kernels run on, with a supported head dim and a grid that fits. ``fake``: called on FakeTensors
+    while tracing (torch.compile), where the device is not launched on."""
+    _check_bhnd(tensors, SUPPORTED_DTYPES)
+    ref_name, ref = tensors[0]
     if not fake:
         if ref.device.type == "cpu":
             if not _INTERPRET:
@@ -615,13 +636,15 @@ def _check_attention_inputs(tensors, fake: bool = False) -> None:
             raise ValueError(f"{ref_name} is on device {ref.device}; supported: cuda (cpu with TRITON_INTERPRET=1)")
     B, H, N, D = ref.shape
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim D = {D} (last dim of {ref_name}) is not supported; supported: "
-                         f"{SUPPORTED_HEAD_DIMS}")
+        raise ValueError(f"head dim D = {D} (last dim of {ref_name}, read as {_LAYOUT}) is not supported; "
+                         f"supported: {SUPPORTED_HEAD_DIMS}")
     if min(B, H, N) < 1:
-        raise ValueError(f"{ref_name} has shape {tuple(ref.shape)}: B, H and N must be at least 1")
+        raise ValueError(f"{ref_name} has shape {tuple(ref.shape)}, read as {_LAYOUT}: B, H and N must be "
+                         "at least 1")
     if B * H > _MAX_GRID_Y:
-        raise ValueError(f"{ref_name} has B·H = {B * H} > {_MAX_GRID_Y} (the CUDA grid's second axis, which "
-                         "runs over (b, h)); split the batch")
+        raise ValueError(f"{ref_name} has shape {tuple(ref.shape)}, read as {_LAYOUT}: B·H = {B * H} > "
+                         f"{_MAX_GRID_Y} (the CUDA grid's second axis, which runs over (b, h)); split the "
+                         "batch, or check the layout (a (B, N, H, D) tensor reads N as H)")
 
 
 def _unit_d(x: torch.Tensor) -> torch.Tensor:
@@ -663,9 +686,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale: Optional[float] = None,
                   check: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Launch the forward kernel. With the tangents (all three or none) it also computes Ȯ in the same pass.
-    Returns (O, Ȯ or None, LSE), O and Ȯ in the input dtype, LSE fp32 (B, H, N). ``check=False``: the
-    caller has validated the inputs and passes the scale as a float."""
+    """Launch the forward kernel on (B, H, N, D) inputs. With the tangents (all three or none) it also
+    computes Ȯ in the same pass. Returns (O, Ȯ or None, LSE), O and Ȯ (B, H, N, D) in the input dtype, LSE
+    fp32 (B, H, N). ``check=False``: the caller has validated the inputs and passes the scale as a float."""
     has_tangent = q_dot is not None or k_dot is not None or v_dot is not None
     if check:
         if has_tangent and (q_dot is None or k_dot is None or v_dot is None):
@@ -704,17 +727,18 @@ def attention_fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None, scale: Optional[f
 
 
 def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None, check: bool = True):
-    """FlashAttention-2 backward from (Q, K, V, O, LSE, dO): Δ = rowsum(dO ⊙ O) first, then one kernel
-    over key blocks for dK, dV and one over query blocks for dQ. Two passes recompute P twice (≈ 1.4× the
-    FLOPs of the atomic single-pass variant) but need no atomics, no zero-filled fp32 dQ buffer, and are
-    deterministic. Returns (dQ, dK, dV) in the input dtype, written into ``out`` = (dQ, dK, dV) when
-    given ((B, H, N, D) tensors with unit stride on D, e.g. views of one packed gradient).
+    """FlashAttention-2 backward from (Q, K, V, O, LSE, dO), each (B, H, N, D) but LSE (B, H, N):
+    Δ = rowsum(dO ⊙ O) first, then one kernel over key blocks for dK, dV and one over query blocks for
+    dQ. Two passes recompute P twice (≈ 1.4× the FLOPs of the atomic single-pass variant) but need no
+    atomics, no zero-filled fp32 dQ buffer, and are deterministic. Returns (dQ, dK, dV) in the input
+    dtype, written into ``out`` = (dQ, dK, dV) when given ((B, H, N, D) tensors with unit stride on D,
+    e.g. views of one packed gradient).
     ``check=False``: the caller has validated the inputs and passes the scale as a float."""
     if check:
         _check_attention_inputs([("q", q), ("k", k), ("v", v), ("o", o), ("do", do)])
         if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
-            raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])} on {q.device}, got "
-                             f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
+            raise ValueError(f"lse must be float32 of shape (B, H, N) = {tuple(q.shape[:3])} on {q.device}, "
+                             f"got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
         sm_scale = _resolve_scale(q, scale)
     else:
         sm_scale = scale
@@ -737,8 +761,9 @@ def attention_bwd(do, q, k, v, o, lse, scale: Optional[float] = None, out=None, 
         dq, dk, dv = out
         for name, t in (("dq", dq), ("dk", dk), ("dv", dv)) if check else ():
             if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device or t.stride(-1) != 1:
-                raise ValueError(f"out's {name} must be {q.dtype} {tuple(q.shape)} on {q.device} with unit "
-                                 f"stride on D, got {t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}")
+                raise ValueError(f"out's {name} must be {q.dtype} (B, H, N, D) = {tuple(q.shape)} on {q.device} "
+                                 f"with unit stride on D, got {t.dtype} {tuple(t.shape)} stride {t.stride()} on "
+                                 f"{t.device}")
 
     align = _stride_align(q, k, v, do, dq, dk, dv)
 
@@ -957,8 +982,10 @@ AttentionFunctionWithoutJvp = AttentionFunction.without_jvp
 # Public functions
 # ---------------------------------------------------------------------------------------------
 def attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(scale·QKᵀ)·V for (B, H, N, D) inputs (fp32/fp16/bf16, D in SUPPORTED_HEAD_DIMS, any N ≥ 1,
-    any strides), scale defaulting to 1/sqrt(D). Differentiable in reverse and forward mode."""
+    """softmax(scale·QKᵀ)·V for q, k, v (B, H, N, D) (batch, heads, tokens, head dim; fp32/fp16/bf16, D in
+    SUPPORTED_HEAD_DIMS, any N ≥ 1, any strides), scale defaulting to 1/sqrt(D); O is (B, H, N, D).
+    Differentiable in reverse and forward mode. A (B, N, H, D) tensor cannot be told apart by its shape
+    (module docstring): transpose it first."""
     _check_attention_inputs([("q", q), ("k", k), ("v", v)])
     o, _ = pick_function(AttentionFunction, AttentionFunctionWithoutJvp).apply(q, k, v, _resolve_scale(q, scale))
     return o
@@ -966,7 +993,8 @@ def attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
 
 def attention_jvp(q, k, v, q_dot, k_dot, v_dot,
                   scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(O, Ȯ) in one fused pass. O is differentiable in Q, K, V; Ȯ carries no autograd graph."""
+    """(O, Ȯ) in one fused pass, q, k, v and their tangents all (B, H, N, D) (batch, heads, tokens, head
+    dim; as ``attention``), as O and Ȯ. O is differentiable in Q, K, V; Ȯ carries no autograd graph."""
     _check_attention_inputs([("q", q), ("k", k), ("v", v), ("q_dot", q_dot), ("k_dot", k_dot), ("v_dot", v_dot)])
     o, o_dot, _ = AttentionJVPFunction.apply(q, k, v, q_dot, k_dot, v_dot,
                                              _resolve_scale(q, scale))

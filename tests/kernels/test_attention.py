@@ -385,6 +385,52 @@ def test_value_errors(monkeypatch):
         attention(*cpu)
 
 
+def test_layout_is_stated_in_docstrings_and_shape_errors():
+    """The kernels and the references read (B, H, N, D) (batch, heads, tokens, head dim), which the shape
+    of a (B, N, H, D) tensor cannot contradict: every public docstring and every shape error says it."""
+    for fn in (attention, attention_jvp, attn_mod.attention_jvp_qkv, attention_ref, attention_jvp_ref,
+               attn_mod.attention_jvp_qkv_ref, attn_mod.split_qkv, attn_mod.attention_fwd, attn_mod.attention_bwd):
+        assert "(B, H, N, D)" in fn.__doc__, fn.__name__
+    q, k, v, q_dot, k_dot, v_dot, g = _inputs(1, 2, 8, 32, torch.float32)
+    lse = torch.zeros(1, 2, 8, device=DEVICE)
+    bad = {
+        "3-D": lambda: attention(q[0], k[0], v[0]),
+        "shapes differ": lambda: attention(q, k[:, :, :5], v),
+        "tangent shape": lambda: attention_jvp(q, k, v, q_dot[..., :16], k_dot, v_dot),
+        "head dim": lambda: attention(*(torch.randn(1, 2, 8, 48, device=DEVICE) for _ in range(3))),
+        "N = 0": lambda: attention(q[:, :, :0], k[:, :, :0], v[:, :, :0]),
+        # 65 536 tokens of 1 head read as 65 536 heads: the grid's limit names the layout
+        "B·H": lambda: attention(*(torch.empty(1, 65536, 1, 32, device=DEVICE) for _ in range(3))),
+        "out": lambda: attn_mod.attention_bwd(g, q, k, v, q, lse, out=(q[:, :1], k, v)),
+        "ref 3-D": lambda: attention_ref(q[0], k[0], v[0]),
+        "ref tangent shape": lambda: attention_jvp_ref(q, k, v, q_dot[:, :1], k_dot, v_dot),
+    }
+    for what, call in bad.items():
+        with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
+            call()
+            pytest.fail(f"{what}: no error")
+    with pytest.raises(ValueError, match=r"lse must be float32 of shape \(B, H, N\) = \(1, 2, 8\)"):
+        attn_mod.attention_bwd(g, q, k, v, q, lse[:, :, :7])
+
+
+def test_references_check_the_layout():
+    """The references take any dtype and head dim (fp64, D = 8 here) but four dims each, alike in shape,
+    dtype and device: before, a 3-D call or a head-broadcast key ran silently and a mismatched tangent
+    was a raw matmul error."""
+    q, k, v, q_dot, k_dot, v_dot = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(6))
+    o = attention_ref(q, k, v)
+    p = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", q, k) / math.sqrt(8), dim=-1)
+    torch.testing.assert_close(o, torch.einsum("bhnm,bhmd->bhnd", p, v))
+    with pytest.raises(ValueError, match=r"q must be 4-D \(B, H, N, D\) .*, got 3-D with shape \(3, 5, 8\)"):
+        attention_ref(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match=r"k has shape \(2, 1, 5, 8\) but q has \(2, 3, 5, 8\)"):
+        attention_ref(q, k[:, :1], v)
+    with pytest.raises(ValueError, match=r"v_dot has shape \(2, 3, 4, 8\)"):
+        attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot[:, :, :4])
+    with pytest.raises(ValueError, match="k_dot has dtype torch.float32 but q has torch.float64"):
+        attention_jvp_ref(q, k, v, q_dot, k_dot.float(), v_dot)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reverse mode under torch.func
 # ---------------------------------------------------------------------------------------------
