@@ -9,15 +9,14 @@ with a classifier trained on real digits:
   class average can score well on accuracy alone; it cannot hide from the distance).
 
 Writes to --out: samples_meanflow_1nfe.png / samples_flowmatching_1nfe.png (rows = classes),
-meanflow_digits.safetensors (EMA weights, config in the metadata) and metrics.json.
+meanflow_digits.safetensors (the MeanFlow model's EMA weights, a model file of ``meanflow_fast.save_model``:
+``meanflow-sample --ckpt`` and ``meanflow_fast.load_model`` read it) and metrics.json.
 
     meanflow-demo --out demo_out
 """
 import argparse
-import json
 import os
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -26,12 +25,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .imagenet.common import UsageError, positive_float, positive_int, run_cli
-from .io import save_json, save_safetensors
+from .io import save_json
 from .loss import MeanFlowLoss
 from .metrics import feature_stats, frechet_distance
 from .model import meanflow_dit
 from .sampling import sample
 from .training import EMA, train_step
+from .weights import save_model
 
 NUM_CLASSES = 10
 # Presets small enough for a CPU; the model is built for the data (8×8, 1 channel, 10 classes).
@@ -167,8 +167,9 @@ def main(args) -> dict:
                 save_grid(xs[grid_idx.flatten()], os.path.join(args.out, f"samples_{name}_1nfe.png"), nrow=10)
         metrics[f"{name}_train_seconds"] = round(train_s, 1)
         if name == "meanflow":
-            save_safetensors(model.state_dict(), os.path.join(args.out, "meanflow_digits.safetensors"),
-                             metadata={"config": json.dumps(asdict(model.config)), "preset": args.preset})
+            # Samples are images in the data's scale: [−1, 1] maps to 0…255 (meanflow-sample reads it).
+            save_model(model, os.path.join(args.out, "meanflow_digits.safetensors"), space="pixels",
+                       pixel_range=(-1.0, 1.0), weights="ema", preset=args.preset)
     metrics["total_seconds"] = round(time.time() - t_start, 1)
     save_json(metrics, os.path.join(args.out, "metrics.json"))
 

@@ -1,4 +1,7 @@
 """Helpers shared by the tests (import as ``from tests.helpers import ...``)."""
+import re
+from typing import List, NamedTuple
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -48,3 +51,18 @@ class OpLog(TorchDispatchMode):
             self.big.add(name)
             self.big_calls[name] = self.big_calls.get(name, 0) + 1
         return out
+
+
+class FencedBlock(NamedTuple):
+    lang: str    # the fence's info string: "python", "bash", "" for none
+    code: str    # the lines between the fences, each with its newline
+    before: str  # the text between the previous block (or the start) and this block's opening fence
+
+
+def fenced_blocks(markdown: str) -> List[FencedBlock]:
+    """The fenced code blocks of a Markdown text in order: a line ```lang opens one, a line ``` closes it."""
+    blocks, end = [], 0
+    for m in re.finditer(r"^```(\w*)\n(.*?)^```[ \t]*$", markdown, re.M | re.S):
+        blocks.append(FencedBlock(m[1], m[2], markdown[end:m.start()]))
+        end = m.end()
+    return blocks

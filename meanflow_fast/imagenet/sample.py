@@ -1,52 +1,39 @@
-"""meanflow-sample: 1-NFE (or n-step) samples from a training checkpoint → ADM-layout .npz.
+"""meanflow-sample: 1-NFE (or n-step) samples from a model file or a training checkpoint → ADM-layout .npz.
 
 On CUDA the sampler is captured in a CUDA graph (``meanflow_fast.graph_sampler.GraphSampler``, one
 graph per batch size); on a CPU it runs ``meanflow_fast.sample`` eagerly.
 
     torchrun --nproc_per_node 8 -m meanflow_fast.imagenet.sample \\
         --ckpt runs/xl2 --vae /models/sd-vae-ft-ema --num-samples 50000 --out samples/xl2_1nfe.npz
+    meanflow-sample --ckpt demo_out/meanflow_digits.safetensors --num-samples 100 --out digits.npz
 
-Output: ``arr_0`` uint8 (N, H, W, 3) images (the layout of the ADM evaluation suite) and ``arr_1``
-int64 (N,) class labels. Labels are balanced (sample i has class i mod num_classes); sample i's noise
-comes from a generator seeded with (seed, i), so the result does not depend on the number of
-processes or the batch size. Rank r makes a contiguous slice; rank 0 gathers the slices (through
-files next to --out) and writes the .npz atomically.
+--ckpt is anything ``meanflow_fast.load_model`` reads: a model file (``save_model``, meanflow-demo,
+meanflow-train's ema.safetensors), a meanflow-train checkpoint or a run folder (→ its latest checkpoint).
+The model's space decides --vae: a latent-space model (every meanflow-train model) needs --vae to decode
+its samples; a pixel-space model (the demo's) samples images itself, and --vae with it is an error.
+
+Output: ``arr_0`` uint8 (N, H, W, 3) images (the layout of the ADM evaluation suite; a 1-channel pixel
+model's grey values fill all three channels) and ``arr_1`` int64 (N,) class labels. Labels are balanced
+(sample i has class i mod num_classes); sample i's noise comes from a generator seeded with (seed, i),
+so the result does not depend on the number of processes or the batch size. Rank r makes a contiguous
+slice; rank 0 gathers the slices (through files next to --out) and writes the .npz atomically.
 """
 import argparse
 import math
 import os
-from dataclasses import fields
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..io import save_npz
-from ..model import DiTConfig, MeanFlowDiT
 from ..sampling import sample
-from .checkpoint import load_checkpoint, prefixed, resolve_checkpoint
+from ..weights import load_model, read_model_info
 from .common import (UsageError, barrier, cleanup_distributed, get_logger, init_distributed, positive_int,
                      run_cli, run_command)
-from .vae import decode_to_uint8, load_vae
+from .vae import check_vae_arg, decode_to_uint8, load_vae
 
-__all__ = ["main", "build_parser", "check_args", "cli", "load_model", "sample_noise"]
-
-
-def load_model(ckpt: str, weights: str = "ema", device="cpu") -> MeanFlowDiT:
-    """The network of a meanflow-train checkpoint (``weights``: "ema" or "model"), in eval mode."""
-    if weights not in ("ema", "model"):
-        raise UsageError(f"--weights must be 'ema' or 'model', got {weights!r}")
-    meta, tensors = load_checkpoint(resolve_checkpoint(ckpt), map_location="cpu")
-    cfg = meta["model_config"]
-    known = {f.name for f in fields(DiTConfig)}
-    if not isinstance(cfg, dict) or set(cfg) - known:
-        raise UsageError(f"checkpoint {ckpt}: malformed model_config {cfg!r}")
-    model = MeanFlowDiT(DiTConfig(**cfg))
-    sd = prefixed(tensors, weights)
-    if not sd:
-        raise UsageError(f"checkpoint {ckpt} has no {weights!r} weights")
-    model.load_state_dict(sd)
-    return model.to(device).eval().requires_grad_(False)
+__all__ = ["main", "build_parser", "check_args", "cli", "sample_noise", "pixels_to_uint8"]
 
 
 def sample_noise(indices, shape, seed: int) -> torch.Tensor:
@@ -72,19 +59,42 @@ def _sampler(model, steps: int, amp, device, use_graph: bool = True):
     return eager
 
 
+def pixels_to_uint8(x: torch.Tensor, pixel_range) -> np.ndarray:
+    """A pixel-space model's samples (B, C, H, W) → uint8 (B, H, W, 3): ``pixel_range`` (lo, hi) maps
+    linearly to 0…255, values outside clamped; one channel (grey) fills all three."""
+    lo, hi = pixel_range
+    x = x.float()
+    u8 = ((x.clamp(lo, hi) - lo) * (255.0 / (hi - lo))).round().to(torch.uint8)
+    if u8.shape[1] == 1:
+        u8 = u8.expand(-1, 3, -1, -1)
+    return u8.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _weights_note(info, args) -> str:
+    """What the log says is sampled: which weights of which file."""
+    if info.kind == "checkpoint":
+        return f"{args.weights or 'ema'} weights of checkpoint {info.path}"
+    step = "" if info.step is None else f", step {info.step}"
+    return f"model file {info.path} ({info.weights or 'unrecorded'} weights{step})"
+
+
 @torch.no_grad()
 def main(args):
     env = init_distributed(args.device)
     log = get_logger("sample", env.is_main)
     device = env.device
-    model = load_model(args.ckpt, args.weights, device)
-    vae = load_vae(args.vae, device)
+    info = _model_info(args.ckpt)
+    try:
+        model = load_model(args.ckpt, device, weights=args.weights or "ema")
+    except ValueError as e:
+        raise UsageError(f"--ckpt: {e}") from e
+    vae = load_vae(args.vae, device) if info.space == "latents" else None
     cfg = model.config
     per_rank = math.ceil(args.num_samples / env.world_size)
     lo, hi = min(env.rank * per_rank, args.num_samples), min((env.rank + 1) * per_rank, args.num_samples)
     amp = torch.bfloat16 if device.type == "cuda" and args.precision == "bf16" else None
-    log.info(f"sampling {args.num_samples} images ({args.steps} step(s), {args.weights} weights) on "
-             f"{env.world_size} rank(s), {per_rank} per rank; {cfg.num_classes} classes")
+    log.info(f"sampling {args.num_samples} images ({args.steps} step(s), {_weights_note(info, args)}, "
+             f"{info.space}) on {env.world_size} rank(s), {per_rank} per rank; {cfg.num_classes} classes")
     images, labels = [], []
     bar = tqdm(total=hi - lo, desc="sample", unit="img", dynamic_ncols=True, disable=not env.is_main)
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -94,7 +104,10 @@ def main(args):
         y = (idx % cfg.num_classes).to(device)
         noise = sample_noise(idx, shape, args.seed).to(device)
         z = draw(y, noise)
-        images.append(decode_to_uint8(vae, z.float()).cpu().numpy())
+        if vae is not None:
+            images.append(decode_to_uint8(vae, z.float()).cpu().numpy())
+        else:
+            images.append(pixels_to_uint8(z, info.pixel_range))
         labels.append(y.cpu().numpy())
         bar.update(len(idx))
     bar.close()
@@ -129,13 +142,19 @@ def main(args):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meanflow-sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint (.json/.safetensors) or run folder (→ its latest)")
-    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL: hub id or local directory")
+    p.add_argument("--ckpt", required=True,
+                   help="model file (.safetensors from save_model, meanflow-demo or meanflow-train's ema.safetensors), "
+                        "training checkpoint (.json/.safetensors) or run folder (→ its latest checkpoint)")
+    p.add_argument("--vae", default=None,
+                   help="diffusers AutoencoderKL (hub id or local directory) that decodes a latent-space model's "
+                        "samples: required for those, not allowed for a pixel-space model")
     p.add_argument("--out", default="samples.npz", help="output .npz (arr_0 uint8 (N, H, W, 3), arr_1 labels)")
     p.add_argument("--num-samples", type=positive_int, default=50_000)
     p.add_argument("--batch-size", type=positive_int, default=250, help="per rank")
     p.add_argument("--steps", type=positive_int, default=1, help="function evaluations (1 = 1-NFE)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--weights", choices=("ema", "model"), default=None,
+                   help="a training checkpoint's EMA (default) or raw weights; not for a model file, which "
+                        "holds one set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on CUDA")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
@@ -143,12 +162,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_info(ckpt: str):
+    try:
+        return read_model_info(ckpt)
+    except ValueError as e:
+        raise UsageError(f"--ckpt: {e}") from e
+
+
 def check_args(args) -> None:
-    resolve_checkpoint(args.ckpt)
+    """Every argument, the --ckpt file's metadata and the --vae rule, before any work."""
+    info = _model_info(args.ckpt)
     if not args.out.endswith(".npz"):
         raise UsageError(f"--out must end with .npz, got {args.out!r}")
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a directory; give a file name ending in .npz")
+    if args.weights is not None and info.kind == "model":
+        raise UsageError(f"--weights {args.weights}: --weights picks the weights of a training checkpoint, but "
+                         f"--ckpt {args.ckpt} is a model file, which holds one set "
+                         f"({info.weights or 'unrecorded'}); leave out --weights")
+    if info.space == "latents":
+        if args.vae is None:
+            raise UsageError(f"--vae is required: --ckpt {args.ckpt} is a latent-space model, whose samples a "
+                             f"VAE decodes (pass --vae DIR, a diffusers AutoencoderKL directory, or a hub id)")
+        check_vae_arg(args.vae)
+    else:
+        if args.vae is not None:
+            raise UsageError(f"--vae {args.vae}: --ckpt {args.ckpt} is a pixel-space model, whose samples are "
+                             f"images already; leave out --vae")
+        channels = info.config.in_channels
+        if channels not in (1, 3):
+            raise UsageError(f"--ckpt {args.ckpt}: a pixel-space model with {channels} channels cannot be written "
+                             f"as images (1 = grey or 3 = RGB)")
 
 
 def cli(argv=None):
