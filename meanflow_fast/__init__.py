@@ -9,7 +9,8 @@ from .loss import MeanFlowLoss, sample_t_r
 from .model import PRESETS, DiTConfig, MeanFlowDiT, meanflow_dit
 from .sampling import sample
 from .weights import load_model, save_model
+from .imf import IMFLoss, imf_dit, load_official_imf
 
 __all__ = ["meanflow_dit", "MeanFlowLoss", "sample", "save_model", "load_model", "MeanFlowDiT", "DiTConfig",
-           "PRESETS", "sample_t_r"]
+           "PRESETS", "sample_t_r", "imf_dit", "IMFLoss", "load_official_imf"]
 __version__ = "0.1.0"

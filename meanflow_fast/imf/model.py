@@ -1,0 +1,464 @@
+"""The Improved MeanFlow (iMF, arXiv 2512.02012) DiT: u_θ and the auxiliary v-head, with a plain forward
+and a dual-stream forward_jvp (docs/DESIGN.md, "8 Improved MeanFlow (iMF): the model").
+
+No adaLN: the conditions enter as prefix tokens (in-context conditioning). Each group is a learned
+token set plus the broadcast embedding of its scalar, in this order:
+
+    8 class tokens + E_y(y)   4 ω tokens + E_ω(1 − 1/ω)   2 t_min + E(t_min)   2 t_max + E(t_max)
+    4 time tokens + E_h(h)    then the (H/p)² patch tokens
+
+with h = t − r; t itself is not an input of the network (the official model conditions on h alone).
+Blocks are pre-RMSNorm with per-channel gates (zero at init), attention with QK-RMSNorm and 1-D RoPE over
+all tokens, and a SwiGLU MLP. The last ``head_depth`` blocks exist twice, as the u-head and the v-head
+over a shared trunk; each head ends in RMSNorm + Linear on the patch tokens.
+
+``forward`` runs the trunk and the requested heads (primal ops); ``forward_jvp`` runs the trunk and the
+u-head with their tangents by the explicit rules of ``kernels/imf_reference.py`` and the v-head on the
+trunk's primal output.
+"""
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import attention_jvp_ref, linear_jvp_ref
+from ..kernels.imf_reference import (channel_gated_residual_jvp_ref, channel_gated_residual_ref,
+                                     qk_norm_rope_jvp_ref, qk_norm_rope_ref, rms_norm_jvp_ref, rms_norm_ref,
+                                     rope_cos_sin, swiglu_jvp_ref, swiglu_ref)
+from ..model import LabelEmbedder, TimestepEmbedder, _as_batch_times, time_dtype
+from ..ops import BACKENDS, get_primal_ops
+
+Scalar = Union[float, torch.Tensor]
+HEADS = ("both", "u", "v")
+
+
+# =================================================================================================
+#                                          Configs
+# =================================================================================================
+@dataclass(frozen=True)
+class IMFConfig:
+    input_size: int = 32        # latent side (ImageNet 256 → SD-VAE latents 32×32×4)
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 768
+    depth: int = 12             # trunk + one head, as the official counts it
+    head_depth: int = 8         # blocks in each of the u- and v-head
+    num_heads: int = 12
+    mlp_ratio: float = 8 / 3    # SwiGLU hidden = int(hidden_size · mlp_ratio): 2048 at 768, 2730 at 1024
+    num_classes: int = 1000     # the null (unconditional) label is num_classes
+    num_class_tokens: int = 8
+    num_omega_tokens: int = 4
+    num_interval_tokens: int = 2  # each of t_min and t_max
+    num_time_tokens: int = 4
+    freq_dim: int = 256         # sinusoidal frequency embedding size of the scalar embedders
+    max_period: float = 10000.0
+    rope_theta: float = 10000.0
+    eps: float = 1e-6           # every RMSNorm (blocks, QK-norm, final layers)
+    v_head: bool = True         # False: the official inference layout, without the v-head's blocks
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.num_class_tokens + self.num_omega_tokens + 2 * self.num_interval_tokens + self.num_time_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefix_tokens + (self.input_size // self.patch_size) ** 2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+# The paper's models (official imfDiT_{B,M,L,XL}_2; head dim 64) and small ones for tests and the demo.
+IMF_PRESETS = {
+    "B/2": dict(depth=12, hidden_size=768, num_heads=12),
+    "M/2": dict(depth=24, hidden_size=768, num_heads=12),
+    "L/2": dict(depth=32, hidden_size=1024, num_heads=16),
+    "XL/2": dict(depth=48, hidden_size=1024, num_heads=16),
+    "tiny": dict(input_size=8, in_channels=4, depth=3, head_depth=1, hidden_size=64, num_heads=2,
+                 num_classes=10, freq_dim=32),
+    "digits": dict(input_size=8, in_channels=1, depth=3, head_depth=1, hidden_size=96, num_heads=3,
+                   num_classes=10, freq_dim=64),
+}
+
+
+def imf_dit(preset: str = "B/2", **overrides) -> "IMFDiT":
+    """Build an iMF DiT from a preset name (``IMF_PRESETS``), with any IMFConfig field overridden."""
+    if preset not in IMF_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(IMF_PRESETS)}, got {preset!r}")
+    fields = set(IMFConfig.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown IMFConfig field(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+    return IMFDiT(replace(IMFConfig(), **{**IMF_PRESETS[preset], **overrides}))
+
+
+# =================================================================================================
+#                                    Op tables (backend switch)
+# =================================================================================================
+@dataclass(frozen=True)
+class IMFOps:
+    """The plain forward's ops: each returns y (differentiable)."""
+    linear: Callable          # (x, weight, bias) -> y
+    rms_norm: Callable        # (x, weight, eps) -> y
+    qk_norm_rope: Callable    # (q, k, q_weight, k_weight, cos, sin, eps) -> (q', k'), layout (B, N, H, D)
+    attention: Callable       # (q, k, v) -> o, layout (B, H, N, D), softmax scale 1/√D
+    swiglu: Callable          # (x, w1, w3, w2) -> y
+    gated_residual: Callable  # (x, gate, f) -> x + f ⊙ gate, gate (D,)
+
+
+@dataclass(frozen=True)
+class IMFDualOps:
+    """forward_jvp's ops: each returns (y, ẏ), y differentiable, ẏ without an autograd graph."""
+    linear: Callable          # (x, weight, bias, x_dot)
+    rms_norm: Callable        # (x, weight, x_dot, eps)
+    qk_norm_rope: Callable    # (q, k, q_weight, k_weight, cos, sin, q_dot, k_dot, eps) -> (q', q̇', k', k̇')
+    attention: Callable       # (q, k, v, q_dot, k_dot, v_dot)
+    swiglu: Callable          # (x, w1, w3, w2, x_dot)
+    gated_residual: Callable  # (x, gate, f, x_dot, f_dot)
+
+
+_TORCH_PRIMAL = IMFOps(linear=F.linear, rms_norm=rms_norm_ref, qk_norm_rope=qk_norm_rope_ref,
+                       attention=get_primal_ops("torch").attention,  # SDPA (math path under forward AD)
+                       swiglu=swiglu_ref, gated_residual=channel_gated_residual_ref)
+_TORCH_DUAL = IMFDualOps(linear=linear_jvp_ref, rms_norm=rms_norm_jvp_ref, qk_norm_rope=qk_norm_rope_jvp_ref,
+                         attention=attention_jvp_ref, swiglu=swiglu_jvp_ref,
+                         gated_residual=channel_gated_residual_jvp_ref)
+
+
+def _check_imf_backend(backend: str) -> None:
+    if backend == "triton":
+        raise NotImplementedError("backend='triton' has no iMF kernels yet (RMSNorm, QK-norm + RoPE, SwiGLU, "
+                                  "channel-gated residual); use backend='torch'")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+Rope = Tuple[torch.Tensor, torch.Tensor]  # cos, sin: (N, D_h/2)
+
+
+# =================================================================================================
+#                                       Core iMF blocks
+# =================================================================================================
+class RMSNorm(nn.Module):
+    """x·(mean(x²) + eps)^(−1/2)·w over the last dim; w starts at one."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, ops: IMFOps = _TORCH_PRIMAL) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def forward_jvp(self, x, x_dot, ops: IMFDualOps):
+        return ops.rms_norm(x, self.weight, x_dot, self.eps)
+
+
+class IMFAttention(nn.Module):
+    """Multi-head self-attention: q, k, v, out projections without bias; per-head RMSNorm of q and k, then
+    RoPE over all positions; softmax scale 1/√D_h."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim, eps), RMSNorm(self.head_dim, eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim))  # (B, N, D) → (B, N, H, D_h)
+
+    def forward(self, x: torch.Tensor, rope: Rope, ops: IMFOps = _TORCH_PRIMAL) -> torch.Tensor:
+        q, k, v = (self._heads(ops.linear(x, p.weight, None)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.eps)
+        o = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, N, D_h)
+        return ops.linear(o.transpose(1, 2).flatten(2), self.out_proj.weight, None)
+
+    def forward_jvp(self, x, x_dot, rope: Rope, ops: IMFDualOps):
+        (q, q_dot), (k, k_dot), (v, v_dot) = (
+            (self._heads(a), self._heads(a_dot)) for a, a_dot in
+            (ops.linear(x, p.weight, None, x_dot) for p in (self.q_proj, self.k_proj, self.v_proj)))
+        q, q_dot, k, k_dot = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, *rope, q_dot, k_dot,
+                                              self.q_norm.eps)
+        o, o_dot = ops.attention(*(a.transpose(1, 2) for a in (q, k, v, q_dot, k_dot, v_dot)))
+        return ops.linear(o.transpose(1, 2).flatten(2), self.out_proj.weight, None, o_dot.transpose(1, 2).flatten(2))
+
+
+class SwiGLU(nn.Module):
+    """(silu(x W1ᵀ) ⊙ x W3ᵀ) W2ᵀ, no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ops: IMFOps = _TORCH_PRIMAL) -> torch.Tensor:
+        return ops.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight)
+
+    def forward_jvp(self, x, x_dot, ops: IMFDualOps):
+        return ops.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, x_dot)
+
+
+class IMFBlock(nn.Module):
+    """x += g_a ⊙ Attn(RMSNorm(x));  x += g_m ⊙ SwiGLU(RMSNorm(x)); the (D,) gates start at zero."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.attn = IMFAttention(dim, num_heads, eps)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+        self.attn_gate, self.mlp_gate = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, rope: Rope, ops: IMFOps = _TORCH_PRIMAL) -> torch.Tensor:
+        x = ops.gated_residual(x, self.attn_gate, self.attn(self.norm1(x, ops), rope, ops))
+        return ops.gated_residual(x, self.mlp_gate, self.mlp(self.norm2(x, ops), ops))
+
+    def forward_jvp(self, x, x_dot, rope: Rope, ops: IMFDualOps):
+        f, f_dot = self.attn.forward_jvp(*self.norm1.forward_jvp(x, x_dot, ops), rope, ops)
+        x, x_dot = ops.gated_residual(x, self.attn_gate, f, x_dot, f_dot)
+        f, f_dot = self.mlp.forward_jvp(*self.norm2.forward_jvp(x, x_dot, ops), ops)
+        return ops.gated_residual(x, self.mlp_gate, f, x_dot, f_dot)
+
+
+class IMFFinalLayer(nn.Module):
+    """RMSNorm, then a linear to p²·C per patch token (zero at init)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, ops: IMFOps = _TORCH_PRIMAL) -> torch.Tensor:
+        return ops.linear(self.norm(x, ops), self.linear.weight, self.linear.bias)
+
+    def forward_jvp(self, x, x_dot, ops: IMFDualOps):
+        h, h_dot = self.norm.forward_jvp(x, x_dot, ops)
+        return ops.linear(h, self.linear.weight, self.linear.bias, h_dot)
+
+
+# =================================================================================================
+#                                        The iMF DiT
+# =================================================================================================
+class IMFDiT(nn.Module):
+    """u_θ (and v_θ) of iMF: z (B, C, H, W); t, h = t − r, ω, t_min, t_max floats, 0-d or (B,) tensors with
+    0 ≤ h ≤ t ≤ 1, ω ≥ 1, 0 ≤ t_min ≤ t_max ≤ 1; y (B,) int64 labels in [0, num_classes] (num_classes = the
+    null label). Outputs are shaped like z."""
+
+    def __init__(self, config: IMFConfig = IMFConfig(), backend: str = "torch"):
+        super().__init__()
+        _check_imf_config(config)
+        _check_imf_backend(backend)
+        self.config = config
+        self.backend = backend
+        c, D = config, config.hidden_size
+        self.grid = c.input_size // c.patch_size
+        self.x_embedder = nn.Conv2d(c.in_channels, D, kernel_size=c.patch_size, stride=c.patch_size)
+        self.h_embedder, self.omega_embedder, self.t_min_embedder, self.t_max_embedder = (
+            TimestepEmbedder(D, c.freq_dim, c.max_period) for _ in range(4))
+        self.y_embedder = LabelEmbedder(c.num_classes, D)
+        self.class_tokens = nn.Parameter(torch.empty(c.num_class_tokens, D))
+        self.omega_tokens = nn.Parameter(torch.empty(c.num_omega_tokens, D))
+        self.t_min_tokens = nn.Parameter(torch.empty(c.num_interval_tokens, D))
+        self.t_max_tokens = nn.Parameter(torch.empty(c.num_interval_tokens, D))
+        self.time_tokens = nn.Parameter(torch.empty(c.num_time_tokens, D))
+        block = lambda: IMFBlock(D, c.num_heads, c.mlp_hidden, c.eps)  # noqa: E731
+        self.trunk = nn.ModuleList(block() for _ in range(c.depth - c.head_depth))
+        self.u_blocks = nn.ModuleList(block() for _ in range(c.head_depth))
+        self.v_blocks = nn.ModuleList(block() for _ in range(c.head_depth if c.v_head else 0))
+        # The v final layer exists even without the v-head's blocks, as in the official inference module,
+        # so that its checkpoints map one to one; it is then unused.
+        self.u_final = IMFFinalLayer(D, c.patch_size, c.in_channels, c.eps)
+        self.v_final = IMFFinalLayer(D, c.patch_size, c.in_channels, c.eps)
+        self.initialize_weights()
+
+    # ----------------------------------------------------------------------------------- init
+    def initialize_weights(self):
+        """The official initialisation: block linears N(0, (0.32/√fan_in)²), embedder linears and the label
+        table N(0, 1/fan_in) (fan_in = D for the table), prefix tokens N(0, 1/D), the patch conv
+        Xavier-uniform, biases and gates zero, RMSNorm weights one, final linears zero."""
+        D = self.config.hidden_size
+        with torch.no_grad():
+            w = self.x_embedder.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.x_embedder.bias)
+            for emb in (self.h_embedder, self.omega_embedder, self.t_min_embedder, self.t_max_embedder):
+                for lin in (emb.mlp[0], emb.mlp[2]):
+                    nn.init.normal_(lin.weight, std=1 / math.sqrt(lin.in_features))
+                    nn.init.zeros_(lin.bias)
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=1 / math.sqrt(D))
+            for tokens in (self.class_tokens, self.omega_tokens, self.t_min_tokens, self.t_max_tokens,
+                           self.time_tokens):
+                nn.init.normal_(tokens, std=1 / math.sqrt(D))
+            for m in (*self.trunk, *self.u_blocks, *self.v_blocks):
+                for lin in m.modules():
+                    if isinstance(lin, nn.Linear):
+                        nn.init.normal_(lin.weight, std=0.32 / math.sqrt(lin.in_features))
+                    elif isinstance(lin, RMSNorm):
+                        nn.init.ones_(lin.weight)
+                nn.init.zeros_(m.attn_gate)
+                nn.init.zeros_(m.mlp_gate)
+            for final in (self.u_final, self.v_final):
+                nn.init.ones_(final.norm.weight)
+                nn.init.zeros_(final.linear.weight)
+                nn.init.zeros_(final.linear.bias)
+
+    # ------------------------------------------------------------------------------- helpers
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def _ops(self, dual: bool):
+        _check_imf_backend(self.backend)
+        return _TORCH_DUAL if dual else _TORCH_PRIMAL
+
+    def patchify(self, z: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        x = F.conv2d(z, self.x_embedder.weight, self.x_embedder.bias if bias else None,
+                     stride=self.config.patch_size)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p·p·C) → (B, C, H, W); a token's p·p·C outputs are ordered (row, column, channel)."""
+        p, C, h = self.config.patch_size, self.config.in_channels, self.grid
+        x = x.reshape(x.shape[0], h, h, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, h * p)
+
+    def rope(self, z: torch.Tensor) -> Rope:
+        """cos and sin of the RoPE angles for the whole sequence, in z's time dtype (fp32; fp64 for fp64)."""
+        c = self.config
+        return rope_cos_sin(c.num_tokens, c.hidden_size // c.num_heads, c.rope_theta, time_dtype(z.dtype), z.device)
+
+    def _check_inputs(self, z, y, heads):
+        """Shapes and dtypes of z and y, and ``heads``."""
+        c = self.config
+        expected = (c.in_channels, c.input_size, c.input_size)
+        if not torch.is_tensor(z) or z.dim() != 4 or tuple(z.shape[1:]) != expected:
+            shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
+            raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {shape}")
+        if z.shape[0] == 0:
+            raise ValueError("z is an empty batch (B = 0)")
+        dtype = self.x_embedder.weight.dtype
+        if z.dtype != dtype and not torch.is_autocast_enabled(z.device.type):
+            raise ValueError(f"z must have the model's dtype {dtype}, got {z.dtype}")
+        if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32) or y.shape != (z.shape[0],):
+            desc = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape ({z.shape[0]},) with labels in "
+                             f"[0, {c.num_classes}] ({c.num_classes} = null label), got {desc}")
+        if heads not in HEADS:
+            raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
+        if heads != "u" and not c.v_head:
+            raise ValueError(f"heads={heads!r} needs the v-head, and this model has none (v_head=False, the "
+                             "official inference layout); use heads='u'")
+
+    def _batch_scalars(self, z, y, t, h, omega, t_min, t_max):
+        """The five scalars as (B,) tensors in z's time dtype, their values and y's checked with one host
+        read (skipped while compiling or capturing a CUDA graph, where values cannot be read)."""
+        c = self.config
+        scalars = tuple(_as_batch_times(name, value, z) for name, value in
+                        (("t", t), ("h", h), ("omega", omega), ("t_min", t_min), ("t_max", t_max)))
+        t, h, omega, t_min, t_max = scalars
+        if torch.compiler.is_compiling() or (z.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return scalars
+        bad = torch.stack([
+            ((y < 0) | (y > c.num_classes)).any(),
+            ~((h >= 0) & (h <= t) & (t <= 1)).all(),
+            ~(torch.isfinite(omega) & (omega >= 1)).all(),
+            ~((t_min >= 0) & (t_min <= t_max) & (t_max <= 1)).all(),
+        ]).tolist()
+        if bad[0]:
+            raise ValueError(f"y must hold labels in [0, {c.num_classes}] ({c.num_classes} = null label), got "
+                             f"values in [{int(y.min())}, {int(y.max())}]")
+        if bad[1]:
+            raise ValueError("t and h = t − r must satisfy 0 ≤ h ≤ t ≤ 1 for every sample")
+        if bad[2]:
+            raise ValueError("omega (the guidance scale) must be finite and ≥ 1 (1 = no guidance)")
+        if bad[3]:
+            raise ValueError("the guidance interval must satisfy 0 ≤ t_min ≤ t_max ≤ 1 for every sample")
+        return scalars
+
+    def _prefix(self, h_emb, omega, t_min, t_max, y) -> torch.Tensor:
+        """The (B, P, D) prefix tokens, given the time tokens' embedding ``h_emb`` (B, D)."""
+        def group(tokens, emb):
+            return tokens + emb[:, None]  # (B, n, D)
+        return torch.cat([group(self.class_tokens, self.y_embedder(y)),
+                          group(self.omega_tokens, self.omega_embedder(1 - 1 / omega)),
+                          group(self.t_min_tokens, self.t_min_embedder(t_min)),
+                          group(self.t_max_tokens, self.t_max_embedder(t_max)),
+                          group(self.time_tokens, h_emb)], dim=1)
+
+    def _head(self, x, blocks, final, rope, ops: IMFOps) -> torch.Tensor:
+        for block in blocks:
+            x = block(x, rope, ops)
+        return self.unpatchify(final(x[:, self.config.prefix_tokens:], ops))
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, z: torch.Tensor, t: Scalar, h: Scalar, omega: Scalar, t_min: Scalar, t_max: Scalar,
+                y: torch.Tensor, heads: str = "both"):
+        """(u, v) for heads="both", u for "u", v for "v": runs the trunk and only the head(s) asked for."""
+        self._check_inputs(z, y, heads)
+        _, h, omega, t_min, t_max = self._batch_scalars(z, y, t, h, omega, t_min, t_max)
+        ops = self._ops(dual=False)
+        x = torch.cat([self._prefix(self.h_embedder(h), omega, t_min, t_max, y), self.patchify(z)], dim=1)
+        rope = self.rope(z)
+        for block in self.trunk:
+            x = block(x, rope, ops)
+        u = self._head(x, self.u_blocks, self.u_final, rope, ops) if heads != "v" else None
+        v = self._head(x, self.v_blocks, self.v_final, rope, ops) if heads != "u" else None
+        return (u, v) if heads == "both" else (u if heads == "u" else v)
+
+    def forward_jvp(self, z: torch.Tensor, t: Scalar, h: Scalar, omega: Scalar, t_min: Scalar, t_max: Scalar,
+                    y: torch.Tensor, dz: torch.Tensor, dt: Scalar = 1.0,
+                    dh: Scalar = 1.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, u̇, v): u and its derivative along the tangent (dz, dt, dh) by the explicit rules of
+        docs/DESIGN.md, "8 Improved MeanFlow (iMF): the model", through the trunk and the u-head; v is the
+        v-head on the trunk's primal output. ω, t_min and t_max have no tangent; t is not an input of the
+        network, so dt does not change u̇ (it is checked like the other scalars, so a caller can state the
+        whole direction; iMF's du/dt along (ż, ṙ, ṫ) = (v, 0, 1) is dz = v, dh = ṫ − ṙ = 1).
+
+        ``u`` and ``v`` are differentiable; ``u̇`` carries no autograd graph.
+        """
+        self._check_inputs(z, y, "both")
+        if not torch.is_tensor(dz) or dz.shape != z.shape:
+            raise ValueError(f"dz must be a tensor shaped like z {tuple(z.shape)}, got "
+                             f"{tuple(dz.shape) if torch.is_tensor(dz) else type(dz).__name__}")
+        _, h, omega, t_min, t_max = self._batch_scalars(z, y, t, h, omega, t_min, t_max)
+        _as_batch_times("dt", dt, z)
+        dh = _as_batch_times("dh", dh, z)
+        ops, primal_ops = self._ops(dual=True), self._ops(dual=False)
+        # Only the time tokens move with h; the patch embedding is linear (ẋ = conv(ż) without bias).
+        h_emb, h_emb_dot = self.h_embedder.forward_jvp(h, dh)
+        prefix = self._prefix(h_emb, omega, t_min, t_max, y)
+        x = torch.cat([prefix, self.patchify(z)], dim=1)  # (B, N, D)
+        with torch.no_grad():
+            P, n_time = self.config.prefix_tokens, self.config.num_time_tokens
+            prefix_dot = torch.zeros_like(prefix)
+            prefix_dot[:, P - n_time:] = h_emb_dot[:, None]
+            x_dot = torch.cat([prefix_dot, self.patchify(dz.to(z.dtype), bias=False)], dim=1)
+        rope = self.rope(z)
+        for block in self.trunk:
+            x, x_dot = block.forward_jvp(x, x_dot, rope, ops)
+        v = self._head(x, self.v_blocks, self.v_final, rope, primal_ops)
+        for block in self.u_blocks:
+            x, x_dot = block.forward_jvp(x, x_dot, rope, ops)
+        P = self.config.prefix_tokens
+        out, out_dot = self.u_final.forward_jvp(x[:, P:], x_dot[:, P:], ops)
+        return self.unpatchify(out), self.unpatchify(out_dot), v
+
+
+def _check_imf_config(c: IMFConfig) -> None:
+    if c.input_size % c.patch_size:
+        raise ValueError(f"input_size ({c.input_size}) must be divisible by patch_size ({c.patch_size})")
+    if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 2:
+        raise ValueError(f"hidden_size ({c.hidden_size}) must split into num_heads ({c.num_heads}) heads of an "
+                         "even size (RoPE rotates pairs of channels)")
+    if not 0 <= c.head_depth <= c.depth:
+        raise ValueError(f"head_depth must be in [0, depth={c.depth}], got {c.head_depth}")
+    if c.freq_dim % 2:
+        raise ValueError(f"freq_dim must be even (cos and sin halves), got {c.freq_dim}")
+    counts = dict(num_class_tokens=c.num_class_tokens, num_omega_tokens=c.num_omega_tokens,
+                  num_interval_tokens=c.num_interval_tokens, num_time_tokens=c.num_time_tokens)
+    for name, n in counts.items():
+        if n < 1:
+            raise ValueError(f"{name} must be ≥ 1, got {n}")
