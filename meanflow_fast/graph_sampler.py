@@ -9,6 +9,10 @@ latency is launch-bound). Capturing the whole sampler in a CUDA graph replays ev
 
 One graph per (batch, dtype, device). On a CPU (or with ``use_graph=False``) the sampler runs eagerly
 with the same arithmetic, so code written against it runs anywhere.
+
+An IMFDiT is captured the same way, its u-head only (``heads="u"``). Its guidance scale ω and interval
+[t_min, t_max] are fixed when the sampler is built, as the time grid is: they are filled into static (B,)
+buffers at capture and never change between replays (a new setting is a new GraphSampler).
 """
 from contextlib import nullcontext
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -16,7 +20,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from .model import skip_value_checks, time_dtype
-from .sampling import initial_noise, time_grid
+from .sampling import imf_settings, initial_noise, is_imf, time_grid
 
 __all__ = ["GraphSampler"]
 
@@ -28,45 +32,64 @@ class GraphSampler:
     labels are checked here), so the labels of a model without ``num_classes`` go unchecked.
 
     Args:
-        model: ``u(z, r, t, y)`` (a MeanFlowDiT, typically the EMA copy) in eval mode.
+        model: ``u(z, r, t, y)`` (a MeanFlowDiT, typically the EMA copy) or an IMFDiT, in eval mode.
         steps / times: the time grid (as ``meanflow_fast.sample``).
         decode: optional ``x → image`` (e.g. a VAE decoder) applied after sampling.
         decode_in_graph: capture ``decode`` inside the graph too (it must be capturable).
         autocast_dtype: run the network under CUDA autocast with this dtype (e.g. torch.bfloat16).
         warmup: eager warm-up iterations before capture (≥ 1; Triton autotuning runs here).
         use_graph: False forces eager execution (also the behaviour on non-CUDA devices).
+        omega, t_min, t_max: an IMFDiT's guidance scale and interval, floats (as ``meanflow_fast.sample``,
+            whose per-architecture defaults fill any not given); only for an IMFDiT.
     """
 
     def __init__(self, model: Callable, *, steps: int = 1, times: Optional[Sequence[float]] = None,
                  decode: Optional[Callable] = None, decode_in_graph: bool = False,
-                 autocast_dtype: Optional[torch.dtype] = None, warmup: int = 2, use_graph: bool = True):
+                 autocast_dtype: Optional[torch.dtype] = None, warmup: int = 2, use_graph: bool = True,
+                 omega: Optional[float] = None, t_min: Optional[float] = None, t_max: Optional[float] = None):
         grid = time_grid(steps, times)
         if warmup < 1:
             raise ValueError(f"warmup must be ≥ 1 (autotuning must not run inside a capture), got {warmup}")
+        self.imf = is_imf(model)
+        if not self.imf and any(v is not None for v in (omega, t_min, t_max)):
+            raise ValueError("omega, t_min and t_max are sampling inputs of an iMF model (IMFDiT) only; a "
+                             "MeanFlow model's guidance is folded into training (MeanFlowLoss's omega, kappa)")
+        # (ω, t_min, t_max) as checked floats, fixed for the sampler's life (static buffers in a graph).
+        self.settings = (imf_settings(model, len(grid) - 1, omega, t_min, t_max, tensors=False)
+                         if self.imf else None)
         self.model, self.grid, self.decode = model, grid, decode
         self.decode_in_graph, self.autocast_dtype = decode_in_graph, autocast_dtype
         self.warmup, self.use_graph = warmup, use_graph
         self._graphs: Dict[Tuple, dict] = {}
 
     # ---------------------------------------------------------------------------------------------
-    def _run(self, z: torch.Tensor, y: torch.Tensor, times: Sequence[Tuple[torch.Tensor, torch.Tensor]]):
-        """The sampler's arithmetic; ``times`` holds (t, r) tensors of shape (B,) per step."""
+    def _run(self, z: torch.Tensor, y: torch.Tensor, times: Sequence[Tuple[torch.Tensor, ...]]):
+        """The sampler's arithmetic; ``times`` holds the model's (B,) time inputs per step: (t, r), or for
+        an IMFDiT (t, h, ω, t_min, t_max)."""
         ctx = (torch.autocast("cuda", dtype=self.autocast_dtype)
                if self.autocast_dtype is not None and z.device.type == "cuda" else nullcontext())
         with torch.no_grad(), ctx, skip_value_checks():
-            for (t, r), (tf, rf) in zip(times, zip(self.grid, self.grid[1:])):
-                z = z - (tf - rf) * self.model(z, r, t, y).to(z.dtype)
+            for step, (tf, rf) in zip(times, zip(self.grid, self.grid[1:])):
+                u = (self.model(z, *step, y, heads="u") if self.imf else
+                     self.model(z, step[1], step[0], y))
+                z = z - (tf - rf) * u.to(z.dtype)
             if self.decode is not None and self.decode_in_graph:
                 z = self.decode(z)
         return z
 
     def _time_buffers(self, B: int, noise: torch.Tensor):
-        """(t, r) per step as (B,) tensors, in the precision the model turns times into (float64 for
-        float64 noise, else float32): the tensors ``sample`` passes."""
+        """The per-step time inputs as (B,) tensors, in the precision the model turns times into (float64
+        for float64 noise, else float32): the tensors ``sample`` passes. (t, r) per step; for an IMFDiT
+        (t, h = t − r, ω, t_min, t_max), the last three shared by every step."""
         dtype = time_dtype(noise.dtype)
-        return [(torch.full((B,), t, device=noise.device, dtype=dtype),
-                 torch.full((B,), r, device=noise.device, dtype=dtype))
-                for t, r in zip(self.grid, self.grid[1:])]
+
+        def full(s: float) -> torch.Tensor:
+            return torch.full((B,), s, device=noise.device, dtype=dtype)
+        steps = list(zip(self.grid, self.grid[1:]))
+        if self.imf:
+            settings = tuple(full(s) for s in self.settings)
+            return [(full(t), full(t - r), *settings) for t, r in steps]
+        return [(full(t), full(r)) for t, r in steps]
 
     def _capture(self, noise: torch.Tensor, y: torch.Tensor) -> dict:
         static = {"noise": noise.clone(), "y": y.clone(), "times": self._time_buffers(len(y), noise)}

@@ -17,20 +17,34 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .model import check_values, skip_value_checks, time_dtype
+from .checks import check_values, skip_value_checks, time_dtype
+from .jvp import central_difference_jvp
 
 __all__ = ["MeanFlowLoss", "sample_t_r", "check_settings"]
 
+# How a loss takes du/dt (MeanFlowLoss, IMFLoss): "auto" picks "forward_jvp" (the model's own explicit
+# rules) or "func" (torch.func.jvp); "fd" is a finite difference (meanflow_fast.jvp).
+JVP_MODES = ("auto", "forward_jvp", "func", "fd")
 
-def _randn(shape, generator, device, dtype=torch.float32):
+
+# Shared with IMFLoss: draws from a generator that may live on another device, and the SDPA switch for
+# torch.func.jvp.
+def generator_randn(shape, generator, device, dtype=torch.float32):
     """Gaussian draws on the generator's device (reproducible), then moved to ``device``."""
     gdev = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
 
 
-def _rand(shape, generator, device):
+def generator_rand(shape, generator, device):
+    """Uniform [0, 1) draws on the generator's device (reproducible), then moved to ``device``."""
     gdev = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=gdev).to(device)
+
+
+def jvp_safe_attention():
+    """The fused SDPA kernels (CPU included) have no forward-AD rule: for any model run under
+    torch.func.jvp, restrict F.scaled_dot_product_attention to the math backend."""
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def sample_t_r(batch: int, *, mu: float = -0.4, sigma: float = 1.0, ratio_r_neq_t: float = 0.25,
@@ -48,7 +62,7 @@ def sample_t_r(batch: int, *, mu: float = -0.4, sigma: float = 1.0, ratio_r_neq_
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    s = torch.sigmoid(mu + sigma * _randn((2, batch), generator, device))
+    s = torch.sigmoid(mu + sigma * generator_randn((2, batch), generator, device))
     t, r = s.max(dim=0).values, s.min(dim=0).values
     gdev = generator.device if generator is not None else device
     # batch − int(batch·(1 − ratio)) = ceil(batch·ratio); rounded to 9 decimals first so that a decimal
@@ -61,12 +75,20 @@ def sample_t_r(batch: int, *, mu: float = -0.4, sigma: float = 1.0, ratio_r_neq_
 
 def check_settings(*, time_sigma: float, ratio_r_neq_t: float, guidance_interval: Tuple[float, float],
                    class_dropout: float, adaptive_p: float, adaptive_c: float, omega: float = 1.0,
-                   kappa: float = 0.0, name: Callable[[str], str] = str) -> None:
-    """Raise ValueError for a MeanFlowLoss setting out of its range. ``name`` spells each setting in the
-    message (``meanflow-train`` passes its flag names: ``time_sigma`` → ``--time-sigma``).
+                   kappa: float = 0.0, jvp: str = "auto", fd_eps: Optional[float] = None,
+                   name: Callable[[str], str] = str) -> None:
+    """Raise ValueError for a MeanFlowLoss (or IMFLoss) setting out of its range. ``name`` spells each
+    setting in the message (``meanflow-train`` passes its flag names: ``time_sigma`` → ``--time-sigma``).
 
     Guidance: ω ≥ 0 (ω = 0 is guidance scale 0) and 0 ≤ κ < 1, since the effective scale is ω/(1 − κ)
-    (κ = 1 makes it infinite); both finite."""
+    (κ = 1 makes it infinite); both finite. ``jvp`` one of ``JVP_MODES``; ``fd_eps`` None or a finite
+    float > 0."""
+    if jvp not in JVP_MODES:
+        raise ValueError(f"{name('jvp')} must be one of {JVP_MODES}, got {jvp!r}")
+    if fd_eps is not None and not (isinstance(fd_eps, (int, float)) and not isinstance(fd_eps, bool)
+                                   and math.isfinite(fd_eps) and fd_eps > 0):
+        raise ValueError(f"{name('fd_eps')} must be None (the dtype's default step) or a finite float > 0, got "
+                         f"{fd_eps!r}")
     lo, hi = guidance_interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"{name('guidance_interval')} must satisfy 0 ≤ T_LO ≤ T_HI ≤ 1, got {lo} {hi}")
@@ -98,12 +120,23 @@ class MeanFlowLoss(nn.Module):
             effective scale is ω/(1 − κ); ω = 1, κ = 0 is unguided and skips the two extra evaluations.
         class_dropout: probability of replacing a label with the null label.
         adaptive_p, adaptive_c: adaptive weight w = 1/(L + c)^p (p = 0 gives the plain mean of L).
-        jvp: "auto" (``model.forward_jvp`` if the model has it, else torch.func.jvp), "forward_jvp" or
-            "func" (torch.func.jvp over ``model(z, r, t, y)`` for any callable).
+        jvp: how du/dt is taken, one of ``JVP_MODES``: "auto" (``model.forward_jvp`` if the model has it,
+            else "func"), "forward_jvp" (the model's own ``forward_jvp(z, r, t, y, dz) -> (u, u̇)``),
+            "func" (torch.func.jvp over ``model(z, r, t, y)``, any callable) or "fd" (a finite difference,
+            ``meanflow_fast.jvp.central_difference_jvp``, for models forward-mode AD cannot run: FSDP,
+            attention kernels without a forward-AD rule). "fd" takes u from one call with grad and du/dt
+            from one no-grad call of 2B rows at t ± ε along (ṽ, 0, 1), one-sided where a central step
+            would leave r ≤ t + s ≤ 1; its error per element is within the bound that
+            ``central_difference_jvp`` states (about 1.6e-5·|u| in float32, 2.4e-11·|u| in float64 with
+            the default step), and it enters the target scaled by t − r.
+        fd_eps: the finite difference's step (default: ``default_step`` of the data's dtype, 5.6e-3 for
+            float32). The difference needs the model to compute in float32 or float64: under bf16
+            autocast its rounding (~4e-3·|u|) divided by the step swamps du/dt; pass fd_eps ≈ 0.2 there
+            and expect about two correct digits.
         validate: check the values of the inputs (labels in range, 0 ≤ r ≤ t ≤ 1), which costs one
             device sync per call and a graph break under torch.compile; shapes are always checked.
             A MeanFlowDiT's own value checks are skipped inside the loss, whose draws are valid by
-            construction (``meanflow_fast.model.skip_value_checks``), unless the loss's num_classes is
+            construction (``meanflow_fast.checks.skip_value_checks``), unless the loss's num_classes is
             not the model's; ``validate=False`` skips them as well.
 
     The model is called as ``model(z, r, t, y)`` with r, t (B,) float tensors and y (B,) int labels in
@@ -119,19 +152,17 @@ class MeanFlowLoss(nn.Module):
                  ratio_r_neq_t: float = 0.25, omega: float = 1.0, kappa: float = 0.0,
                  guidance_interval: Tuple[float, float] = (0.0, 1.0), class_dropout: float = 0.1,
                  adaptive_p: float = 1.0, adaptive_c: float = 0.01, jvp: str = "auto",
-                 validate: bool = True):
+                 fd_eps: Optional[float] = None, validate: bool = True):
         super().__init__()
-        if jvp not in ("auto", "forward_jvp", "func"):
-            raise ValueError(f"jvp must be 'auto', 'forward_jvp' or 'func', got {jvp!r}")
         check_settings(time_sigma=time_sigma, ratio_r_neq_t=ratio_r_neq_t, guidance_interval=guidance_interval,
                        class_dropout=class_dropout, adaptive_p=adaptive_p, adaptive_c=adaptive_c,
-                       omega=omega, kappa=kappa)
+                       omega=omega, kappa=kappa, jvp=jvp, fd_eps=fd_eps)
         lo, hi = guidance_interval
         self.num_classes = num_classes
         self.time_mu, self.time_sigma, self.ratio_r_neq_t = time_mu, time_sigma, ratio_r_neq_t
         self.omega, self.kappa, self.guidance_interval = omega, kappa, (float(lo), float(hi))
         self.class_dropout, self.adaptive_p, self.adaptive_c, self.jvp = class_dropout, adaptive_p, adaptive_c, jvp
-        self.validate = validate
+        self.fd_eps, self.validate = fd_eps, validate
 
     @property
     def guided(self) -> bool:
@@ -159,9 +190,9 @@ class MeanFlowLoss(nn.Module):
         tdt = time_dtype(x.dtype)
         t, r = t.to(dev, tdt), r.to(dev, tdt)
         if noise is None:
-            noise = _randn(x.shape, generator, dev, x.dtype)
+            noise = generator_randn(x.shape, generator, dev, x.dtype)
         if drop is None:
-            drop = _rand((B,), generator, dev) < self.class_dropout
+            drop = generator_rand((B,), generator, dev) < self.class_dropout
         drop = drop.to(dev)
         y_in = torch.where(drop, torch.full_like(y, num_classes), y)
 
@@ -212,18 +243,32 @@ class MeanFlowLoss(nn.Module):
         v_g = self.omega * v + self.kappa * u_c + (1 - self.omega - self.kappa) * u_u
         return torch.where(use.view((B,) + (1,) * (v.dim() - 1)), v_g, v)
 
-    def _jvp(self, model, z, r, t, y, v_tilde):
-        """(u, du/dt) along (ṽ, 0, 1); du/dt is detached."""
+    def _mode(self, model) -> str:
         mode = self.jvp
         if mode == "auto":
-            mode = "forward_jvp" if hasattr(model, "forward_jvp") else "func"
+            return "forward_jvp" if hasattr(model, "forward_jvp") else "func"
+        if mode == "forward_jvp" and not callable(getattr(model, "forward_jvp", None)):
+            raise ValueError("jvp='forward_jvp' needs a model with a forward_jvp(z, r, t, y, dz) -> (u, u_dot) "
+                             "method; use jvp='func' or 'fd' for this model")
+        return mode
+
+    def _jvp(self, model, z, r, t, y, v_tilde):
+        """(u, du/dt) along (ż, ṙ, ṫ) = (ṽ, 0, 1); du/dt is detached, u carries its graph."""
+        mode = self._mode(model)
         if mode == "forward_jvp":
             u, dudt = model.forward_jvp(z, r, t, y, v_tilde)
             return u, dudt.detach()
-        with _jvp_safe_attention():
-            u, dudt = torch.func.jvp(lambda z_, r_, t_: model(z_, r_, t_, y), (z, r, t),
-                                     (v_tilde, torch.zeros_like(r), torch.ones_like(t)))
-        return u, dudt.detach()
+        if mode == "func":
+            with jvp_safe_attention():
+                u, dudt = torch.func.jvp(lambda z_, r_, t_: model(z_, r_, t_, y), (z, r, t),
+                                         (v_tilde, torch.zeros_like(r), torch.ones_like(t)))
+            return u, dudt.detach()
+        # "fd": u from one call with grad; du/dt from one no-grad call at the two shifted points (2B rows),
+        # kept in r ≤ t + s ≤ 1 (one-sided where a central step would leave it).
+        u = model(z, r, t, y)
+        dudt = central_difference_jvp(model, (z, r, t, y), (v_tilde.to(z.dtype), None, torch.ones_like(t), None),
+                                      self.fd_eps, step_range=(r - t, 1 - t), f0=u, stacked=True)
+        return u, dudt
 
     def _check(self, x, y, t, r, noise, drop, num_classes) -> int:
         if not torch.is_tensor(x) or x.dim() < 2:
@@ -274,8 +319,3 @@ def _null_label_hint(num_classes: int, drop: Optional[torch.Tensor] = None):
             f"guidance's unconditional call), e.g. a label embedding of num_classes + 1 rows; or train "
             f"without it: class_dropout=0 and omega=1, kappa=0") from err
 
-
-def _jvp_safe_attention():
-    """The fused SDPA kernels (CPU included) have no forward-AD rule: for any model run under
-    torch.func.jvp, restrict F.scaled_dot_product_attention to the math backend."""
-    return sdpa_kernel([SDPBackend.MATH])

@@ -16,9 +16,7 @@ Both forwards run each gated residual fused with the LayerNorm-modulate that fol
 are chained through ``DiTBlock.forward_after_ln`` / ``DiTBlock.forward_jvp_after_ln``;
 ``DiTBlock.forward`` / ``DiTBlock.forward_jvp`` are one block on its own.
 """
-import contextvars
 import math
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
@@ -27,8 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The input checks, shared with IMFDiT and the losses. check_values, skip_value_checks and time_dtype are
+# also importable from here, where the samplers take them.
+from .checks import (as_batch_times, check_labels, check_latents, check_tangent, check_values,
+                     skip_value_checks, time_dtype, value_checks_on)
 from .kernels import linear_jvp_ref, split_qkv
-
 from .ops import BACKENDS, DualOps, PrimalOps, get_dual_ops, get_primal_ops
 
 Times = Union[float, torch.Tensor]
@@ -87,111 +88,6 @@ def silu_jvp(a: torch.Tensor, a_dot: torch.Tensor):
         s = torch.sigmoid(a)
         y_dot = s * (1 + a * (1 - s)) * a_dot
     return y, y_dot
-
-
-def time_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype times and their embeddings' arguments are computed in, for data (or a model) of
-    ``dtype``: float64 for float64 (exact references), float32 otherwise (never half precision)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _as_batch_times(name: str, value: Times, z: torch.Tensor) -> torch.Tensor:
-    """Accept a float, a 0-d tensor or a (B,) tensor; return (B,) on z's device, in float64 when z is
-    float64 (exact references) and float32 otherwise."""
-    batch = z.shape[0]
-    if not torch.is_tensor(value):
-        value = torch.tensor(float(value), dtype=torch.float64)  # rounded once, to the dtype below
-    if not value.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor or a float, got dtype {value.dtype}")
-    if value.dim() == 0:
-        value = value.expand(batch)
-    if value.shape != (batch,):
-        raise ValueError(f"{name} must be a float, a 0-d tensor or shape ({batch},), got {tuple(value.shape)}")
-    return value.to(device=z.device, dtype=time_dtype(z.dtype))
-
-
-# =================================================================================================
-#                                          Input checks
-# =================================================================================================
-# Value checks read tensor values: on CUDA that is a host sync. Callers that checked their own draws
-# (MeanFlowLoss, sample, GraphSampler) run the model inside ``skip_value_checks``, so a training or
-# sampling step adds none; under torch.compile they are off (a sync is a graph break).
-_values_vouched_for = contextvars.ContextVar("meanflow_fast_values_vouched_for", default=False)
-
-
-@contextmanager
-def _vouching():
-    token = _values_vouched_for.set(True)
-    try:
-        yield
-    finally:
-        _values_vouched_for.reset(token)
-
-
-def skip_value_checks():
-    """Context manager: ``MeanFlowDiT`` calls inside it skip their value checks (0 ≤ r ≤ t ≤ 1, labels in
-    [0, num_classes]), the caller vouching for the values; the structural checks (shapes, dtypes,
-    devices) still run. A no-op under torch.compile, where the value checks are off anyway."""
-    return nullcontext() if torch.compiler.is_compiling() else _vouching()
-
-
-def _value_checks_on() -> bool:
-    """Whether a model call here runs its value checks: not under torch.compile, not inside
-    ``skip_value_checks``."""
-    return not torch.compiler.is_compiling() and not _values_vouched_for.get()
-
-
-def _label_range(num_classes: int, null_label: bool) -> str:
-    return (f"[0, {num_classes}] ({num_classes} = the null label, unconditional)" if null_label
-            else f"[0, {num_classes})")
-
-
-def _time_range_error(name: str, s: torch.Tensor) -> Optional[str]:
-    """The message for times ``s`` outside [0, 1] (NaN included), None if there are none."""
-    if bool(((s >= 0) & (s <= 1)).all()):
-        return None
-    if bool(s.isnan().any()):
-        return f"{name} must lie in [0, 1] (0 ≤ r ≤ t ≤ 1), got NaN"
-    return (f"{name} must lie in [0, 1] (0 ≤ r ≤ t ≤ 1), got {name}.min() = {float(s.min()):.6g}, "
-            f"{name}.max() = {float(s.max()):.6g}")
-
-
-def check_values(y: torch.Tensor, num_classes: int, r: Optional[torch.Tensor] = None,
-                 t: Optional[torch.Tensor] = None, *, null_label: bool = True) -> None:
-    """Raise a ValueError unless the labels y lie in [0, num_classes] ([0, num_classes) with
-    ``null_label=False``: data labels, before class dropout) and, when given, the (B,) times satisfy
-    0 ≤ r ≤ t ≤ 1 (NaN fails). One flag for all of it: one host sync on CUDA; the message is worked
-    out only on failure. Shared by the model, MeanFlowLoss and the samplers."""
-    high = num_classes if null_label else num_classes - 1
-    bad_y = ((y < 0) | (y > high)).any()
-    bad = bad_y
-    if t is not None:
-        bad = bad | ~((r >= 0) & (r <= t) & (t <= 1)).all()
-    if not bool(bad):
-        return
-    if bool(bad_y):
-        lo, hi = (int(v) for v in torch.aminmax(y))
-        raise ValueError(f"y must hold labels in {_label_range(num_classes, null_label)}, got min {lo}, max {hi}")
-    msg = _time_range_error("t", t) or _time_range_error("r", r)
-    if msg is None:
-        above = (r > t).nonzero().flatten()
-        i = int(above[0])
-        msg = (f"r must be ≤ t for every sample (0 ≤ r ≤ t ≤ 1), got r = {float(r[i]):.6g} > t = "
-               f"{float(t[i]):.6g} at sample {i} (r > t at {above.numel()} of {t.numel()} samples)")
-    raise ValueError(msg)
-
-
-def _check_dtype(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
-    """``x`` (an input of a model whose parameters are ``dtype``) must be ``dtype``, or under
-    torch.autocast on x's device also the autocast dtype (autocast casts it with the weights)."""
-    if x.dtype == dtype:
-        return
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype == torch.get_autocast_dtype(dev):
-        return
-    raise ValueError(f"{name} has dtype {x.dtype} but the model's parameters are {dtype}: pass "
-                     f"{name}.to({dtype}) or convert the model with model.to({x.dtype}) (torch.autocast "
-                     f"does not change {name}'s dtype)")
 
 
 # =================================================================================================
@@ -431,8 +327,9 @@ class MeanFlowDiT(nn.Module):
 
     ``forward`` and ``forward_jvp`` check their inputs (``_check_inputs``) and raise a ValueError naming
     the argument: shapes, dtypes and devices always; the values (times and labels in range) too, at one
-    host sync per call on CUDA, except under torch.compile and inside ``skip_value_checks()``, which
-    MeanFlowLoss, ``sample`` and GraphSampler use for the draws they checked themselves."""
+    host sync per call on CUDA, except under torch.compile, during CUDA-graph capture and inside
+    ``skip_value_checks()``, which MeanFlowLoss, ``sample`` and GraphSampler use for the draws they checked
+    themselves."""
 
     def __init__(self, config: DiTConfig = DiTConfig(), backend: str = "torch"):
         super().__init__()
@@ -483,42 +380,25 @@ class MeanFlowDiT(nn.Module):
 
     def _check_inputs(self, z: torch.Tensor, r: Times, t: Times, y: torch.Tensor,
                       tangents: Optional[Tuple[torch.Tensor, Times, Times]] = None):
-        """The one check of a call's inputs (``forward``; ``forward_jvp`` with ``tangents`` = (dz, dr, dt)).
-        Returns r, t (and dr, dt, else None) as (B,) tensors (``_as_batch_times``).
+        """The one check of a call's inputs (``forward``; ``forward_jvp`` with ``tangents`` = (dz, dr, dt)),
+        by the shared checks of ``meanflow_fast.checks``. Returns r, t (and dr, dt, else None) as (B,)
+        tensors (``as_batch_times``).
 
         Structural, always (no device sync): z (B, C, H, W) floating in the parameters' dtype
-        (``_check_dtype``), y (B,) int32/int64 on z's device, the times a float, 0-d or (B,), dz shaped
+        (``check_latents``), y (B,) int32/int64 on z's device, the times a float, 0-d or (B,), dz shaped
         like z in its dtype and device. Values (``check_values``: 0 ≤ r ≤ t ≤ 1, labels in
-        [0, num_classes]): one host sync on CUDA; off under torch.compile and inside
-        ``skip_value_checks``."""
+        [0, num_classes]): one host sync on CUDA; off under torch.compile, during CUDA-graph capture and
+        inside ``skip_value_checks`` (``value_checks_on``)."""
         c = self.config
-        expected = (c.in_channels, c.input_size, c.input_size)
-        if not torch.is_tensor(z) or z.dim() != 4 or tuple(z.shape[1:]) != expected:
-            shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
-            raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {shape}")
-        if z.shape[0] == 0:
-            raise ValueError("z is an empty batch (B = 0)")
-        if not z.is_floating_point():
-            raise ValueError(f"z must be a floating-point tensor, got dtype {z.dtype}")
-        _check_dtype("z", z, self.x_embedder.weight.dtype)
-        if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32) or y.shape != (z.shape[0],):
-            desc = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
-            raise ValueError(f"y must be an integer tensor of shape ({z.shape[0]},) with labels in "
-                             f"[0, {c.num_classes}] ({c.num_classes} = null label), got {desc}")
-        if y.device != z.device:
-            raise ValueError(f"y is on {y.device} but z is on {z.device}")
-        r_b, t_b = _as_batch_times("r", r, z), _as_batch_times("t", t, z)
+        check_latents(z, (c.in_channels, c.input_size, c.input_size), self.x_embedder.weight.dtype)
+        check_labels(y, z, c.num_classes)
+        r_b, t_b = as_batch_times("r", r, z), as_batch_times("t", t, z)
         dr_b = dt_b = None
         if tangents is not None:
             dz, dr, dt = tangents
-            if not torch.is_tensor(dz) or dz.shape != z.shape:
-                raise ValueError(f"dz must be a tensor shaped like z {tuple(z.shape)}, got "
-                                 f"{tuple(dz.shape) if torch.is_tensor(dz) else type(dz).__name__}")
-            if dz.dtype != z.dtype or dz.device != z.device:
-                raise ValueError(f"dz must have z's dtype and device ({z.dtype} on {z.device}), got "
-                                 f"{dz.dtype} on {dz.device}: pass dz.to(z)")
-            dr_b, dt_b = _as_batch_times("dr", dr, z), _as_batch_times("dt", dt, z)
-        if _value_checks_on():
+            check_tangent(dz, z)
+            dr_b, dt_b = as_batch_times("dr", dr, z), as_batch_times("dt", dt, z)
+        if value_checks_on():
             check_values(y, c.num_classes, r_b, t_b)
         return r_b, t_b, dr_b, dt_b
 

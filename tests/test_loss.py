@@ -1,5 +1,6 @@
 """MeanFlowLoss against a hand-written computation, the (t, r) sampler's statistics, and the
 equivalence of its two JVP paths."""
+import copy
 import math
 from fractions import Fraction
 
@@ -8,7 +9,10 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import meanflow_fast.loss as loss_mod
+import meanflow_fast.model as model_mod
 from meanflow_fast import MeanFlowLoss, meanflow_dit, sample_t_r
+from meanflow_fast.jvp import default_step
 from meanflow_fast.loss import check_settings
 from tests.helpers import randomize_, rel_err
 
@@ -31,9 +35,9 @@ def _draws(B=6):
     return x, y, t, r, noise, drop
 
 
-def hand_loss(model, x, y, t, r, noise, drop, omega, kappa, interval, p, c):
+def hand_loss(model, x, y, t, r, noise, drop, omega, kappa, interval, p, c, rows=False):
     """docs/DESIGN.md, "1 The MeanFlow objective", written out step by step, with torch.func.jvp for
-    (u, du/dt)."""
+    (u, du/dt). ``rows``: return the per-row sums L_i instead."""
     b = (-1, 1, 1, 1)
     z = (1 - t.view(b)) * x + t.view(b) * noise
     v = noise - x
@@ -49,6 +53,8 @@ def hand_loss(model, x, y, t, r, noise, drop, omega, kappa, interval, p, c):
                                  (v_t, torch.zeros_like(r), torch.ones_like(t)))
     u_tgt = (v_t - (t - r).clamp(0, 1).view(b) * dudt).detach()
     L = ((u - u_tgt) ** 2).sum(dim=(1, 2, 3))
+    if rows:
+        return L.detach()
     w = 1 / (L.detach() + c) ** p
     return (w * L).mean(), L.mean()
 
@@ -309,3 +315,200 @@ def test_loss_data_of_another_dtype_than_the_model_is_named():
     x, y, *_ = _draws()
     with pytest.raises(ValueError, match="z has dtype torch.float32 but the model's parameters are torch.float64"):
         MeanFlowLoss()(model, x.float(), y)
+
+
+# ------------------------------------------------------------------------------- jvp="fd"
+def _spy_fd(monkeypatch):
+    """Capture the loss's central_difference_jvp calls: arguments and result."""
+    seen = []
+    orig = loss_mod.central_difference_jvp
+
+    def spy(fn, primals, tangents, eps=None, **kw):
+        out = orig(fn, primals, tangents, eps, **kw)
+        seen.append(dict(primals=primals, tangents=tangents, eps=eps, out=out, **kw))
+        return out
+    monkeypatch.setattr(loss_mod, "central_difference_jvp", spy)
+    return seen
+
+
+def _fd_bound(model64, call, dtype):
+    """The loss's du/dt against torch.func.jvp (fp64) along the same direction (dz, dr, dt) = (ṽ, 0, 1), and
+    the bound meanflow_fast/jvp.py states per element: ε²/6·M₃ + δ/ε on central rows, ε²/3·M₃ + 4δ/ε on
+    the r = t rows (forward nodes ε, 2ε: t − ε would pass below r). M₃: the largest |d³u/ds³| at the nodes,
+    from a forward second difference (step η = 1e-3) of the exact first derivative (torch.func.jvp, fp64).
+    δ: the row's largest error of u evaluated in float32 at a node (point formed in float32) against fp64,
+    times u_dtype/u_fp32 for ``dtype`` (fp64 has no wider type to measure against)."""
+    z, r, t, y = call["primals"]
+    dz = call["tangents"][0]
+    assert call["tangents"][1] is None and torch.equal(call["tangents"][2], torch.ones_like(t))
+    eps = call["eps"] if call["eps"] is not None else default_step(dtype)
+    d64, f32 = (lambda a: a.double()), (lambda a: a.float())  # noqa: E731
+    model32 = copy.deepcopy(model64).float()
+    B = z.shape[0]
+
+    def g(s):  # u along the direction, fp64, from the working-precision point and direction
+        return model64(d64(z) + s.view(-1, 1, 1, 1) * d64(dz), d64(r), d64(t) + s, y)
+
+    def d1(fn):
+        return lambda s: torch.func.jvp(fn, (s,), (torch.ones_like(s),))[1]
+
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        exact = d1(g)(torch.zeros(B, dtype=torch.float64))
+        central = (t - r) > 0
+        eta = 1e-3
+        assert bool(((t - r)[central] >= eps).all() & (1 - t >= 2 * eps + 2 * eta).all())  # the case's premise
+        nodes = [torch.where(central, s_c, s_f).double() for s_c, s_f in ((-eps, 0.0), (0.0, eps), (eps, 2 * eps))]
+        g1 = d1(g)
+        M3 = torch.stack([((g1(s + 2 * eta) - 2 * g1(s + eta) + g1(s)) / eta ** 2).abs() for s in nodes]).amax(0)
+        deltas = []
+        for s in nodes:
+            s32 = f32(s)
+            u32 = model32(f32(z) + s32.view(-1, 1, 1, 1) * f32(dz), f32(r), f32(t) + s32, y)
+            deltas.append((u32.double() - g(s)).abs().flatten(1).amax(1))
+        delta = torch.stack(deltas).amax(0) * (torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
+    rows = lambda a: a.view(-1, 1, 1, 1)  # noqa: E731
+    delta = rows(delta)
+    bound = torch.where(rows(central), eps ** 2 / 6 * M3 + delta / eps, eps ** 2 / 3 * M3 + 4 * delta / eps)
+    return exact, bound
+
+
+def _fd_draws(dtype, seed=0):
+    x, y, t, r, noise, drop = _draws()
+    g = torch.Generator().manual_seed(seed)
+    x, noise = (torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    cast = lambda v: v.to(dtype)  # noqa: E731
+    return cast(x), y, dict(t=cast(t), r=cast(r), noise=cast(noise), drop=drop)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_du_dt_within_the_stated_bound(dtype, guided, monkeypatch):
+    """The du/dt that MeanFlowLoss(jvp="fd") computes, against torch.func.jvp, element by element, on central
+    rows (r < t) and forward rows (r = t), with and without guidance (which changes the direction ṽ)."""
+    model64 = _model()
+    model = copy.deepcopy(model64).to(dtype)
+    x, y, kw = _fd_draws(dtype, seed=1)
+    seen = _spy_fd(monkeypatch)
+    MeanFlowLoss(jvp="fd", **(dict(omega=0.6, kappa=0.3) if guided else {}))(model, x, y, **kw)
+    (call,) = seen
+    assert call["stacked"] and call["primals"][2].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    exact, bound = _fd_bound(model64, call, dtype)
+    err = (call["out"].double() - exact).abs()
+    assert bool((err <= 1.5 * bound).all()), (err / bound).max()
+    # and small enough to mean something
+    assert bound.max() <= (1e-3 if dtype == torch.float32 else 1e-8) * exact.abs().max()
+
+
+@pytest.mark.parametrize("adaptive_p", [1.0, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_loss_and_gradients_match_func_within_the_derived_bound(dtype, adaptive_p, monkeypatch):
+    """jvp="fd" against jvp="func": only du/dt differs, by Δ (≤ the stated bound, per element), so the target
+    u_tgt = ṽ − h·du/dt by h·Δ (h = t − r). With e = u − u_tgt, L = ‖e‖², L' = (√L − h‖Δ‖)₊² the smallest L
+    on the way and |ΔL| ≤ 2√L·h‖Δ‖ + h²‖Δ‖²: a row's term L/(L + c)^p moves by at most c/(L' + c)²·|ΔL| at
+    p = 1 (the slope of L/(L + c)) and |ΔL| at p = 0; its cotangent on u, 2e/(L + c)^p / B, by at most
+    2h‖Δ‖/(L' + c)^p / B (e ↦ e/(‖e‖² + c) is 1/(‖e‖² + c)-Lipschitz), so the gradient by at most
+    σ_max(∂u/∂θ) times that."""
+    model64 = _model()
+    model = copy.deepcopy(model64).to(dtype)
+    x, y, kw = _fd_draws(dtype, seed=2)
+    B, c = x.shape[0], 0.01
+    guidance = dict(omega=0.6, kappa=0.3, guidance_interval=(0.0, 0.9))
+
+    def run(m, x_, mode, **k):
+        m.zero_grad()
+        loss, _ = MeanFlowLoss(jvp=mode, adaptive_p=adaptive_p, adaptive_c=c, **guidance)(m, x_, y, **k)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+    seen = _spy_fd(monkeypatch)
+    loss_fd, g_fd = run(model, x, "fd", **kw)
+    loss_fn, g_fn = run(model, x, "func", **kw)
+    exact, bound = _fd_bound(model64, seen[0], dtype)
+    delta = bound.flatten(1).norm(dim=1)                               # ‖Δ_i‖ bound per row
+    k64 = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
+    h = (k64["t"] - k64["r"]).clamp(0, 1)
+    L = hand_loss(model64, x.double(), y, k64["t"], k64["r"], k64["noise"], k64["drop"], 0.6, 0.3, (0.0, 0.9),
+                  adaptive_p, c, rows=True)
+    L_lo = (L.sqrt() - h * delta).clamp_min(0) ** 2
+    dL = 2 * L.sqrt() * h * delta + (h * delta) ** 2
+    slope = c / (L_lo + c) ** 2 if adaptive_p == 1.0 else torch.ones_like(L)
+    loss_bound = (slope * dL).sum() / B
+    dg = (2 * h * delta / (L_lo + c) ** adaptive_p / B).norm()
+    b = (-1, 1, 1, 1)
+    z = (1 - k64["t"].view(b)) * x.double() + k64["t"].view(b) * k64["noise"]
+    y_in = torch.where(kw["drop"], NUM_CLASSES, y)
+
+    def u_of(p):
+        return torch.func.functional_call(model64, p, (z, k64["r"], k64["t"], y_in)).flatten()
+    with sdpa_kernel([SDPBackend.MATH]):
+        jac = torch.func.jacrev(u_of)(dict(model64.named_parameters()))
+    J = torch.cat([j.flatten(1) for j in jac.values()], dim=1)
+    grad_bound = torch.linalg.matrix_norm(J, ord=2) * dg
+    flat = lambda gs: torch.cat([g.double().flatten() for g in gs])  # noqa: E731
+    # the rounding of the two paths themselves: negligible in fp64; in fp32 the func path's own error
+    if dtype == torch.float64:
+        loss_round, grad_round = 1e-12 * abs(loss_fn.item()), 1e-12 * flat(g_fn).norm()
+    else:
+        ref_loss, ref_g = run(model64, x.double(), "func", **k64)
+        loss_round = 4 * abs(loss_fn.item() - ref_loss.item()) + 1e-6 * abs(ref_loss.item())
+        grad_round = 4 * (flat(g_fn) - flat(ref_g)).norm() + 1e-6 * flat(ref_g).norm()
+    assert abs(loss_fd.item() - loss_fn.item()) <= loss_bound + loss_round
+    assert (flat(g_fd) - flat(g_fn)).norm() <= grad_bound + grad_round
+    # and the bound is far below the gradient itself
+    assert grad_bound <= 1e-3 * flat(g_fn).norm()
+
+
+def test_fd_keeps_every_evaluation_in_range(monkeypatch):
+    """Rows at the ends (t = 1, t close to 1, r = t, r = t = 1) keep r ≤ t + s ≤ 1 at every evaluation: a
+    plain callable records them, and a MeanFlowDiT with its own value checks forced on (the loss vouches
+    for its points) accepts them."""
+    model = _model().float()
+    calls = []
+
+    def recorder(z, r, t, y):
+        calls.append((r.detach().clone(), t.detach().clone()))
+        return model(z, r, t, y)
+    B = 5
+    t = torch.tensor([1.0, 1.0 - 1e-3, 0.999, 0.5, 1.0])
+    r = torch.tensor([0.5, 0.2, 0.999, 0.5, 1.0])
+    x, y = torch.randn(B, 2, 4, 4), torch.zeros(B, dtype=torch.long)
+    loss, _ = MeanFlowLoss(num_classes=NUM_CLASSES, jvp="fd")(recorder, x, y, t=t, r=r)
+    assert torch.isfinite(loss) and len(calls) == 2  # the primal call and one stacked call of 2B rows
+    for rs, ts in calls:
+        assert bool((rs >= 0).all() & (rs <= ts).all() & (ts <= 1).all())
+    assert calls[1][1].shape == (2 * B,) and not torch.equal(calls[1][1][:B], t)  # t did move
+    checked = []
+    orig = model_mod.check_values
+    monkeypatch.setattr(model_mod, "value_checks_on", lambda: True)
+    monkeypatch.setattr(model_mod, "check_values", lambda *a, **k: checked.append(a) or orig(*a, **k))
+    loss, _ = MeanFlowLoss(jvp="fd")(model, x, y, t=t, r=r)
+    assert torch.isfinite(loss) and len(checked) == 2
+
+
+def test_fd_settings_and_the_forward_jvp_mode_are_checked():
+    with pytest.raises(ValueError, match=r"jvp must be one of \('auto', 'forward_jvp', 'func', 'fd'\), got 'fast'"):
+        MeanFlowLoss(jvp="fast")
+    for bad in (0.0, -1e-3, float("nan"), float("inf"), "0.01", True):
+        with pytest.raises(ValueError, match=r"fd_eps must be None \(the dtype's default step\) or a finite float > 0"):
+            MeanFlowLoss(jvp="fd", fd_eps=bad)
+    with pytest.raises(ValueError, match="--fd-eps must be None"):
+        check_settings(time_sigma=1.0, ratio_r_neq_t=0.25, guidance_interval=(0.0, 1.0), class_dropout=0.1,
+                       adaptive_p=1.0, adaptive_c=0.01, fd_eps=0.0, name=lambda s: "--" + s.replace("_", "-"))
+    model = _model()
+    x, y, *_ = _draws()
+    fn = lambda z, r_, t_, y_: model(z, r_, t_, y_)  # noqa: E731
+    with pytest.raises(ValueError, match=r"jvp='forward_jvp' needs a model with a forward_jvp\(z, r, t, y, dz\)"):
+        MeanFlowLoss(num_classes=NUM_CLASSES, jvp="forward_jvp")(fn, x, y)
+
+
+def test_fd_eps_is_the_step_taken(monkeypatch):
+    """fd_eps reaches the difference; a larger step moves du/dt by the truncation it predicts (order ε²)."""
+    model = _model()
+    x, y, kw = _fd_draws(torch.float64, seed=3)
+    seen = _spy_fd(monkeypatch)
+    MeanFlowLoss(jvp="fd", fd_eps=1e-2)(model, x, y, **kw)
+    MeanFlowLoss(jvp="fd", fd_eps=2e-2)(model, x, y, **kw)
+    MeanFlowLoss(jvp="fd")(model, x, y, **kw)
+    assert [c["eps"] for c in seen] == [1e-2, 2e-2, None]
+    e1, e2 = ((c["out"] - seen[2]["out"]).norm() for c in seen[:2])
+    assert 3.0 <= (e2 / e1).item() <= 5.0  # quadrupled with the doubled step

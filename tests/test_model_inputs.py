@@ -43,7 +43,8 @@ BAD = [
      r"t must lie in \[0, 1\] .*t.max\(\) = 1.25"),
     ("t nan", lambda a: dict(t=torch.tensor([0.5, float("nan"), 0.9]), r=torch.zeros(3)),
      r"t must lie in \[0, 1\] .*got NaN"),
-    ("r<0", lambda a: dict(r=torch.tensor([0.1, -0.2, 0.0])), r"r must lie in \[0, 1\] .*r.min\(\) = -0.2"),
+    ("r<0", lambda a: dict(r=torch.tensor([0.1, -0.2, 0.0])),
+     r"r must lie in \[0, 1\] .*r.min\(\) = -0.2, r.max\(\) = 0.1 \(first at sample 1; outside at 1 of 3 samples\)"),
     ("r>t", lambda a: dict(r=torch.tensor([0.2, 0.7, 0.4]), t=torch.tensor([0.3, 0.6, 0.4])),
      r"r must be ≤ t for every sample .* got r = 0.7 > t = 0.6 at sample 1 \(r > t at 1 of 3 samples\)"),
     ("r>t floats", lambda a: dict(r=0.8, t=0.5), r"r must be ≤ t .* r = 0.8 > t = 0.5 at sample 0"),
@@ -159,6 +160,23 @@ def test_value_checks_are_off_under_torch_compile(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     for kind in CALLS:
         _call(model, kind, **dict(bad, y=a["y"]))  # the embedding would fail on label 12 itself
+    with pytest.raises(ValueError, match="z has dtype torch.float64"):
+        model(**dict(bad, z=a["z"].double()))
+
+
+def test_value_checks_are_off_during_cuda_graph_capture(monkeypatch):
+    """No host read is allowed while a CUDA graph is being captured (stubbed here: CPU only); the
+    structural checks stay."""
+    model = _tiny()
+    a = _args(model)
+    bad = dict(a, t=torch.tensor([0.5, 1.5, 0.2]))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        model(**bad)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for kind in CALLS:
+        _call(model, kind, **bad)
     with pytest.raises(ValueError, match="z has dtype torch.float64"):
         model(**dict(bad, z=a["z"].double()))
 

@@ -19,13 +19,11 @@ import torch
 import torch.nn as nn
 
 from ..jvp import central_difference_jvp
-from ..loss import _jvp_safe_attention, _rand, _randn, check_settings
-from ..model import check_values, skip_value_checks, time_dtype
+from ..checks import check_values, skip_value_checks, time_dtype
+from ..loss import JVP_MODES, check_settings, generator_rand, generator_randn, jvp_safe_attention
 from .model import IMFDiT
 
 __all__ = ["IMFLoss"]
-
-JVP_MODES = ("auto", "forward_jvp", "func", "fd")
 
 
 class IMFLoss(nn.Module):
@@ -54,7 +52,7 @@ class IMFLoss(nn.Module):
             its rounding (~4e-3·|u|) divided by the step swamps du/dt; pass fd_eps ≈ 0.2 there and expect
             about two correct digits.
         validate: check the values of the inputs (labels in range, 0 ≤ r ≤ t ≤ 1, and any given ω,
-            t_min, t_max), at one device sync (two when ω or the interval are given); shapes always.
+            t_min, t_max), at one device sync; shapes always.
 
     The net is called as ``net(z, t, h, omega, t_min, t_max, y)`` with (B,) float tensors and (B,) int
     labels in [0, num_classes] (the null label is always used: the unconditional guidance call) and
@@ -73,10 +71,9 @@ class IMFLoss(nn.Module):
                  class_dropout: float = 0.1, adaptive_p: float = 1.0, adaptive_c: float = 0.01,
                  jvp: str = "auto", fd_eps: Optional[float] = None, validate: bool = True):
         super().__init__()
-        if jvp not in JVP_MODES:
-            raise ValueError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
         check_settings(time_sigma=time_sigma, ratio_r_neq_t=ratio_r_neq_t, guidance_interval=(0.0, 1.0),
-                       class_dropout=class_dropout, adaptive_p=adaptive_p, adaptive_c=adaptive_c)
+                       class_dropout=class_dropout, adaptive_p=adaptive_p, adaptive_c=adaptive_c, jvp=jvp,
+                       fd_eps=fd_eps)
         if not math.isfinite(time_mu):
             raise ValueError(f"time_mu must be finite, got {time_mu}")
         if not (omega_max >= 1.0 and math.isfinite(omega_max)):
@@ -88,8 +85,6 @@ class IMFLoss(nn.Module):
         if t_min_range[1] > t_max_range[0]:
             raise ValueError(f"t_min_range's top must not exceed t_max_range's bottom (so that t_min ≤ t_max), "
                              f"got {tuple(t_min_range)} and {tuple(t_max_range)}")
-        if fd_eps is not None and not (isinstance(fd_eps, (int, float)) and math.isfinite(fd_eps) and fd_eps > 0):
-            raise ValueError(f"fd_eps must be None (the dtype's default step) or a finite float > 0, got {fd_eps!r}")
         self.num_classes = num_classes
         self.time_mu, self.time_sigma, self.ratio_r_neq_t = time_mu, time_sigma, ratio_r_neq_t
         self.omega_max = float(omega_max)
@@ -122,17 +117,17 @@ class IMFLoss(nn.Module):
             fm = (r.to(t.device) == t).to(dev)  # the flow-matching rows, read before any rounding
         t, r = t.to(dev, tdt), r.to(dev, tdt)
         if noise is None:
-            noise = _randn(x.shape, generator, dev, x.dtype)
+            noise = generator_randn(x.shape, generator, dev, x.dtype)
         if t_min is None:
-            t_min, t_max = (lo + (hi - lo) * _rand((B,), generator, dev).to(tdt)
+            t_min, t_max = (lo + (hi - lo) * generator_rand((B,), generator, dev).to(tdt)
                             for lo, hi in (self.t_min_range, self.t_max_range))
             t_min, t_max = torch.where(fm, 0.0, t_min), torch.where(fm, 1.0, t_max)
         t_min, t_max = t_min.to(dev, tdt), t_max.to(dev, tdt)
         if omega is None:
-            omega = torch.exp(_rand((B,), generator, dev).to(tdt) * math.log(self.omega_max))
+            omega = torch.exp(generator_rand((B,), generator, dev).to(tdt) * math.log(self.omega_max))
         omega = omega.to(dev, tdt)
         if drop is None:
-            count = (_rand((B,), generator, dev) < self.class_dropout).sum()
+            count = (generator_rand((B,), generator, dev) < self.class_dropout).sum()
             drop = torch.arange(B, device=dev) < count
         drop = drop.to(dev)
 
@@ -176,7 +171,7 @@ class IMFLoss(nn.Module):
 
     def _draw_t_r(self, B: int, generator, device):
         """t, r = max, min of two logit-normal draws; the first int(B·(1 − ratio_r_neq_t)) rows get r = t."""
-        s = torch.sigmoid(self.time_mu + self.time_sigma * _randn((2, B), generator, device))
+        s = torch.sigmoid(self.time_mu + self.time_sigma * generator_randn((2, B), generator, device))
         t, r = s.max(dim=0).values, s.min(dim=0).values
         # B − ceil(B·ratio) = int(B·(1 − ratio)), with sample_t_r's rounding against float error.
         n_fm = B - math.ceil(round(B * self.ratio_r_neq_t, 9))
@@ -221,7 +216,7 @@ class IMFLoss(nn.Module):
         if mode == "func":
             def fn(z_, t_, r_):
                 return _pair(net(z_, t_, t_ - r_, omega, t_min, t_max, y))
-            with _jvp_safe_attention():
+            with jvp_safe_attention():
                 u, dudt, v = torch.func.jvp(fn, (z, t, r), (v_c.to(z.dtype), torch.ones_like(t), torch.zeros_like(r)),
                                             has_aux=True)
             return u, dudt.detach(), v
@@ -270,25 +265,12 @@ class IMFLoss(nn.Module):
         if drop is not None and (not torch.is_tensor(drop) or drop.dtype != torch.bool or drop.shape != (B,)):
             desc = f"{drop.dtype} {tuple(drop.shape)}" if torch.is_tensor(drop) else type(drop).__name__
             raise ValueError(f"drop must be a bool tensor of shape ({B},), got {desc}")
-        if not self.validate:
-            return B
-        # data labels (no null label) and the given times, at one sync
-        check_values(y, num_classes, *((None, None) if t is None else (r.to(y.device), t.to(y.device))),
-                     null_label=False)
-        if omega is not None or t_min is not None:
-            flags = []
-            if omega is not None:
-                flags.append(~(torch.isfinite(omega) & (omega >= 1)).all())
-            if t_min is not None:
-                flags.append(~((t_min >= 0) & (t_min <= t_max.to(t_min.device)) & (t_max.to(t_min.device) <= 1)).all())
-            bad = [bool(f) for f in torch.stack([f.to(x.device) for f in flags]).tolist()]
-            if omega is not None and bad.pop(0):
-                raise ValueError(f"omega must be finite and ≥ 1 (1 = no guidance) in every row, got min "
-                                 f"{float(omega.min()):.6g}, max {float(omega.max()):.6g}")
-            if t_min is not None and bad.pop(0):
-                raise ValueError(f"t_min, t_max must satisfy 0 ≤ t_min ≤ t_max ≤ 1 in every row, got t_min in "
-                                 f"[{float(t_min.min()):.6g}, {float(t_min.max()):.6g}], t_max in "
-                                 f"[{float(t_max.min()):.6g}, {float(t_max.max()):.6g}]")
+        if self.validate:  # data labels (no null label), the given times, ω and interval, at one sync
+            dev = y.device
+            check_values(y, num_classes, *((None, None) if t is None else (r.to(dev), t.to(dev))), null_label=False,
+                         intervals=() if t_min is None else (("t_min", t_min.to(dev), "t_max", t_max.to(dev)),),
+                         lower_bounds=() if omega is None else (("omega", omega.to(dev), 1.0,
+                                                                 "the guidance scale; 1 = no guidance"),))
         return B
 
 

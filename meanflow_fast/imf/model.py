@@ -18,7 +18,7 @@ trunk's primal output.
 """
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,9 @@ from ..kernels import attention_jvp_ref, linear_jvp_ref
 from ..kernels.imf_reference import (channel_gated_residual_jvp_ref, channel_gated_residual_ref,
                                      qk_norm_rope_jvp_ref, qk_norm_rope_ref, rms_norm_jvp_ref, rms_norm_ref,
                                      rope_cos_sin, swiglu_jvp_ref, swiglu_ref)
-from ..model import LabelEmbedder, TimestepEmbedder, _as_batch_times, time_dtype
+from ..checks import (as_batch_times, check_labels, check_latents, check_tangent, check_values, time_dtype,
+                      value_checks_on)
+from ..model import LabelEmbedder, TimestepEmbedder
 from ..ops import BACKENDS, get_primal_ops
 
 Scalar = Union[float, torch.Tensor]
@@ -245,7 +247,12 @@ class IMFFinalLayer(nn.Module):
 class IMFDiT(nn.Module):
     """u_θ (and v_θ) of iMF: z (B, C, H, W); t, h = t − r, ω, t_min, t_max floats, 0-d or (B,) tensors with
     0 ≤ h ≤ t ≤ 1, ω ≥ 1, 0 ≤ t_min ≤ t_max ≤ 1; y (B,) int64 labels in [0, num_classes] (num_classes = the
-    null label). Outputs are shaped like z."""
+    null label). Outputs are shaped like z.
+
+    ``forward`` and ``forward_jvp`` check their inputs (``_check_inputs``, the checks MeanFlowDiT uses) and
+    raise a ValueError naming the argument: shapes, dtypes and devices always; the values too, at one
+    host sync per call on CUDA, except under torch.compile, during CUDA-graph capture and inside
+    ``meanflow_fast.checks.skip_value_checks()``, which IMFLoss uses for the draws it checked itself."""
 
     def __init__(self, config: IMFConfig = IMFConfig(), backend: str = "torch"):
         super().__init__()
@@ -330,53 +337,38 @@ class IMFDiT(nn.Module):
         c = self.config
         return rope_cos_sin(c.num_tokens, c.hidden_size // c.num_heads, c.rope_theta, time_dtype(z.dtype), z.device)
 
-    def _check_inputs(self, z, y, heads):
-        """Shapes and dtypes of z and y, and ``heads``."""
+    def _check_inputs(self, z, t, h, omega, t_min, t_max, y, heads: str,
+                      tangents: Optional[Tuple[torch.Tensor, Scalar, Scalar]] = None):
+        """The one check of a call's inputs (``forward``; ``forward_jvp`` with ``tangents`` = (dz, dt, dh)),
+        by the shared checks of ``meanflow_fast.checks``, as MeanFlowDiT's. Returns t, h, ω, t_min, t_max
+        (and dh, else None) as (B,) tensors in z's time dtype (``as_batch_times``).
+
+        Structural, always (no device sync): z (B, C, H, W) floating in the parameters' dtype
+        (``check_latents``), y (B,) int32/int64 on z's device, each scalar a float, 0-d or (B,), ``heads``
+        and the v-head it needs, dz shaped like z in its dtype and device. Values (``check_values``:
+        0 ≤ h ≤ t ≤ 1, ω finite and ≥ 1, 0 ≤ t_min ≤ t_max ≤ 1, labels in [0, num_classes]): one host sync
+        on CUDA; off under torch.compile, during CUDA-graph capture and inside ``skip_value_checks``
+        (``value_checks_on``)."""
         c = self.config
-        expected = (c.in_channels, c.input_size, c.input_size)
-        if not torch.is_tensor(z) or z.dim() != 4 or tuple(z.shape[1:]) != expected:
-            shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
-            raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {shape}")
-        if z.shape[0] == 0:
-            raise ValueError("z is an empty batch (B = 0)")
-        dtype = self.x_embedder.weight.dtype
-        if z.dtype != dtype and not torch.is_autocast_enabled(z.device.type):
-            raise ValueError(f"z must have the model's dtype {dtype}, got {z.dtype}")
-        if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32) or y.shape != (z.shape[0],):
-            desc = f"{y.dtype} {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
-            raise ValueError(f"y must be an integer tensor of shape ({z.shape[0]},) with labels in "
-                             f"[0, {c.num_classes}] ({c.num_classes} = null label), got {desc}")
+        check_latents(z, (c.in_channels, c.input_size, c.input_size), self.x_embedder.weight.dtype)
+        check_labels(y, z, c.num_classes)
         if heads not in HEADS:
             raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
         if heads != "u" and not c.v_head:
             raise ValueError(f"heads={heads!r} needs the v-head, and this model has none (v_head=False, the "
                              "official inference layout); use heads='u'")
-
-    def _batch_scalars(self, z, y, t, h, omega, t_min, t_max):
-        """The five scalars as (B,) tensors in z's time dtype, their values and y's checked with one host
-        read (skipped while compiling or capturing a CUDA graph, where values cannot be read)."""
-        c = self.config
-        scalars = tuple(_as_batch_times(name, value, z) for name, value in
-                        (("t", t), ("h", h), ("omega", omega), ("t_min", t_min), ("t_max", t_max)))
-        t, h, omega, t_min, t_max = scalars
-        if torch.compiler.is_compiling() or (z.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return scalars
-        bad = torch.stack([
-            ((y < 0) | (y > c.num_classes)).any(),
-            ~((h >= 0) & (h <= t) & (t <= 1)).all(),
-            ~(torch.isfinite(omega) & (omega >= 1)).all(),
-            ~((t_min >= 0) & (t_min <= t_max) & (t_max <= 1)).all(),
-        ]).tolist()
-        if bad[0]:
-            raise ValueError(f"y must hold labels in [0, {c.num_classes}] ({c.num_classes} = null label), got "
-                             f"values in [{int(y.min())}, {int(y.max())}]")
-        if bad[1]:
-            raise ValueError("t and h = t − r must satisfy 0 ≤ h ≤ t ≤ 1 for every sample")
-        if bad[2]:
-            raise ValueError("omega (the guidance scale) must be finite and ≥ 1 (1 = no guidance)")
-        if bad[3]:
-            raise ValueError("the guidance interval must satisfy 0 ≤ t_min ≤ t_max ≤ 1 for every sample")
-        return scalars
+        t, h, omega, t_min, t_max = (as_batch_times(name, value, z) for name, value in
+                                     (("t", t), ("h", h), ("omega", omega), ("t_min", t_min), ("t_max", t_max)))
+        dh = None
+        if tangents is not None:
+            dz, dt, dh = tangents
+            check_tangent(dz, z)
+            as_batch_times("dt", dt, z)
+            dh = as_batch_times("dh", dh, z)
+        if value_checks_on():
+            check_values(y, c.num_classes, intervals=(("h", h, "t", t), ("t_min", t_min, "t_max", t_max)),
+                         lower_bounds=(("omega", omega, 1.0, "the guidance scale; 1 = no guidance"),))
+        return t, h, omega, t_min, t_max, dh
 
     def _prefix(self, h_emb, omega, t_min, t_max, y) -> torch.Tensor:
         """The (B, P, D) prefix tokens, given the time tokens' embedding ``h_emb`` (B, D)."""
@@ -397,8 +389,7 @@ class IMFDiT(nn.Module):
     def forward(self, z: torch.Tensor, t: Scalar, h: Scalar, omega: Scalar, t_min: Scalar, t_max: Scalar,
                 y: torch.Tensor, heads: str = "both"):
         """(u, v) for heads="both", u for "u", v for "v": runs the trunk and only the head(s) asked for."""
-        self._check_inputs(z, y, heads)
-        _, h, omega, t_min, t_max = self._batch_scalars(z, y, t, h, omega, t_min, t_max)
+        _, h, omega, t_min, t_max, _ = self._check_inputs(z, t, h, omega, t_min, t_max, y, heads)
         ops = self._ops(dual=False)
         x = torch.cat([self._prefix(self.h_embedder(h), omega, t_min, t_max, y), self.patchify(z)], dim=1)
         rope = self.rope(z)
@@ -419,13 +410,7 @@ class IMFDiT(nn.Module):
 
         ``u`` and ``v`` are differentiable; ``u̇`` carries no autograd graph.
         """
-        self._check_inputs(z, y, "both")
-        if not torch.is_tensor(dz) or dz.shape != z.shape:
-            raise ValueError(f"dz must be a tensor shaped like z {tuple(z.shape)}, got "
-                             f"{tuple(dz.shape) if torch.is_tensor(dz) else type(dz).__name__}")
-        _, h, omega, t_min, t_max = self._batch_scalars(z, y, t, h, omega, t_min, t_max)
-        _as_batch_times("dt", dt, z)
-        dh = _as_batch_times("dh", dh, z)
+        _, h, omega, t_min, t_max, dh = self._check_inputs(z, t, h, omega, t_min, t_max, y, "both", (dz, dt, dh))
         ops, primal_ops = self._ops(dual=True), self._ops(dual=False)
         # Only the time tokens move with h; the patch embedding is linear (ẋ = conv(ż) without bias).
         h_emb, h_emb_dot = self.h_embedder.forward_jvp(h, dh)
@@ -435,7 +420,7 @@ class IMFDiT(nn.Module):
             P, n_time = self.config.prefix_tokens, self.config.num_time_tokens
             prefix_dot = torch.zeros_like(prefix)
             prefix_dot[:, P - n_time:] = h_emb_dot[:, None]
-            x_dot = torch.cat([prefix_dot, self.patchify(dz.to(z.dtype), bias=False)], dim=1)
+            x_dot = torch.cat([prefix_dot, self.patchify(dz, bias=False)], dim=1)
         rope = self.rope(z)
         for block in self.trunk:
             x, x_dot = block.forward_jvp(x, x_dot, rope, ops)

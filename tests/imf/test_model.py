@@ -1,6 +1,6 @@
 """The iMF DiT (meanflow_fast/imf/model.py): presets and parameter counts, the plain forward against a
 transcription of the official forward, the explicit forward_jvp against torch.func.jvp, the heads,
-gradients, and input checks."""
+gradients, and bad configs (the checks of a call's inputs: test_model_inputs.py)."""
 import math
 
 import pytest
@@ -331,60 +331,8 @@ def test_scalars_broadcast():
 
 
 # =================================================================================================
-#                                          Bad input
+#                                   Bad configs (bad calls: test_model_inputs.py)
 # =================================================================================================
-@pytest.mark.parametrize("bad,match", [
-    (dict(z=torch.randn(2, 4, 8, 6, dtype=F64)), r"z must have shape \(B, 4, 8, 8\)"),
-    (dict(z=torch.randn(0, 4, 8, 8, dtype=F64)), "empty batch"),
-    (dict(z=torch.randn(2, 4, 8, 8)), "z must have the model's dtype torch.float64"),
-    (dict(y=torch.zeros(2)), "y must be an integer tensor"),
-    (dict(y=torch.tensor([0, 11])), r"y must hold labels in \[0, 10\]"),
-    (dict(y=torch.tensor([-1, 3])), r"y must hold labels in \[0, 10\]"),
-    (dict(t=torch.rand(3, dtype=F64)), r"t must be a float, a 0-d tensor or shape \(2,\)"),
-    (dict(h=torch.tensor([0.1, 0.9], dtype=F64)), r"0 ≤ h ≤ t ≤ 1"),
-    (dict(h=-0.1), r"0 ≤ h ≤ t ≤ 1"),
-    (dict(t=1.5), r"0 ≤ h ≤ t ≤ 1"),
-    (dict(h=float("nan")), r"0 ≤ h ≤ t ≤ 1"),
-    (dict(omega=0.5), "omega .* must be finite and ≥ 1"),
-    (dict(omega=float("inf")), "omega .* must be finite and ≥ 1"),
-    (dict(t_min=0.9), r"0 ≤ t_min ≤ t_max ≤ 1"),
-    (dict(t_max=1.2), r"0 ≤ t_min ≤ t_max ≤ 1"),
-    (dict(t_min=-0.1), r"0 ≤ t_min ≤ t_max ≤ 1"),
-    (dict(heads="w"), "heads must be one of"),
-])
-def test_forward_rejects_bad_input(bad, match):
-    model = _model("tiny")
-    args = dict(z=torch.randn(2, 4, 8, 8, dtype=F64), t=torch.tensor([0.8, 0.5], dtype=F64), h=0.3, omega=2.0,
-                t_min=0.2, t_max=0.7, y=torch.tensor([1, 10]))
-    args.update(bad)
-    with pytest.raises(ValueError, match=match):
-        model(**args)
-    if "heads" not in bad:
-        with pytest.raises(ValueError, match=match):
-            model.forward_jvp(**args, dz=torch.zeros(2, 4, 8, 8, dtype=F64))
-
-
-def test_forward_jvp_rejects_bad_tangents():
-    model = _model("tiny")
-    args = _inputs(model, 2, F64)
-    with pytest.raises(ValueError, match="dz must be a tensor shaped like z"):
-        model.forward_jvp(*args, torch.zeros(2, 4, 8, 7, dtype=F64))
-    with pytest.raises(ValueError, match=r"dh must be a float, a 0-d tensor or shape \(2,\)"):
-        model.forward_jvp(*args, torch.zeros_like(args[0]), dh=torch.ones(3, dtype=F64))
-    with pytest.raises(ValueError, match=r"dt must be a float, a 0-d tensor or shape \(2,\)"):
-        model.forward_jvp(*args, torch.zeros_like(args[0]), dt=torch.ones(3, dtype=F64))
-
-
-def test_u_only_model_refuses_the_v_head():
-    model = _model("tiny", v_head=False)
-    args = _inputs(model, 2, F64)
-    for heads in ("both", "v"):
-        with pytest.raises(ValueError, match="needs the v-head"):
-            model(*args, heads=heads)
-    with pytest.raises(ValueError, match="needs the v-head"):
-        model.forward_jvp(*args, torch.zeros_like(args[0]))
-
-
 def test_bad_presets_configs_and_backends():
     with pytest.raises(ValueError, match="preset must be one of"):
         imf_dit("H/2")
