@@ -8,6 +8,8 @@ A model file is a safetensors file of the network's state dict whose metadata sa
     space         "latents": samples are VAE latents (a VAE decodes them into images), or
                   "pixels": samples are images; then ``pixel_range`` "[lo, hi]" (JSON) maps lo → 0 and
                   hi → 255 linearly, values outside clamped
+    latent_norm   optional, "latents" only: the latent convention (``imagenet.latents.LATENT_NORMS``:
+                  "sd-0.18215" or "imf-channel"); a latent file without it is "sd-0.18215"
     weights       optional: "ema" or "model" (which of a training run's weights these are)
     step          optional: the training step
     preset        optional: the preset name the model was built from
@@ -30,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .imagenet.checkpoint import CKPT_FORMAT, load_checkpoint, prefixed, resolve_checkpoint
+from .imagenet.latents import DEFAULT_LATENT_NORM, check_latent_norm
 from .io import load_json, save_safetensors
 from .model import DiTConfig, MeanFlowDiT
 
@@ -79,6 +82,7 @@ class ModelInfo:
     weights: Optional[str] = None
     step: Optional[int] = None
     preset: Optional[str] = None
+    latent_norm: Optional[str] = None   # the latent convention of a "latents" model; None for "pixels"
 
 
 # =================================================================================================
@@ -107,12 +111,13 @@ def _check_pixel_range(pixel_range, what: str = "pixel_range") -> Tuple[float, f
 
 def save_model(model: nn.Module, path: str, *, space: str = "latents",
                pixel_range: Optional[Tuple[float, float]] = None, weights: Optional[str] = None,
-               step: Optional[int] = None, preset: Optional[str] = None) -> None:
+               step: Optional[int] = None, preset: Optional[str] = None,
+               latent_norm: Optional[str] = None) -> None:
     """Write ``model``'s state dict and what rebuilds it to ``path`` (a .safetensors file), atomically.
 
     space: "latents" (samples are VAE latents) or "pixels" (samples are images); ``pixel_range`` (lo, hi),
     for "pixels" only, default (-1, 1), is the range that maps to 0…255. ``weights`` ("ema" or "model"),
-    ``step`` (≥ 0) and ``preset`` are recorded when given."""
+    ``step`` (≥ 0), ``preset`` and ``latent_norm`` (space "latents" only) are recorded when given."""
     arch = _architecture_of(model)
     if not isinstance(path, (str, os.PathLike)) or not str(path).endswith(".safetensors"):
         raise ValueError(f"path must be a file name ending in .safetensors, got {path!r}")
@@ -124,6 +129,11 @@ def save_model(model: nn.Module, path: str, *, space: str = "latents",
         meta["pixel_range"] = json.dumps(list(_check_pixel_range((-1.0, 1.0) if pixel_range is None else pixel_range)))
     elif pixel_range is not None:
         raise ValueError(f"pixel_range is for space='pixels' only, got pixel_range={pixel_range!r} with space={space!r}")
+    if latent_norm is not None:
+        if space != "latents":
+            raise ValueError(f"latent_norm is for space='latents' only, got latent_norm={latent_norm!r} with "
+                             f"space={space!r}")
+        meta["latent_norm"] = check_latent_norm(latent_norm)
     if weights is not None:
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS} or None, got {weights!r}")
@@ -218,8 +228,15 @@ def _info_from_file(path: str, meta: Dict[str, str]) -> ModelInfo:
         if not step.isdigit():
             raise ValueError(f"{path}: step must be an integer ≥ 0, got {step!r}")
         step = int(step)
+    latent_norm = None
+    if space == "latents":
+        try:
+            latent_norm = check_latent_norm(meta.get("latent_norm", DEFAULT_LATENT_NORM), f"{path}: latent_norm")
+        except ValueError as e:
+            raise ValueError(str(e)) from None
     return ModelInfo(path=path, kind="model", architecture=arch, config=config, space=space,
-                     pixel_range=pixel_range, weights=weights, step=step, preset=meta.get("preset") or None)
+                     pixel_range=pixel_range, weights=weights, step=step, preset=meta.get("preset") or None,
+                     latent_norm=latent_norm)
 
 
 def _info_from_checkpoint(json_path: str) -> ModelInfo:
@@ -230,13 +247,18 @@ def _info_from_checkpoint(json_path: str) -> ModelInfo:
                          f"{CKPT_FORMAT!r})")
     if "model_config" not in meta:
         raise ValueError(f"checkpoint state file {json_path} is malformed: no 'model_config'")
-    # meanflow-train trains a MeanFlowDiT on VAE latents.
-    config = _build_config(DiTConfig, meta["model_config"], json_path)
+    # meanflow-train trains on VAE latents; checkpoints without these keys hold a MeanFlowDiT on sd-0.18215.
+    arch = meta.get("architecture", "MeanFlowDiT")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{json_path}: unknown architecture {arch!r} (known: {', '.join(sorted(ARCHITECTURES))})")
+    config = _build_config(ARCHITECTURES[arch][0], meta["model_config"], json_path)
+    latent_norm = check_latent_norm(meta.get("latent_norm", DEFAULT_LATENT_NORM), f"{json_path}: latent_norm")
     args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     step = meta.get("step")
-    return ModelInfo(path=json_path, kind="checkpoint", architecture="MeanFlowDiT", config=config,
+    return ModelInfo(path=json_path, kind="checkpoint", architecture=arch, config=config,
                      space="latents", step=step if isinstance(step, int) else None,
-                     preset=args.get("preset") if isinstance(args.get("preset"), str) else None)
+                     preset=args.get("preset") if isinstance(args.get("preset"), str) else None,
+                     latent_norm=latent_norm)
 
 
 def read_model_info(path: str) -> ModelInfo:

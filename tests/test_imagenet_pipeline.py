@@ -378,3 +378,258 @@ def test_ddp_gradients_synchronised_through_forward_jvp(tmp_path):
     script = tmp_path / "ddp_check.py"
     script.write_text(DDP_CHECK)
     assert "DDP-SYNC-OK" in run([str(script)], nproc=2)
+
+
+# =================================================================================================
+#                         Latent conventions and the posterior-sampling loader
+# =================================================================================================
+# The official iMF per-channel constants (its utils/vae_util.py), typed by hand.
+IMF_MEAN = [0.86488, -0.27787343, 0.21616915, 0.3738409]
+IMF_STD = [4.85503674, 5.31922414, 3.93725398, 3.9870003]
+
+
+def test_latent_norms_against_hand_formulas():
+    from meanflow_fast.imagenet.latents import denormalize, normalize, normalize_std
+    raw = torch.randn(3, 4, 5, 7, dtype=torch.float64) * 6 + 1
+    raw_std = torch.rand(3, 4, 5, 7, dtype=torch.float64) + 0.01
+    # imf-channel: (raw − mean_c) / std_c, element by element.
+    want = raw.clone()
+    for c in range(4):
+        want[:, c] = (raw[:, c] - IMF_MEAN[c]) / IMF_STD[c]
+    torch.testing.assert_close(normalize(raw, "imf-channel"), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(denormalize(want, "imf-channel"), raw, rtol=0, atol=1e-12)
+    torch.testing.assert_close(normalize_std(raw_std, "imf-channel")[:, 2], raw_std[:, 2] / 3.93725398,
+                               rtol=0, atol=1e-12)
+    # sd-0.18215: raw · 0.18215.
+    torch.testing.assert_close(normalize(raw, "sd-0.18215"), raw * 0.18215, rtol=0, atol=1e-12)
+    torch.testing.assert_close(denormalize(raw * 0.18215, "sd-0.18215"), raw, rtol=0, atol=1e-12)
+    torch.testing.assert_close(normalize_std(raw_std, "sd-0.18215"), raw_std * 0.18215, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="latent_norm must be one of"):
+        normalize(raw, "sd-0.13025")
+    with pytest.raises(ValueError, match="4-channel"):
+        normalize(torch.zeros(2, 3, 4, 4), "imf-channel")
+
+
+def _posterior_shards(tmp_path, n=5, seed=0):
+    from meanflow_fast.imagenet.data import write_shard
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, 4, 3, 5, generator=g)
+    std = torch.rand(n, 4, 3, 5, generator=g) * 0.5 + 0.1
+    mean_f, std_f = torch.randn(n, 4, 3, 5, generator=g), torch.rand(n, 4, 3, 5, generator=g) * 0.5 + 0.1
+    write_shard(str(tmp_path / "shard-00000.safetensors"), mean, mean_f, torch.arange(n) % 2,
+                {"image_size": 24, "latent_norm": "imf-channel", "latent_mode": "mean-std", "vae": "synthetic",
+                 "num_classes": 2, "expected": n, "skipped": 0}, stds=(std, std_f))
+    return mean, std, mean_f, std_f
+
+
+def test_posterior_loader_fresh_draws(tmp_path):
+    from meanflow_fast.imagenet.data import ResumableDistributedSampler
+    mean, std, mean_f, std_f = _posterior_shards(tmp_path)
+    ds = LatentShards(str(tmp_path), seed=3)
+    assert ds.posterior and ds.latent_norm == "imf-channel"
+    # Fresh draws: another epoch, another draw; the same (seed, epoch, item), the same draw.
+    a0, b0, a1 = ds[(4, 0)][0], LatentShards(str(tmp_path), seed=3)[(4, 0)][0], ds[(4, 1)][0]
+    assert torch.equal(a0, b0) and not torch.allclose(a0, a1)
+    assert not torch.allclose(a0, LatentShards(str(tmp_path), seed=4)[(4, 0)][0])
+    # Item 2i + 1 draws around the flipped latent's moments.
+    draws = torch.stack([ds[(3, e)][0] for e in range(3000)])
+    k = 3000 ** 0.5
+    assert ((draws.mean(0) - mean_f[1]).abs() < 5 * std_f[1] / k).all()
+    assert ((draws.std(0) - std_f[1]).abs() < 5 * std_f[1] / (2 * 3000) ** 0.5).all()
+    # ... and independent across elements: the standardised draws are N(0, 1) overall.
+    eps = (draws - mean_f[1]) / std_f[1]
+    assert abs(float(eps.mean())) < 0.01 and abs(float(eps.std()) - 1) < 0.01
+    # Two ranks' samplers yield (index, epoch) pairs that cover the epoch, and the draws depend only on those.
+    samplers = [ResumableDistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=0, drop_last=True,
+                                            with_epoch=True) for r in range(2)]
+    for s in samplers:
+        s.set_position(2, 0)
+    pairs = [p for s in samplers for p in s]
+    assert sorted(j for j, _ in pairs) == list(range(10)) and {e for _, e in pairs} == {2}
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, sampler=samplers[1], num_workers=0)
+    (x, _), = list(loader)
+    torch.testing.assert_close(x, torch.stack([ds[p][0] for p in samplers[1]]), rtol=0, atol=0)
+
+
+# =================================================================================================
+#                       iMF: extract (mean-std, imf-channel) → train → resume → sample → FID
+# =================================================================================================
+@pytest.fixture(scope="module")
+def imf_latents(workdir, image_folder, vae_dir):
+    out = workdir / "latents-imf"
+    log = run(["-m", "meanflow_fast.imagenet.extract", "--data-path", str(image_folder), "--out", str(out),
+               "--vae", str(vae_dir), "--image-size", str(IMAGE_SIZE), "--shard-size", "16", "--batch-size", "8",
+               "--num-workers", "0", "--device", "cpu", "--latents", "mean-std", "--latent-norm", "imf-channel"])
+    return out, log
+
+
+def test_imf_extract_mean_std(imf_latents, image_folder, vae_dir):
+    out, log = imf_latents
+    assert "mean-std" in log and "imf-channel" in log
+    summary = json.loads((out / "dataset.json").read_text())
+    assert summary["latent_norm"] == "imf-channel" and summary["latent_mode"] == "mean-std"
+    assert "latent_scale" not in summary
+    from safetensors.torch import load_file
+    shard = load_file(str(out / "shard-00000.safetensors"))
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    path = sorted((image_folder / "n00000000").iterdir())[5]
+    x = torch.from_numpy(center_crop_arr(Image.open(path), IMAGE_SIZE).copy()).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        post = vae.encode(x.flip(3) / 127.5 - 1).latent_dist
+    m = torch.tensor(IMF_MEAN).view(4, 1, 1)
+    s = torch.tensor(IMF_STD).view(4, 1, 1)
+    torch.testing.assert_close(shard["latents_flip"][5], (post.mean[0] - m) / s, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shard["latents_flip_std"][5], post.std[0] / s, rtol=1e-4, atol=1e-6)
+
+
+IMF_TRAIN = ["-m", "meanflow_fast.imagenet.train", "--method", "imf", "--preset", "tiny", "--global-batch-size", "4",
+             "--ckpt-every", "2", "--log-every", "1", "--sample-every", "2", "--sample-count", "4", "--num-workers",
+             "0", "--device", "cpu", "--warmup-epochs", "0.5", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def imf_trained(workdir, imf_latents, vae_dir):
+    out, _ = imf_latents
+    run_dir = workdir / "run-imf"
+    common = IMF_TRAIN + ["--data-path", str(out), "--results-dir", str(run_dir), "--vae", str(vae_dir)]
+    log1 = run(common + ["--max-steps", "2"], nproc=2)
+    log2 = run(common + ["--max-steps", "4", "--resume", "latest"])
+    return run_dir, log1, log2
+
+
+def test_imf_train_and_resume(imf_trained):
+    from meanflow_fast.weights import load_model, read_model_info
+    run_dir, log1, log2 = imf_trained
+    assert "iMF tiny" in log1 and "loss u" in log1 and "loss v" in log1 and "2 rank(s) × batch 2" in log1
+    assert "latents: imf-channel convention, a fresh posterior draw per use" in log1 and "tiny-vae" in log1
+    # The official recipe's defaults, except the flags given; warm-up: 0.5 · 24 images / 4 = 3 steps, update
+    # k (from 0) at lr·k/3, the learning rate logged being the last update's.
+    assert "ema_decay=0.9999" in log1 and "adam_betas=[0.9, 0.95]" in log1 and "precision=fp32" in log1
+    assert "| lr 0 |" in log1 and "lr 0.000333" in log1
+    assert "resumed from" in log2 and "done: 4 steps" in log2 and "lr 0.000667" in log2 and "lr 0.001 " in log2
+    assert list_checkpoints(str(run_dir / "checkpoints")) == [2, 4]
+    meta, tensors = load_checkpoint(str(run_dir / "checkpoints" / "0000004.json"))
+    assert meta["architecture"] == "IMFDiT" and meta["latent_norm"] == "imf-channel"
+    assert meta["args"]["method"] == "imf" and meta["args"]["omega_max"] == 8.0
+    assert meta["model_config"]["num_classes"] == N_CLASSES and meta["model_config"]["v_head"] is True
+    assert all(float(v) == 4.0 for k, v in tensors.items() if k.endswith(".step"))
+    info = read_model_info(str(run_dir / "ema.safetensors"))
+    assert (info.architecture, info.latent_norm, info.step) == ("IMFDiT", "imf-channel", 4)
+    assert read_model_info(str(run_dir)).latent_norm == "imf-channel"
+    ema = load_model(str(run_dir / "ema.safetensors"))
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, tensors["ema." + k], rtol=0, atol=0)
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["0000002.png", "0000004.png"]
+
+
+def _decode_by_hand(vae_dir, z):
+    """Latents in imf-channel → uint8 images: z·std + mean, then the VAE decoder."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    raw = z * torch.tensor(IMF_STD).view(1, 4, 1, 1) + torch.tensor(IMF_MEAN).view(1, 4, 1, 1)
+    with torch.no_grad():
+        x = vae.decode(raw).sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _assert_images_close(got, want):
+    """uint8 images equal up to a rounding step in a few pixels (GEMM sums differ across thread counts)."""
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+def test_imf_sample_and_fid(imf_trained, vae_dir, tmp_path):
+    from meanflow_fast import sample
+    from meanflow_fast.imagenet import fid as fid_cmd
+    from meanflow_fast.imagenet import sample as sample_cmd
+    from meanflow_fast.imagenet.sample import sample_noise
+    from meanflow_fast.weights import load_model
+    run_dir, _, _ = imf_trained
+    npz = tmp_path / "imf.npz"
+    sample_cmd.cli(["--ckpt", str(run_dir), "--vae", str(vae_dir), "--num-samples", "5", "--batch-size", "3",
+                    "--out", str(npz), "--device", "cpu", "--omega", "2.5", "--t-min", "0.2", "--t-max", "0.9"])
+    with np.load(npz) as d:
+        arr, labels = d["arr_0"], d["arr_1"]
+    assert arr.shape == (5, IMAGE_SIZE, IMAGE_SIZE, 3) and labels.tolist() == [0, 1, 2, 0, 1]
+    model = load_model(str(run_dir))
+    y = torch.arange(5) % N_CLASSES
+    z = sample(model, y, noise=sample_noise(range(5), (4, 8, 8), 0), omega=2.5, t_min=0.2, t_max=0.9)
+    _assert_images_close(arr, _decode_by_hand(vae_dir, z))
+    # --omega alone: the interval is the tiny size's default, [0, 1].
+    npz2 = tmp_path / "imf2.npz"
+    sample_cmd.cli(["--ckpt", str(run_dir), "--vae", str(vae_dir), "--num-samples", "5", "--out", str(npz2),
+                    "--device", "cpu", "--omega", "6"])
+    z6 = sample(model, y, noise=sample_noise(range(5), (4, 8, 8), 0), omega=6.0, t_min=0.0, t_max=1.0)
+    with np.load(npz2) as d:
+        _assert_images_close(d["arr_0"], _decode_by_hand(vae_dir, z6))
+    # FID of the iMF samples against random images, with a random FID Inception, against features by hand.
+    from tests.test_vae_and_fid import frechet_from_features, random_fid_inception
+    net = random_fid_inception()
+    weights = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), weights)
+    ref_images = np.random.default_rng(2).integers(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    fid = fid_cmd.cli([str(npz), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", str(weights),
+                       "--device", "cpu"])
+    with torch.no_grad():
+        feats = [net(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255).double().numpy() for x in (arr, ref_images)]
+    assert fid == pytest.approx(frechet_from_features(*feats), rel=1e-4) and fid > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["u-only", "with v-head"])
+def test_sample_official_imf_checkpoint(layout, vae_dir, tmp_path):
+    """An official-layout .pth (net. prefix) samples what the same model samples here, decoded in imf-channel."""
+    from meanflow_fast import imf_dit, sample
+    from meanflow_fast.imagenet import sample as sample_cmd
+    from meanflow_fast.imagenet.sample import sample_noise
+    from meanflow_fast.imf.official import official_state_dict
+    torch.manual_seed(5)
+    model = imf_dit("tiny", num_classes=N_CLASSES, v_head=layout == "with v-head")
+    with torch.no_grad():  # off the zero init, so that u is not 0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    sd = official_state_dict(model, prefix="net.")
+    assert all(k.startswith("net.") for k in sd) and any("u_heads" in k for k in sd)
+    assert any("v_heads" in k for k in sd) == (layout == "with v-head")
+    pth = tmp_path / "iMF-tiny.pth"
+    torch.save(sd, pth)
+    npz = tmp_path / "official.npz"
+    sample_cmd.cli(["--ckpt", str(pth), "--input-size", "8", "--vae", str(vae_dir), "--num-samples", "4",
+                    "--out", str(npz), "--device", "cpu", "--omega", "3", "--t-min", "0.1", "--t-max", "0.7"])
+    y = torch.arange(4) % N_CLASSES
+    noise = sample_noise(range(4), (4, 8, 8), 0)
+    z = sample(model.eval(), y, noise=noise, omega=3.0, t_min=0.1, t_max=0.7)
+    assert not torch.allclose(z, sample(model, y, noise=noise, omega=1.0, t_min=0.1, t_max=0.7), atol=1e-3)
+    with np.load(npz) as d:
+        _assert_images_close(d["arr_0"], _decode_by_hand(vae_dir, z))
+
+
+def test_imf_usage_errors(imf_latents, imf_trained, trained, vae_dir, tmp_path):
+    from meanflow_fast.imagenet import sample as sample_cmd
+    from meanflow_fast.imagenet import train as train_cmd
+    from meanflow_fast.imagenet.common import UsageError
+    out, _ = imf_latents
+    base = ["--data-path", str(out), "--results-dir", str(tmp_path / "r"), "--device", "cpu", "--num-workers", "0"]
+    args = _parsed(train_cmd, base + ["--method", "imf", "--preset", "tiny", "--latent-norm", "sd-0.18215",
+                                      "--max-steps", "1", "--global-batch-size", "4"])
+    train_cmd.check_args(args)
+    with pytest.raises(UsageError, match="--latent-norm sd-0.18215: the latents in --data-path .* imf-channel"):
+        train_cmd.main(args)
+    with pytest.raises(UsageError, match="--kappa: not a setting of --method imf"):
+        train_cmd.check_args(_parsed(train_cmd, base + ["--method", "imf", "--kappa", "0.5"]))
+    with pytest.raises(UsageError, match="--omega-max: not a setting of --method meanflow"):
+        train_cmd.check_args(_parsed(train_cmd, base + ["--omega-max", "4"]))
+    assert not (tmp_path / "r").exists()
+    run_dir, _, _ = trained
+    with pytest.raises(UsageError, match="--omega: sampling settings of an iMF model; .* is a MeanFlowDiT"):
+        sample_cmd.check_args(_parsed(sample_cmd, ["--ckpt", str(run_dir), "--vae", str(vae_dir), "--omega", "2"]))
+    with pytest.raises(UsageError, match="--t-min and --t-max must satisfy"):
+        sample_cmd.check_args(_parsed(sample_cmd, ["--ckpt", str(imf_trained[0]), "--vae", str(vae_dir),
+                                                   "--t-min", "0.8", "--t-max", "0.2"]))
+    with pytest.raises(UsageError, match="no such file"):
+        sample_cmd.check_args(_parsed(sample_cmd, ["--ckpt", str(tmp_path / "iMF-B-2.pth"), "--vae", str(vae_dir)]))
+
+
+def _parsed(module, argv):
+    return module.build_parser().parse_args(argv)

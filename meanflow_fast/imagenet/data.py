@@ -2,10 +2,15 @@
 
 Latent shard format (``shard-00000.safetensors``, written by ``meanflow-extract``)::
 
-    latents       float32 (n, 4, s/8, s/8)   SD-VAE latents × 0.18215 of the center-cropped image
+    latents       float32 (n, 4, s/8, s/8)   the center-cropped image's VAE latent in the ``latent_norm``
+                                             convention (imagenet/latents.py): the posterior's mean, or
+                                             one stored draw (``latent_mode`` "sample")
     latents_flip  float32 (n, 4, s/8, s/8)   the same for the horizontally flipped image
+    latents_std, latents_flip_std            ``latent_mode`` "mean-std" only: the posterior's std, in
+                  float32 (n, 4, s/8, s/8)   the same convention; the loader draws mean + std·ε per use
     labels        int64   (n,)               class index (sorted class-folder order)
-    metadata      format, image_size, latent_scale, latent_mode, vae, num_classes, expected, skipped
+    metadata      format, image_size, latent_scale, latent_norm, latent_mode, vae, num_classes, expected,
+                  skipped (a shard without latent_norm is "sd-0.18215", the only convention before it)
 
 A shard covers a fixed range of the sorted file list; images that cannot be decoded are skipped and
 counted (``skipped``), so n ≤ the shard size.
@@ -23,10 +28,11 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from ..io import save_safetensors
 from .common import UsageError
+from .latents import DEFAULT_LATENT_NORM
 
 __all__ = ["IMG_EXTENSIONS", "SHARD_FORMAT", "list_image_folder", "center_crop_arr", "ImageFolderImages",
            "collate_skip_bad", "shard_name", "write_shard", "read_shard_meta", "list_shards", "LatentShards",
-           "ResumableDistributedSampler"]
+           "ResumableDistributedSampler", "posterior_noise"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpe")
 SHARD_FORMAT = "meanflow-latents-v1"
@@ -118,14 +124,20 @@ def shard_name(k: int) -> str:
 
 
 def write_shard(path: str, latents: torch.Tensor, latents_flip: torch.Tensor, labels: torch.Tensor,
-                meta: Dict[str, object]) -> None:
-    """Write one shard atomically (a killed extraction never leaves a half shard under its name)."""
+                meta: Dict[str, object], stds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+    """Write one shard atomically (a killed extraction never leaves a half shard under its name).
+    ``stds``: (latents_std, latents_flip_std), the posterior's std for ``latent_mode`` "mean-std"."""
     if latents.dim() != 4 or latents_flip.shape != latents.shape or labels.shape != (latents.shape[0],):
         raise ValueError(f"latents (n, C, h, w), latents_flip of the same shape and labels (n,) expected, got "
                          f"{tuple(latents.shape)}, {tuple(latents_flip.shape)}, {tuple(labels.shape)}")
+    tensors = {"latents": latents.float(), "latents_flip": latents_flip.float(), "labels": labels.long()}
+    if stds is not None:
+        if any(s.shape != latents.shape for s in stds):
+            raise ValueError(f"stds must be two tensors of the latents' shape {tuple(latents.shape)}, got "
+                             f"{[tuple(s.shape) for s in stds]}")
+        tensors.update(latents_std=stds[0].float(), latents_flip_std=stds[1].float())
     md = {"format": SHARD_FORMAT, **{k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}}
-    save_safetensors({"latents": latents.float(), "latents_flip": latents_flip.float(),
-                      "labels": labels.long()}, path, metadata=md)
+    save_safetensors(tensors, path, metadata=md)
 
 
 def read_shard_meta(path: str) -> Dict[str, object]:
@@ -143,7 +155,11 @@ def read_shard_meta(path: str) -> Dict[str, object]:
     if md.get("format") != SHARD_FORMAT or not {"latents", "latents_flip", "labels"} <= keys:
         raise UsageError(f"{path} is not a valid latent shard (expected format {SHARD_FORMAT!r} with tensors "
                          f"latents, latents_flip, labels; got format {md.get('format')!r}, tensors {sorted(keys)})")
-    out = {k: (v if k in ("format", "vae", "latent_mode") else json.loads(v)) for k, v in md.items()}
+    out = {k: (v if k in ("format", "vae", "latent_mode", "latent_norm") else json.loads(v)) for k, v in md.items()}
+    out.setdefault("latent_norm", DEFAULT_LATENT_NORM)
+    if out.get("latent_mode") == "mean-std" and not {"latents_std", "latents_flip_std"} <= keys:
+        raise UsageError(f"{path} is not a valid latent shard (latent_mode 'mean-std' needs the tensors latents_std "
+                         f"and latents_flip_std; got {sorted(keys)})")
     out["count"] = int(shape[0])
     out["latent_shape"] = tuple(int(s) for s in shape[1:])
     if n_labels != out["count"]:
@@ -163,13 +179,25 @@ def list_shards(data_path: str) -> List[str]:
     return shards
 
 
+def posterior_noise(seed: int, epoch: int, index: int, shape) -> torch.Tensor:
+    """The N(0, I) draw of item ``index`` in sampler epoch ``epoch``: a function of (seed, epoch, index)
+    only, so it does not depend on the rank, the DataLoader worker, the batch size or resumption."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63)
+    return torch.randn(shape, generator=g)
+
+
 class LatentShards(Dataset):
     """All shards of a folder as one dataset of 2·N items: item 2i is image i, item 2i + 1 its
     horizontally flipped copy. Returns (latent float32 (C, h, w), label int64).
 
+    ``posterior`` (True for "mean-std" shards) says the shards hold the posterior's mean and std: an item
+    is then a fresh draw mean + std·ε, ε = ``posterior_noise(seed, epoch, index)``; index it with
+    ``(index, epoch)`` (what ``ResumableDistributedSampler(with_epoch=True)`` yields), a plain index being
+    epoch 0. Other shards return the stored latent, whatever the epoch.
+
     Shards are memory-mapped lazily (safetensors ``safe_open``), so N can exceed RAM."""
 
-    def __init__(self, data_path: str, num_classes: Optional[int] = None):
+    def __init__(self, data_path: str, num_classes: Optional[int] = None, seed: int = 0):
         self.paths = list_shards(data_path)
         metas = [read_shard_meta(p) for p in self.paths]
         shapes = {m["latent_shape"] for m in metas if m["count"]}
@@ -178,6 +206,13 @@ class LatentShards(Dataset):
                              f"or every shard is empty")
         self.latent_shape = shapes.pop()
         self.meta = metas[0]
+        for key in ("latent_norm", "latent_mode"):
+            if len({m.get(key) for m in metas}) != 1:
+                raise UsageError(f"--data-path {data_path}: shards disagree on {key} "
+                                 f"({sorted(map(str, {m.get(key) for m in metas}))})")
+        self.latent_norm = self.meta["latent_norm"]
+        self.posterior = self.meta.get("latent_mode") == "mean-std"
+        self.seed = int(seed)
         ncls = {m.get("num_classes") for m in metas}
         if len(ncls) != 1:
             raise UsageError(f"--data-path {data_path}: shards disagree on num_classes ({sorted(map(str, ncls))})")
@@ -203,14 +238,19 @@ class LatentShards(Dataset):
     def __len__(self):
         return 2 * self.num_images
 
-    def __getitem__(self, j: int):
+    def __getitem__(self, j):
+        j, epoch = j if isinstance(j, tuple) else (j, 0)
         if not 0 <= j < 2 * self.num_images:
             raise IndexError(f"index {j} out of range [0, {2 * self.num_images})")
         i, flip = divmod(int(j), 2)
         k = bisect.bisect_right(self.cum, i) - 1
         off = i - int(self.cum[k])
-        sl = self._open(k).get_slice("latents_flip" if flip else "latents")
-        return sl[off: off + 1][0], self.labels[i]
+        name = "latents_flip" if flip else "latents"
+        z = self._open(k).get_slice(name)[off: off + 1][0]
+        if self.posterior:
+            std = self._open(k).get_slice(name + "_std")[off: off + 1][0]
+            z = z + std * posterior_noise(self.seed, int(epoch), int(j), z.shape)
+        return z, self.labels[i]
 
     def __getstate__(self):  # DataLoader workers get a copy without open handles
         state = self.__dict__.copy()
@@ -220,11 +260,13 @@ class LatentShards(Dataset):
 
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler (deterministic given seed and epoch) that can start mid-epoch:
-    ``set_position(epoch, start)`` skips the first ``start`` indices of this rank's epoch order."""
+    ``set_position(epoch, start)`` skips the first ``start`` indices of this rank's epoch order.
+    ``with_epoch``: yield (index, epoch) pairs, for LatentShards' per-epoch posterior draws."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, with_epoch: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.start = 0
+        self.with_epoch = with_epoch
 
     def set_position(self, epoch: int, start: int) -> None:
         if start < 0 or start > self.num_samples:
@@ -233,7 +275,8 @@ class ResumableDistributedSampler(DistributedSampler):
         self.start = start
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start:])
+        order = list(super().__iter__())[self.start:]
+        return iter([(j, self.epoch) for j in order] if self.with_epoch else order)
 
     def __len__(self) -> int:
         return self.num_samples - self.start

@@ -1,4 +1,4 @@
-"""meanflow-extract: ImageFolder → ADM center crop → SD-VAE latents × 0.18215 (+ flipped copies) → shards.
+"""meanflow-extract: ImageFolder → ADM center crop → SD-VAE latents, normalised (+ flipped copies) → shards.
 
     torchrun --nproc_per_node 8 -m meanflow_fast.imagenet.extract \\
         --data-path /data/imagenet/train --out /data/imagenet-latents --vae /models/sd-vae-ft-ema
@@ -7,9 +7,13 @@ The sorted file list is cut into shards of ``--shard-size`` images; rank r encod
 r + 2W, … and writes each one atomically, so a re-run skips finished shards (resumable). Images that
 cannot be decoded are skipped with a warning and counted (per shard and in ``dataset.json``).
 
-Latents: by default the posterior's **mean** (``--latent mean``): deterministic, so a re-run writes
-bit-identical shards. ``--latent sample`` stores one draw per image instead (seeded by ``--seed`` and
-the image's index); note that a stored draw is frozen, not a fresh one per epoch.
+Latents (``--latent``): ``mean`` (default) stores the posterior's mean: deterministic, so a re-run writes
+bit-identical shards. ``mean-std`` stores the posterior's mean and std, and the training loader draws a
+fresh posterior sample per use from them (the official MeanFlow and iMF recipes; twice the disk).
+``sample`` stores one fixed draw per image (seeded by ``--seed`` and the image's index), frozen for
+every epoch. ``--latent-norm`` is the convention the stored values are in (imagenet/latents.py):
+``sd-0.18215`` (raw × 0.18215, DiT and MeanFlow; default) or ``imf-channel`` (iMF's per-channel
+(raw − mean)/std).
 """
 import argparse
 import math
@@ -26,6 +30,7 @@ from .common import (UsageError, barrier, cleanup_distributed, get_logger, init_
 from .config import DEFAULT_VAE, LATENT_SCALE
 from .data import (ImageFolderImages, collate_skip_bad, list_image_folder, read_shard_meta, shard_name,
                    write_shard)
+from .latents import LATENT_NORMS, normalize, normalize_std
 from .vae import load_vae
 
 __all__ = ["main", "build_parser", "check_args", "cli"]
@@ -38,7 +43,8 @@ def _shard_done(path: str, args, expected: int) -> bool:
     if not os.path.exists(path):
         return False
     meta = read_shard_meta(path)
-    for key, want in (("image_size", args.image_size), ("latent_mode", args.latent), ("expected", expected)):
+    for key, want in (("image_size", args.image_size), ("latent_mode", args.latent),
+                      ("latent_norm", args.latent_norm), ("expected", expected)):
         if meta.get(key) != want:
             raise UsageError(f"{path} exists but was written with {key}={meta.get(key)!r}, not {want!r}; use a new "
                              f"--out folder (or delete it) to extract with other settings")
@@ -46,8 +52,8 @@ def _shard_done(path: str, args, expected: int) -> bool:
 
 
 @torch.no_grad()
-def _encode(vae, x: torch.Tensor, idx: torch.Tensor, mode: str, seed: int):
-    """(latents, latents of the flipped images), × LATENT_SCALE, float32."""
+def _encode(vae, x: torch.Tensor, idx: torch.Tensor, mode: str, seed: int, norm: str):
+    """(latents, latents of the flipped images, None or their (std, flipped std)) in ``norm``, float32."""
     both = torch.cat([x, x.flip(3)]).to(vae.device, vae.dtype)
     post = vae.encode(both).latent_dist
     z = post.mean.float()
@@ -57,8 +63,11 @@ def _encode(vae, x: torch.Tensor, idx: torch.Tensor, mode: str, seed: int):
         eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + 2 * int(i) + f))
                            for f in (0, 1) for i in idx]).to(z.device)
         z = z + post.std.float() * eps
-    z = (z * LATENT_SCALE).cpu()
-    return z[: len(x)], z[len(x):]
+    z = normalize(z, norm).cpu()
+    if mode != "mean-std":
+        return z[: len(x)], z[len(x):], None
+    s = normalize_std(post.std.float(), norm).cpu()
+    return z[: len(x)], z[len(x):], (s[: len(x)], s[len(x):])
 
 
 def main(args):
@@ -78,6 +87,7 @@ def main(args):
     if env.is_main:
         remove_stale_tmp(args.out)
     barrier()
+    log.info(f"latents: {args.latent} of the VAE {args.vae} posterior, in the {args.latent_norm} convention")
     log.info(f"{len(files)} images in {len(classes)} classes → {n_shards} shards of ≤ {args.shard_size}; "
              f"{env.world_size} rank(s); rank 0: {len(todo)} of {len(mine)} shards to do")
 
@@ -89,7 +99,7 @@ def main(args):
     t0 = time.time()
     shard_iter = iter(todo)
     cur = next(shard_iter, None)
-    acc = {"z": [], "zf": [], "y": [], "bad": []}
+    acc = {"z": [], "zf": [], "s": [], "sf": [], "y": [], "bad": []}
     seen = 0  # items of the current shard accounted for (good + bad)
 
     def flush():
@@ -98,18 +108,21 @@ def main(args):
         z = torch.cat(acc["z"]) if acc["z"] else torch.zeros(0, 4, 1, 1)
         zf = torch.cat(acc["zf"]) if acc["zf"] else torch.zeros_like(z)
         y = torch.cat(acc["y"]) if acc["y"] else torch.zeros(0, dtype=torch.int64)
+        stds = None
+        if args.latent == "mean-std":
+            stds = tuple(torch.cat(acc[key]) if acc[key] else torch.zeros_like(z) for key in ("s", "sf"))
         write_shard(os.path.join(args.out, shard_name(k)), z, zf, y,
-                    {"image_size": args.image_size, "latent_scale": LATENT_SCALE, "latent_mode": args.latent,
+                    {"image_size": args.image_size, **_norm_meta(args), "latent_mode": args.latent,
                      "vae": args.vae, "num_classes": len(classes), "expected": hi - lo,
                      "skipped": len(acc["bad"]), "skipped_files": [p for p, _ in acc["bad"]][:100],
-                     "first_index": lo})
-        cur, acc, seen = next(shard_iter, None), {"z": [], "zf": [], "y": [], "bad": []}, 0
+                     "first_index": lo}, stds=stds)
+        cur, acc, seen = next(shard_iter, None), {"z": [], "zf": [], "s": [], "sf": [], "y": [], "bad": []}, 0
 
     for x, y, idx, bad in loader:
         for _, path, reason in bad:
             log.warning(f"warning: skipping unreadable image {path} ({reason})")
         if x is not None:
-            z, zf = _encode(vae, x, idx, args.latent, args.seed)
+            z, zf, stds = _encode(vae, x, idx, args.latent, args.seed, args.latent_norm)
         # A batch may straddle shards: hand each shard its items (the loader keeps the index order).
         good_idx = idx.tolist()
         remaining = len(good_idx) + len(bad)
@@ -119,6 +132,8 @@ def main(args):
             if sel:
                 sel_t = torch.tensor(sel)
                 acc["z"].append(z[sel_t]); acc["zf"].append(zf[sel_t]); acc["y"].append(y[sel_t])
+                if stds is not None:
+                    acc["s"].append(stds[0][sel_t]); acc["sf"].append(stds[1][sel_t])
             shard_bad = [(p, r) for i, p, r in bad if lo <= i < hi]
             acc["bad"].extend(shard_bad)
             n = len(sel) + len(shard_bad)
@@ -138,7 +153,7 @@ def main(args):
         summary = {"num_images": sum(m["count"] for m in metas), "skipped": sum(m["skipped"] for m in metas),
                    "num_shards": n_shards, "num_classes": len(classes), "classes": classes,
                    "image_size": args.image_size, "latent_shape": list(metas[0]["latent_shape"]) if metas else None,
-                   "latent_scale": LATENT_SCALE, "latent_mode": args.latent, "vae": args.vae,
+                   **_norm_meta(args), "latent_mode": args.latent, "vae": args.vae,
                    "flipped_copies": True}
         save_json(summary, os.path.join(args.out, "dataset.json"))
         log.info(f"done in {time.time() - t0:.0f} s: {summary['num_images']} images encoded (+ flipped copies), "
@@ -146,6 +161,12 @@ def main(args):
     barrier()
     cleanup_distributed()
     return None
+
+
+def _norm_meta(args) -> dict:
+    """The convention's keys in the shard and dataset.json metadata (latent_scale only for sd-0.18215)."""
+    return {"latent_norm": args.latent_norm,
+            **({"latent_scale": LATENT_SCALE} if args.latent_norm == "sd-0.18215" else {})}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub id or local directory")
     p.add_argument("--vae-dtype", choices=sorted(_DTYPES), default="fp32")
     p.add_argument("--image-size", type=positive_int, default=256, help="center-crop side (multiple of 8)")
-    p.add_argument("--latent", choices=("mean", "sample"), default="mean",
-                   help="store the posterior's mean (deterministic, default) or one sample")
+    p.add_argument("--latent", "--latents", dest="latent", choices=("mean", "mean-std", "sample"), default="mean",
+                   help="store the posterior's mean (deterministic, default), its mean and std (the loader draws "
+                        "a fresh sample per use) or one fixed sample")
+    p.add_argument("--latent-norm", choices=LATENT_NORMS, default="sd-0.18215",
+                   help="sd-0.18215: raw × 0.18215 (DiT, MeanFlow; default); imf-channel: iMF's per-channel "
+                        "(raw − mean)/std")
     p.add_argument("--shard-size", type=positive_int, default=1024, help="images per shard")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per VAE batch (per rank)")
     p.add_argument("--num-workers", type=nonneg_int, default=4, help="JPEG-decoding workers per rank")

@@ -1,7 +1,14 @@
-"""meanflow-train: MeanFlow on ImageNet-256 SD-VAE latents, torchrun + DDP (or one process).
+"""meanflow-train: MeanFlow or iMF on ImageNet-256 SD-VAE latents, torchrun + DDP (or one process).
 
     torchrun --nproc_per_node 8 -m meanflow_fast.imagenet.train \\
         --data-path /data/imagenet-latents --results-dir runs/xl2 --preset XL/2 --vae /models/sd-vae-ft-ema
+    torchrun --nproc_per_node 8 -m meanflow_fast.imagenet.train --method imf \\
+        --data-path /data/imagenet-latents-imf --results-dir runs/imf-b2 --preset B/2 --vae /models/sd-vae-ft-mse
+
+``--method meanflow`` (default) trains a MeanFlowDiT with MeanFlowLoss; ``--method imf`` an IMFDiT
+(``imf.imf_dit(preset)``) with IMFLoss, its defaults from ``config.IMF_TRAIN_PRESETS`` (the official iMF
+recipe, with a linear learning-rate warm-up over ``--warmup-epochs``). The model is trained in the data's
+latent convention (imagenet/latents.py), which checkpoints and ema.safetensors record.
 
 Every hyper-parameter flag left out takes the preset's value from ``config.TRAIN_PRESETS`` (the paper's:
 global batch 256, Adam (0.9, 0.95), lr 1e−4, EMA 0.9999, 240 epochs, ω, κ and the guidance interval per
@@ -40,7 +47,8 @@ from .checkpoint import (capture_rng, checkpoint_path, load_checkpoint, optimize
                          resolve_checkpoint, restore_rng, save_checkpoint)
 from .common import (DistEnv, UsageError, barrier, cleanup_distributed, get_logger, init_distributed, nonneg_int,
                      positive_float, positive_int, resolve_backend, run_cli, run_command)
-from .config import TRAIN_PRESETS
+from .config import IMF_TRAIN_PRESETS, TRAIN_PRESETS
+from .latents import LATENT_NORMS
 from .data import LatentShards, ResumableDistributedSampler
 from .vae import check_vae_arg
 
@@ -50,8 +58,14 @@ __all__ = ["main", "build_parser", "check_args", "cli", "HYPER_FLAGS", "MUST_MAT
 HYPER_FLAGS = ("depth", "hidden_size", "num_heads", "global_batch_size", "lr", "adam_betas", "weight_decay",
                "ema_decay", "epochs", "omega", "kappa", "guidance_interval", "class_dropout", "time_mu",
                "time_sigma", "ratio_r_neq_t", "adaptive_p", "adaptive_c")
+# --method imf: the flags filled from IMF_TRAIN_PRESETS[--preset]; the first group is MeanFlow's only.
+IMF_HYPER_FLAGS = ("global_batch_size", "lr", "warmup_epochs", "adam_betas", "weight_decay", "ema_decay", "epochs",
+                   "precision", "class_dropout", "time_mu", "time_sigma", "ratio_r_neq_t", "omega_max", "adaptive_p",
+                   "adaptive_c", "sample_omega", "sample_t_min", "sample_t_max")
+MEANFLOW_ONLY = ("depth", "hidden_size", "num_heads", "omega", "kappa", "guidance_interval")
+IMF_ONLY = ("omega_max", "sample_omega", "sample_t_min", "sample_t_max")
 # A resumed run must agree with its checkpoint on these (they define the model and the data order).
-MUST_MATCH_ON_RESUME = ("preset", "depth", "hidden_size", "num_heads", "global_batch_size", "global_seed")
+MUST_MATCH_ON_RESUME = ("method", "preset", "depth", "hidden_size", "num_heads", "global_batch_size", "global_seed")
 # The EMA weights of the latest checkpoint as a model file (meanflow_fast.load_model, meanflow-sample --ckpt).
 EMA_FILE = "ema.safetensors"
 
@@ -187,10 +201,11 @@ class _Run:
     local_batch: int
     steps_per_epoch: int
     max_steps: int
-    config: DiTConfig
-    model: MeanFlowDiT
+    warmup_steps: int
+    config: object      # DiTConfig or IMFConfig
+    model: nn.Module    # MeanFlowDiT or IMFDiT
     ema: EMA
-    loss_fn: MeanFlowLoss
+    loss_fn: nn.Module  # MeanFlowLoss or IMFLoss
     objective: nn.Module
     opt: torch.optim.Optimizer
     seed: int
@@ -199,6 +214,18 @@ class _Run:
     step: int = 0
     epoch: int = 0
     pos: int = 0
+
+    @property
+    def architecture(self) -> str:
+        return "IMFDiT" if self.args.method == "imf" else "MeanFlowDiT"
+
+    def set_lr(self) -> None:
+        """The learning rate of the next update: a linear warm-up from 0 over ``warmup_steps`` updates
+        (the official iMF schedule: update k of the warm-up takes lr·k/warmup_steps), then constant."""
+        if self.warmup_steps:
+            lr = self.args.lr * min(1.0, self.step / self.warmup_steps)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
 
     def advance(self) -> None:
         """One batch consumed: the step and the data position move on."""
@@ -222,36 +249,54 @@ def _open_run_dir(args, env: DistEnv) -> str:
 
 
 def _open_data(args, env: DistEnv):
-    """(data, sampler, local batch, steps per sampler epoch, total steps)."""
-    data = LatentShards(args.data_path)
+    """(data, sampler, local batch, steps per sampler epoch, total steps, warm-up steps)."""
+    data = LatentShards(args.data_path, seed=args.global_seed)
+    if args.latent_norm is not None and args.latent_norm != data.latent_norm:
+        raise UsageError(f"--latent-norm {args.latent_norm}: the latents in --data-path {args.data_path} are in the "
+                         f"{data.latent_norm} convention; extract them again with --latent-norm {args.latent_norm}, "
+                         f"or leave out --latent-norm to train in the data's convention")
     local_batch = args.global_batch_size // env.world_size
+    # Posterior shards (mean + std): the sampler yields (index, epoch), and each item is a fresh draw.
     sampler = ResumableDistributedSampler(data, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                          seed=args.global_seed, drop_last=True)
+                                          seed=args.global_seed, drop_last=True, with_epoch=data.posterior)
     steps_per_epoch = sampler.num_samples // local_batch  # sampler epochs: every image and its flip once
     if steps_per_epoch == 0:
         raise UsageError(f"--global-batch-size {args.global_batch_size} is larger than the data allows: "
                          f"{len(data)} latents (with flips) over {env.world_size} rank(s)")
     # --epochs counts passes over the images (the paper's 240); the flips double the items per sampler epoch.
     max_steps = args.max_steps or math.ceil(args.epochs * data.num_images / args.global_batch_size)
+    warmup_steps = math.ceil(args.warmup_epochs * data.num_images / args.global_batch_size)
     _, h, w = data.latent_shape
     if h != w:
         raise UsageError(f"--data-path: latents must be square, got {h}×{w}")
-    return data, sampler, local_batch, steps_per_epoch, max_steps
+    return data, sampler, local_batch, steps_per_epoch, max_steps, warmup_steps
 
 
 def _build_model(args, env: DistEnv, data: LatentShards, backend: str):
     """(config, model, EMA, loss, objective: the DDP-wrapped model + loss, optimizer)."""
     C, h, _ = data.latent_shape
-    config = DiTConfig(input_size=h, patch_size=2, in_channels=C, hidden_size=args.hidden_size,
-                       depth=args.depth, num_heads=args.num_heads, num_classes=data.num_classes)
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    model = MeanFlowDiT(config, backend=backend).to(env.device)
+    if args.method == "imf":
+        from ..imf import IMFLoss, imf_dit
+        try:
+            model = imf_dit(args.preset, input_size=h, in_channels=C, num_classes=data.num_classes).to(env.device)
+        except ValueError as e:
+            raise UsageError(f"--preset {args.preset} with the latents of --data-path ({C}×{h}×{h}): {e}") from e
+        config = model.config
+        loss_fn = IMFLoss(num_classes=data.num_classes, time_mu=args.time_mu, time_sigma=args.time_sigma,
+                          ratio_r_neq_t=args.ratio_r_neq_t, omega_max=args.omega_max,
+                          class_dropout=args.class_dropout, adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c,
+                          validate=False)  # labels were range-checked when the shards were opened
+    else:
+        config = DiTConfig(input_size=h, patch_size=2, in_channels=C, hidden_size=args.hidden_size,
+                           depth=args.depth, num_heads=args.num_heads, num_classes=data.num_classes)
+        model = MeanFlowDiT(config, backend=backend).to(env.device)
+        loss_fn = MeanFlowLoss(num_classes=data.num_classes, time_mu=args.time_mu, time_sigma=args.time_sigma,
+                               ratio_r_neq_t=args.ratio_r_neq_t, omega=args.omega, kappa=args.kappa,
+                               guidance_interval=tuple(args.guidance_interval), class_dropout=args.class_dropout,
+                               adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c,
+                               validate=False)  # labels were range-checked when the shards were opened: no per-step sync
     ema = EMA(model, decay=args.ema_decay)
-    loss_fn = MeanFlowLoss(num_classes=data.num_classes, time_mu=args.time_mu, time_sigma=args.time_sigma,
-                           ratio_r_neq_t=args.ratio_r_neq_t, omega=args.omega, kappa=args.kappa,
-                           guidance_interval=tuple(args.guidance_interval), class_dropout=args.class_dropout,
-                           adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c,
-                           validate=False)  # labels were range-checked when the shards were opened: no per-step sync
     # DDP wraps model + loss together: its forward runs the whole loss (forward_jvp included), so its
     # backward hooks all-reduce every gradient (see meanflow_fast.training).
     objective = MeanFlowObjective(model, loss_fn)
@@ -278,9 +323,10 @@ def _setup(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    backend = resolve_backend(args.backend, device)
+    # The iMF model has torch ops only (docs/DESIGN.md, "8 Improved MeanFlow (iMF): the model").
+    backend = "torch" if args.method == "imf" else resolve_backend(args.backend, device)
     amp = torch.bfloat16 if (device.type == "cuda" and args.precision == "bf16") else None
-    data, sampler, local_batch, steps_per_epoch, max_steps = _open_data(args, env)
+    data, sampler, local_batch, steps_per_epoch, max_steps, warmup_steps = _open_data(args, env)
     config, model, ema, loss_fn, objective, opt = _build_model(args, env, data, backend)
     seed = args.global_seed * env.world_size + env.rank
     torch.manual_seed(seed)
@@ -288,12 +334,12 @@ def _setup(args):
     random.seed(seed)
     loss_gen = torch.Generator(device=device).manual_seed(seed)
     vae = _load_grid_vae(args, env)
-    checkpoint = _read_checkpoint(args, env, config) if args.resume else None
+    checkpoint = _read_checkpoint(args, env, config, data.latent_norm) if args.resume else None
     ckpt_dir = _open_run_dir(args, env)
     log = get_logger("train", env.is_main, os.path.join(args.results_dir, "log.txt"))
     run = _Run(args=args, env=env, log=log, backend=backend, amp=amp, ckpt_dir=ckpt_dir, data=data,
                sampler=sampler, local_batch=local_batch, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
-               config=config, model=model, ema=ema, loss_fn=loss_fn, objective=objective, opt=opt, seed=seed,
+               warmup_steps=warmup_steps, config=config, model=model, ema=ema, loss_fn=loss_fn, objective=objective, opt=opt, seed=seed,
                loss_gen=loss_gen, bad=BadStepCounter(args.max_bad_steps))
     return run, vae, checkpoint
 
@@ -307,7 +353,7 @@ def _load_grid_vae(args, env: DistEnv):
 
 
 # ------------------------------------------------------------------------------------------ resume
-def _read_checkpoint(args, env: DistEnv, config: DiTConfig) -> Tuple[str, dict, Dict[str, torch.Tensor]]:
+def _read_checkpoint(args, env: DistEnv, config, latent_norm: str) -> Tuple[str, dict, Dict[str, torch.Tensor]]:
     """``--resume``'s checkpoint (JSON path, state, tensors), checked against this run."""
     jpath = resolve_checkpoint(args.resume, args.results_dir)
     meta, tensors = load_checkpoint(jpath, map_location=env.device)
@@ -316,6 +362,9 @@ def _read_checkpoint(args, env: DistEnv, config: DiTConfig) -> Tuple[str, dict, 
             if k in saved and _as_json(saved.get(k)) != _as_json(getattr(args, k))}
     if meta["model_config"] != asdict(config):
         diff["model_config"] = (meta["model_config"], asdict(config))
+    saved_norm = meta.get("latent_norm", "sd-0.18215")  # the only convention before it was recorded
+    if saved_norm != latent_norm:
+        diff["latent_norm (of --data-path)"] = (saved_norm, latent_norm)
     if diff:
         raise UsageError(f"--resume {jpath}: the checkpoint does not match this run: " +
                          "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
@@ -354,7 +403,8 @@ def _save(run: _Run, faults: FaultPlan) -> None:
         state = {"epoch": run.epoch, "epoch_pos": run.pos, "steps_per_epoch": run.steps_per_epoch,
                  "world_size": env.world_size, "model_config": asdict(run.config),
                  "args": {k: _as_json(v) for k, v in vars(run.args).items()}, "skipped_total": run.bad.total,
-                 "backend": run.backend}
+                 "backend": run.backend, "architecture": run.architecture, "latent_norm": run.data.latent_norm,
+                 "vae": run.data.meta.get("vae")}
         path = save_checkpoint(run.ckpt_dir, run.step, model=run.model, ema_model=run.ema.model, optimizer=run.opt,
                                state=state, rng_tensors=[{k: v.cpu() for k, v in d.items()} for d in all_rt],
                                rng_json=all_rj, keep_last=run.args.keep_last,
@@ -364,7 +414,8 @@ def _save(run: _Run, faults: FaultPlan) -> None:
         # a quarter of the checkpoint's bytes (no raw weights, no Adam moments), and a stopped run leaves
         # a model file of its latest checkpoint.
         export = os.path.join(run.args.results_dir, EMA_FILE)
-        save_model(run.ema.model, export, space="latents", weights="ema", step=run.step, preset=run.args.preset)
+        save_model(run.ema.model, export, space="latents", weights="ema", step=run.step, preset=run.args.preset,
+                   latent_norm=run.data.latent_norm)
         run.log.info(f"saved EMA weights of step {run.step} to {export}")
     barrier()
 
@@ -386,11 +437,14 @@ class _SampleGrid:
         if not run.env.is_main:
             return
         device, amp = run.env.device, run.amp
+        args = run.args
+        guidance = (dict(omega=args.sample_omega, t_min=args.sample_t_min, t_max=args.sample_t_max)
+                    if args.method == "imf" else {})
         with torch.no_grad(), torch.autocast("cuda", dtype=amp, enabled=amp is not None):
-            z = sample(run.ema.model, self.y.to(device), noise=self.noise.to(device)).float()
+            z = sample(run.ema.model, self.y.to(device), noise=self.noise.to(device), **guidance).float()
         if self.vae is not None:
             from .vae import decode_to_uint8
-            imgs = decode_to_uint8(self.vae, z).cpu().numpy()
+            imgs = decode_to_uint8(self.vae, z, run.data.latent_norm).cpu().numpy()
         else:
             imgs = latents_to_uint8(z)
         path = os.path.join(run.args.results_dir, "samples", f"{step:07d}.png")
@@ -404,28 +458,33 @@ class _Progress:
 
     def __init__(self, run: _Run):
         self.run = run
-        self.acc = [0.0, 0.0, 0.0, 0.0]  # loss, raw_loss, finite steps, steps
+        # MeanFlow: the raw loss (mean squared error of u); iMF: those of the u- and the v-head.
+        self.keys = ("loss", "loss_u", "loss_v") if run.args.method == "imf" else ("loss", "raw_loss")
+        self.names = ("loss", "loss u", "loss v") if run.args.method == "imf" else ("loss", "raw loss")
+        self.acc = [0.0] * (len(self.keys) + 2)  # the keys' sums, finite steps, steps
         self.t_log, self.step_log = time.time(), run.step
 
     def observe(self, stats: Dict[str, float]) -> None:
         if not stats["skipped"]:
-            self.acc[0] += stats["loss"]
-            self.acc[1] += stats["raw_loss"]
-            self.acc[2] += 1
-        self.acc[3] += 1
+            for i, k in enumerate(self.keys):
+                self.acc[i] += stats[k]
+            self.acc[-2] += 1
+        self.acc[-1] += 1
 
     def log(self, stats: Dict[str, float]) -> None:
         run = self.run
         device = run.env.device
         if device.type == "cuda":
             torch.cuda.synchronize()
-        loss_sum, raw_sum, n_ok, _ = _sum_over_ranks(self.acc, run.env)
+        *sums, n_ok, _ = _sum_over_ranks(self.acc, run.env)
         dt = time.time() - self.t_log
         ips = (run.step - self.step_log) * run.args.global_batch_size / max(dt, 1e-9)
-        run.log.info(f"step {run.step:07d}/{run.max_steps} | loss {loss_sum / max(n_ok, 1):.4f} | raw loss "
-                     f"{raw_sum / max(n_ok, 1):.4f} | {ips:.1f} images/s | grad norm {stats['grad_norm']:.3g}"
-                     f" | skipped {run.bad.total} | epoch {run.epoch}{peak_memory_note(device)}")
-        self.acc, self.t_log, self.step_log = [0.0, 0.0, 0.0, 0.0], time.time(), run.step
+        losses = " | ".join(f"{name} {v / max(n_ok, 1):.4f}" for name, v in zip(self.names, sums))
+        lr = f" | lr {run.opt.param_groups[0]['lr']:.3g}" if run.warmup_steps else ""
+        run.log.info(f"step {run.step:07d}/{run.max_steps} | {losses} | {ips:.1f} images/s | grad norm "
+                     f"{stats['grad_norm']:.3g}{lr} | skipped {run.bad.total} | epoch {run.epoch}"
+                     f"{peak_memory_note(device)}")
+        self.acc, self.t_log, self.step_log = [0.0] * len(self.acc), time.time(), run.step
 
 
 def _train_loop(run: _Run, loader: DataLoader, grid: _SampleGrid, faults: FaultPlan) -> None:
@@ -441,6 +500,7 @@ def _train_loop(run: _Run, loader: DataLoader, grid: _SampleGrid, faults: FaultP
         for x, y in loader:
             x = faults.batch(run.step + 1, x.to(device, non_blocking=True))
             y = y.to(device, non_blocking=True)
+            run.set_lr()
             stats = train_step(run.objective, None, run.opt, x, y, ema=run.ema, generator=run.loss_gen,
                                autocast_dtype=run.amp, max_grad_norm=args.max_grad_norm)
             run.advance()
@@ -490,11 +550,17 @@ def _log_run(run: _Run) -> None:
     args, data = run.args, run.data
     C, h, w = data.latent_shape
     n_params = sum(p.numel() for p in run.model.parameters())
-    run.log.info(f"MeanFlow {args.preset}: {n_params / 1e6:.1f}M parameters, latents {C}×{h}×{w}, "
+    name = "iMF" if args.method == "imf" else "MeanFlow"
+    run.log.info(f"{name} {args.preset}: {n_params / 1e6:.1f}M parameters, latents {C}×{h}×{w}, "
                  f"{data.num_classes} classes, {data.num_images} images (+ flips); {run.env.world_size} rank(s) × "
                  f"batch {run.local_batch}; {run.steps_per_epoch} steps per (image + flip) epoch; {run.max_steps} "
                  f"steps; backend {run.backend}, {'bf16 autocast' if run.amp else 'fp32'} on {run.env.device.type}")
-    run.log.info("hyper-parameters: " + ", ".join(f"{k}={getattr(args, k)}" for k in HYPER_FLAGS))
+    meta = data.meta
+    run.log.info(f"latents: {data.latent_norm} convention, "
+                 f"{'a fresh posterior draw per use' if data.posterior else meta.get('latent_mode', 'mean')} "
+                 f"(latent_mode {meta.get('latent_mode', 'mean')}), VAE {meta.get('vae', 'unrecorded')}")
+    flags = IMF_HYPER_FLAGS if args.method == "imf" else HYPER_FLAGS + ("warmup_epochs", "precision")
+    run.log.info("hyper-parameters: " + ", ".join(f"{k}={getattr(args, k)}" for k in flags))
 
 
 def _as_json(v):
@@ -510,18 +576,28 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", required=True, help="folder of latent shards from meanflow-extract")
     p.add_argument("--results-dir", required=True, help="run folder: checkpoints/, samples/, log.txt, ema.safetensors")
-    p.add_argument("--preset", choices=list(TRAIN_PRESETS), default="B/2", help="model and hyper-parameter preset")
+    p.add_argument("--method", choices=("meanflow", "imf"), default="meanflow",
+                   help="meanflow: MeanFlowDiT + MeanFlowLoss (default); imf: IMFDiT + IMFLoss (Improved MeanFlow)")
+    p.add_argument("--preset", choices=list(dict.fromkeys([*TRAIN_PRESETS, *IMF_TRAIN_PRESETS])), default="B/2",
+                   help="model and hyper-parameter preset (of --method)")
+    p.add_argument("--latent-norm", choices=LATENT_NORMS, default=None,
+                   help="the latent convention the model must be trained in: a usage error if --data-path's "
+                        "differs (default: the data's, recorded by meanflow-extract)")
     p.add_argument("--resume", default=None, help="checkpoint (.json/.safetensors), run folder, or 'latest'")
-    g = p.add_argument_group("model (default: the preset's)")
+    g = p.add_argument_group("model (default: the preset's; MeanFlow only, iMF takes imf.IMF_PRESETS[--preset])")
     g.add_argument("--depth", type=positive_int)
     g.add_argument("--hidden-size", type=positive_int)
     g.add_argument("--num-heads", type=positive_int)
     g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="dual-stream ops: auto = fused Triton on CUDA if it imports, else torch")
-    g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on CUDA (CPU: fp32)")
+    g.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                   help="autocast on CUDA (CPU: fp32); default bf16 for MeanFlow, fp32 for iMF (the official)")
     g = p.add_argument_group("optimisation (default: the preset's)")
     g.add_argument("--global-batch-size", type=positive_int)
     g.add_argument("--lr", type=positive_float)
+    g.add_argument("--warmup-epochs", type=float,
+                   help="linear learning-rate warm-up from 0 over this many passes over the images (default: "
+                        "0 for MeanFlow, 10 for iMF)")
     g.add_argument("--adam-betas", type=float, nargs=2, metavar=("BETA1", "BETA2"))
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--ema-decay", type=float)
@@ -538,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio-r-neq-t", type=float)
     g.add_argument("--adaptive-p", type=float)
     g.add_argument("--adaptive-c", type=float)
+    g = p.add_argument_group("iMF loss and sample grid (--method imf; default: the preset's)")
+    g.add_argument("--omega-max", type=float, help="training guidance scales ω = omega_max^U (default 8)")
+    g.add_argument("--sample-omega", type=float, help="ω of the sample grid (default 7.5)")
+    g.add_argument("--sample-t-min", type=float, help="guidance interval start of the sample grid (default 0.4)")
+    g.add_argument("--sample-t-max", type=float, help="guidance interval end of the sample grid (default 0.65)")
     g = p.add_argument_group("run")
     g.add_argument("--global-seed", type=int, default=0)
     g.add_argument("--num-workers", type=nonneg_int, default=4)
@@ -558,11 +639,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fill_defaults(args) -> None:
-    """Fill every hyper-parameter flag left out from TRAIN_PRESETS[args.preset]."""
-    preset = TRAIN_PRESETS[args.preset]
-    for k in HYPER_FLAGS:
+    """Fill every hyper-parameter flag left out from the preset of ``--method``: TRAIN_PRESETS or
+    IMF_TRAIN_PRESETS[args.preset]. A flag of the other method only is a usage error."""
+    imf = args.method == "imf"
+    table = IMF_TRAIN_PRESETS if imf else TRAIN_PRESETS
+    if args.preset not in table:
+        raise UsageError(f"--preset {args.preset} is not a preset of --method {args.method} (allowed: "
+                         f"{', '.join(table)})")
+    other = [k for k in (MEANFLOW_ONLY if imf else IMF_ONLY) if getattr(args, k) is not None]
+    if other:
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in other)}: not a setting of --method "
+                         f"{args.method} ({'MeanFlow' if imf else 'iMF'} only)")
+    preset = table[args.preset]
+    defaults = dict(warmup_epochs=0.0, precision="bf16") if not imf else {}
+    for k in (IMF_HYPER_FLAGS if imf else HYPER_FLAGS + ("warmup_epochs", "precision")):
         if getattr(args, k) is None:
-            v = preset[k]
+            v = preset[k] if k in preset else defaults[k]
             setattr(args, k, list(v) if isinstance(v, tuple) else v)
 
 
@@ -579,16 +671,12 @@ def check_args(args) -> None:
         raise UsageError(f"--adam-betas must both be in [0, 1), got {b1} {b2}")
     if args.weight_decay < 0:
         raise UsageError(f"--weight-decay must be ≥ 0, got {args.weight_decay}")
-    try:
-        check_settings(time_sigma=args.time_sigma, ratio_r_neq_t=args.ratio_r_neq_t, omega=args.omega,
-                       kappa=args.kappa, guidance_interval=tuple(args.guidance_interval),
-                       class_dropout=args.class_dropout,
-                       adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c,
-                       name=lambda setting: "--" + setting.replace("_", "-"))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if args.hidden_size % args.num_heads:
-        raise UsageError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-heads ({args.num_heads})")
+    if not (math.isfinite(args.warmup_epochs) and args.warmup_epochs >= 0):
+        raise UsageError(f"--warmup-epochs must be a finite number ≥ 0, got {args.warmup_epochs}")
+    if args.method == "imf":
+        _check_imf_args(args)
+    else:
+        _check_meanflow_args(args)
     if not os.path.isdir(args.data_path):
         raise UsageError(f"--data-path {args.data_path} does not exist or is not a directory (expected the "
                          f"latent shards written by meanflow-extract)")
@@ -599,6 +687,37 @@ def check_args(args) -> None:
     if args.vae and args.sample_every:
         check_vae_arg(args.vae)
     FaultPlan.from_args(args)
+
+
+def _check_meanflow_args(args) -> None:
+    try:
+        check_settings(time_sigma=args.time_sigma, ratio_r_neq_t=args.ratio_r_neq_t, omega=args.omega,
+                       kappa=args.kappa, guidance_interval=tuple(args.guidance_interval),
+                       class_dropout=args.class_dropout,
+                       adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c,
+                       name=lambda setting: "--" + setting.replace("_", "-"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.hidden_size % args.num_heads:
+        raise UsageError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-heads ({args.num_heads})")
+
+
+def _check_imf_args(args) -> None:
+    if args.backend == "triton":
+        raise UsageError("--backend triton: the iMF model has no Triton kernels yet; use --backend torch or auto")
+    if not (math.isfinite(args.omega_max) and args.omega_max >= 1):
+        raise UsageError(f"--omega-max must be a finite number ≥ 1, got {args.omega_max}")
+    try:
+        check_settings(time_sigma=args.time_sigma, ratio_r_neq_t=args.ratio_r_neq_t, guidance_interval=(0.0, 1.0),
+                       class_dropout=args.class_dropout, adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c,
+                       name=lambda setting: "--" + setting.replace("_", "-"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not (math.isfinite(args.sample_omega) and args.sample_omega >= 1):
+        raise UsageError(f"--sample-omega must be a finite number ≥ 1, got {args.sample_omega}")
+    if not 0.0 <= args.sample_t_min <= args.sample_t_max <= 1.0:
+        raise UsageError(f"--sample-t-min and --sample-t-max must satisfy 0 ≤ t_min ≤ t_max ≤ 1, got "
+                         f"{args.sample_t_min} and {args.sample_t_max}")
 
 
 def cli(argv=None):

@@ -116,11 +116,13 @@ def encode(vae, x: torch.Tensor, mode: str = "mean", generator=None, scale: floa
 
 
 @torch.no_grad()
-def decode_to_uint8(vae, z: torch.Tensor, scale: float = LATENT_SCALE, chunk: int = 32) -> torch.Tensor:
-    """Latents × ``scale`` → uint8 images (B, H, W, 3), decoded ``chunk`` at a time (the SD-VAE decoder's
-    activations at 256² are ~0.1 GB per image in fp32)."""
+def decode_to_uint8(vae, z: torch.Tensor, latent_norm: str = "sd-0.18215", chunk: int = 32) -> torch.Tensor:
+    """Latents in the ``latent_norm`` convention (``latents.LATENT_NORMS``) → uint8 images (B, H, W, 3),
+    decoded ``chunk`` at a time (the SD-VAE decoder's activations at 256² are ~0.1 GB per image in fp32)."""
+    from .latents import denormalize
     out = []
     for zc in z.split(chunk):
-        x = vae.decode((zc / scale).to(vae.device, vae.dtype)).sample.float()
+        raw = denormalize(zc.float(), latent_norm)
+        x = vae.decode(raw.to(vae.device, vae.dtype)).sample.float()
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
     return torch.cat(out)
