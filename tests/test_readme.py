@@ -1,4 +1,4 @@
-"""The README's "API" example runs as written (a user copies it first)."""
+"""The README's "API" and "Improved MeanFlow (iMF)" examples run as written (a user copies them first)."""
 from pathlib import Path
 
 import torch
@@ -16,3 +16,18 @@ def test_readme_api_example_runs_as_written():
     assert torch.isfinite(scope["loss"]).item()
     assert scope["images"].shape == scope["latents"].shape
     assert scope["u"].shape == scope["dudt"].shape == scope["latents"].shape
+
+
+def test_readme_imf_example_runs_as_written():
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### Improved MeanFlow (iMF)"):]
+    section = section[: section.index("\n### ")]
+    blocks = [b.code for b in fenced_blocks(section) if b.lang == "python"]
+    assert len(blocks) == 1, section
+    scope = {}
+    exec(compile(blocks[0], "README.md (iMF example)", "exec"), scope)
+    assert torch.isfinite(scope["loss"]).item()
+    assert {"loss", "loss_u", "loss_v"} <= set(scope["stats"])
+    assert scope["images"].shape == scope["latents"].shape
+    assert scope["u"].shape == scope["v"].shape == scope["latents"].shape
+    assert torch.isfinite(scope["images"]).all()
