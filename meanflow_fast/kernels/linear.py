@@ -179,7 +179,7 @@ def _cuda_kernel():
     return _tuned_kernel
 
 
-def _input_precision(dtype: torch.dtype) -> str:
+def input_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's matmul setting: TF32 only where torch would use it too
     (torch.set_float32_matmul_precision("high"/"medium")); fp16/bf16 ignore the flag."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
@@ -261,7 +261,7 @@ def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             x2.stride(0), x2.stride(1), xd2.stride(0), xd2.stride(1), weight.stride(0), weight.stride(1),
             bias.stride(0) if bias is not None else 0)
     flags = dict(HAS_BIAS=bias is not None, HAS_TANGENT=has_tangent, GELU=bool(gelu),
-                 STORE_PRE=bool(gelu and store_pre), INPUT_PRECISION=_input_precision(x.dtype))
+                 STORE_PRE=bool(gelu and store_pre), INPUT_PRECISION=input_precision(x.dtype))
     if x.is_cuda:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
         with torch.cuda.device(x.device):
