@@ -280,6 +280,7 @@ def _build_model(args, env: DistEnv, data: LatentShards, backend: str):
         from ..imf import IMFLoss, imf_dit
         try:
             model = imf_dit(args.preset, input_size=h, in_channels=C, num_classes=data.num_classes).to(env.device)
+            model.backend = backend
         except ValueError as e:
             raise UsageError(f"--preset {args.preset} with the latents of --data-path ({C}×{h}×{h}): {e}") from e
         config = model.config
@@ -324,7 +325,7 @@ def _setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # The iMF model has torch ops only (docs/DESIGN.md, "8 Improved MeanFlow (iMF): the model").
-    backend = "torch" if args.method == "imf" else resolve_backend(args.backend, device)
+    backend = resolve_backend(args.backend, device)
     amp = torch.bfloat16 if (device.type == "cuda" and args.precision == "bf16") else None
     data, sampler, local_batch, steps_per_epoch, max_steps, warmup_steps = _open_data(args, env)
     config, model, ema, loss_fn, objective, opt = _build_model(args, env, data, backend)
@@ -492,7 +493,8 @@ def _train_loop(run: _Run, loader: DataLoader, grid: _SampleGrid, faults: FaultP
     raise NonFiniteTrainingError; logs, sample grids and checkpoints at their intervals."""
     args, device = run.args, run.env.device
     progress = _Progress(run)
-    if device.type == "cuda" and run.backend == "triton" and run.step < run.max_steps:
+    # precompile knows the DiT's kernels; the iMF kernels compile on their first call
+    if device.type == "cuda" and run.backend == "triton" and run.args.method != "imf" and run.step < run.max_steps:
         _precompile_kernels(run.model, run.loss_fn, run.local_batch, run.amp, device, run.log)
     run.objective.train()
     while run.step < run.max_steps:
@@ -703,8 +705,6 @@ def _check_meanflow_args(args) -> None:
 
 
 def _check_imf_args(args) -> None:
-    if args.backend == "triton":
-        raise UsageError("--backend triton: the iMF model has no Triton kernels yet; use --backend torch or auto")
     if not (math.isfinite(args.omega_max) and args.omega_max >= 1):
         raise UsageError(f"--omega-max must be a finite number ≥ 1, got {args.omega_max}")
     try:

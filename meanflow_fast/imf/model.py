@@ -14,24 +14,27 @@ over a shared trunk; each head ends in RMSNorm + Linear on the patch tokens.
 
 ``forward`` runs the trunk and the requested heads (primal ops); ``forward_jvp`` runs the trunk and the
 u-head with their tangents by the explicit rules of ``kernels/imf_reference.py`` and the v-head on the
-trunk's primal output.
+trunk's primal output. Both go through the op tables of ``meanflow_fast.ops`` (``IMFOps``, ``IMFDualOps``):
+backend "torch" runs the references, "triton" the fused kernels (RMSNorm, QK-norm + RoPE, SwiGLU,
+attention with its tangent; plain linears on cuBLAS, plain attention on torch's SDPA). Both forwards run
+each gated residual fused with the RMSNorm that follows it (``gated_residual_rmsnorm``: the block's
+second, the next block's first, the final layer's), so the blocks are chained through ``IMFBlock``'s
+``h`` / ``next_norm`` arguments, as the DiT's through ``forward_after_ln``.
 """
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import attention_jvp_ref, linear_jvp_ref
-from ..kernels.imf_reference import (channel_gated_residual_jvp_ref, channel_gated_residual_ref,
-                                     qk_norm_rope_jvp_ref, qk_norm_rope_ref, rms_norm_jvp_ref, rms_norm_ref,
-                                     rope_cos_sin, swiglu_jvp_ref, swiglu_ref)
+from ..kernels.attention import SUPPORTED_HEAD_DIMS
+from ..kernels.imf_reference import rope_cos_sin
 from ..checks import (as_batch_times, check_labels, check_latents, check_tangent, check_values, time_dtype,
                       value_checks_on)
 from ..model import LabelEmbedder, TimestepEmbedder
-from ..ops import BACKENDS, get_primal_ops
+from ..ops import BACKENDS, IMFDualOps, IMFOps, get_imf_dual_ops, get_imf_primal_ops
 
 Scalar = Union[float, torch.Tensor]
 HEADS = ("both", "u", "v")
@@ -101,42 +104,17 @@ def imf_dit(preset: str = "B/2", **overrides) -> "IMFDiT":
 # =================================================================================================
 #                                    Op tables (backend switch)
 # =================================================================================================
-@dataclass(frozen=True)
-class IMFOps:
-    """The plain forward's ops: each returns y (differentiable)."""
-    linear: Callable          # (x, weight, bias) -> y
-    rms_norm: Callable        # (x, weight, eps) -> y
-    qk_norm_rope: Callable    # (q, k, q_weight, k_weight, cos, sin, eps) -> (q', k'), layout (B, N, H, D)
-    attention: Callable       # (q, k, v) -> o, layout (B, H, N, D), softmax scale 1/√D
-    swiglu: Callable          # (x, w1, w3, w2) -> y
-    gated_residual: Callable  # (x, gate, f) -> x + f ⊙ gate, gate (D,)
+# IMFOps and IMFDualOps (the slots) and their tables live in meanflow_fast.ops, beside the DiT's.
+_TORCH_PRIMAL = get_imf_primal_ops("torch")  # the modules' default when called on their own
 
 
-@dataclass(frozen=True)
-class IMFDualOps:
-    """forward_jvp's ops: each returns (y, ẏ), y differentiable, ẏ without an autograd graph."""
-    linear: Callable          # (x, weight, bias, x_dot)
-    rms_norm: Callable        # (x, weight, x_dot, eps)
-    qk_norm_rope: Callable    # (q, k, q_weight, k_weight, cos, sin, q_dot, k_dot, eps) -> (q', q̇', k', k̇')
-    attention: Callable       # (q, k, v, q_dot, k_dot, v_dot)
-    swiglu: Callable          # (x, w1, w3, w2, x_dot)
-    gated_residual: Callable  # (x, gate, f, x_dot, f_dot)
-
-
-_TORCH_PRIMAL = IMFOps(linear=F.linear, rms_norm=rms_norm_ref, qk_norm_rope=qk_norm_rope_ref,
-                       attention=get_primal_ops("torch").attention,  # SDPA (math path under forward AD)
-                       swiglu=swiglu_ref, gated_residual=channel_gated_residual_ref)
-_TORCH_DUAL = IMFDualOps(linear=linear_jvp_ref, rms_norm=rms_norm_jvp_ref, qk_norm_rope=qk_norm_rope_jvp_ref,
-                         attention=attention_jvp_ref, swiglu=swiglu_jvp_ref,
-                         gated_residual=channel_gated_residual_jvp_ref)
-
-
-def _check_imf_backend(backend: str) -> None:
-    if backend == "triton":
-        raise NotImplementedError("backend='triton' has no iMF kernels yet (RMSNorm, QK-norm + RoPE, SwiGLU, "
-                                  "channel-gated residual); use backend='torch'")
+def _check_imf_backend(backend: str, config: IMFConfig) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    head_dim = config.hidden_size // config.num_heads
+    if backend == "triton" and head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"backend='triton' needs a head dim (hidden_size / num_heads) the attention kernels "
+                         f"support, one of {SUPPORTED_HEAD_DIMS}; got {head_dim}. Use backend='torch'")
 
 
 Rope = Tuple[torch.Tensor, torch.Tensor]  # cos, sin: (N, D_h/2)
@@ -158,6 +136,14 @@ class RMSNorm(nn.Module):
 
     def forward_jvp(self, x, x_dot, ops: IMFDualOps):
         return ops.rms_norm(x, self.weight, x_dot, self.eps)
+
+    def after_residual(self, x, f, gate, ops: IMFOps):
+        """(h, m): the gated residual h = x + f ⊙ g, then this RMSNorm of h, in one op."""
+        return ops.gated_residual_rmsnorm(x, f, gate, self.weight, self.eps)
+
+    def after_residual_jvp(self, x, f, gate, x_dot, f_dot, ops: IMFDualOps):
+        """(h, ḣ, m, ṁ): the gated residual h = x + f ⊙ g, then this RMSNorm of h, in one op."""
+        return ops.gated_residual_rmsnorm(x, f, gate, self.weight, x_dot, f_dot, self.eps)
 
 
 class IMFAttention(nn.Module):
@@ -214,15 +200,32 @@ class IMFBlock(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden)
         self.attn_gate, self.mlp_gate = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor, rope: Rope, ops: IMFOps = _TORCH_PRIMAL) -> torch.Tensor:
-        x = ops.gated_residual(x, self.attn_gate, self.attn(self.norm1(x, ops), rope, ops))
-        return ops.gated_residual(x, self.mlp_gate, self.mlp(self.norm2(x, ops), ops))
+    def forward(self, x: torch.Tensor, rope: Rope, ops: IMFOps = _TORCH_PRIMAL, h: Optional[torch.Tensor] = None,
+                next_norm: Optional[RMSNorm] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(x', h'): the block, each gated residual fused with the RMSNorm after it
+        (``ops.gated_residual_rmsnorm``): norm2, then ``next_norm`` (the next block's norm1, or the final
+        layer's norm) when given, h' = next_norm(x') (None without it). ``h`` = norm1(x) when the op before
+        made it (chained); computed here when None (the block on its own)."""
+        if h is None:
+            h = self.norm1(x, ops)
+        x, h = self.norm2.after_residual(x, self.attn(h, rope, ops), self.attn_gate, ops)
+        f = self.mlp(h, ops)
+        if next_norm is None:
+            return ops.gated_residual(x, self.mlp_gate, f), None
+        return next_norm.after_residual(x, f, self.mlp_gate, ops)
 
-    def forward_jvp(self, x, x_dot, rope: Rope, ops: IMFDualOps):
-        f, f_dot = self.attn.forward_jvp(*self.norm1.forward_jvp(x, x_dot, ops), rope, ops)
-        x, x_dot = ops.gated_residual(x, self.attn_gate, f, x_dot, f_dot)
-        f, f_dot = self.mlp.forward_jvp(*self.norm2.forward_jvp(x, x_dot, ops), ops)
-        return ops.gated_residual(x, self.mlp_gate, f, x_dot, f_dot)
+    def forward_jvp(self, x, x_dot, rope: Rope, ops: IMFDualOps, h=None, h_dot=None,
+                    next_norm: Optional[RMSNorm] = None):
+        """(x', ẋ', h', ḣ'): ``forward`` with the tangents; (h, ḣ) = norm1 of (x, ẋ) when chained, else
+        computed here; (h', ḣ') = (None, None) without ``next_norm``."""
+        if h is None:
+            h, h_dot = self.norm1.forward_jvp(x, x_dot, ops)
+        f, f_dot = self.attn.forward_jvp(h, h_dot, rope, ops)
+        x, x_dot, h, h_dot = self.norm2.after_residual_jvp(x, f, self.attn_gate, x_dot, f_dot, ops)
+        f, f_dot = self.mlp.forward_jvp(h, h_dot, ops)
+        if next_norm is None:
+            return (*ops.gated_residual(x, self.mlp_gate, f, x_dot, f_dot), None, None)
+        return next_norm.after_residual_jvp(x, f, self.mlp_gate, x_dot, f_dot, ops)
 
 
 class IMFFinalLayer(nn.Module):
@@ -233,11 +236,17 @@ class IMFFinalLayer(nn.Module):
         self.norm = RMSNorm(dim, eps)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
 
-    def forward(self, x: torch.Tensor, ops: IMFOps = _TORCH_PRIMAL) -> torch.Tensor:
-        return ops.linear(self.norm(x, ops), self.linear.weight, self.linear.bias)
+    def forward(self, x: torch.Tensor, ops: IMFOps = _TORCH_PRIMAL, h: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The output linear on h = RMSNorm(x); ``h`` given when the op before made it (chained: the last
+        block's residual fused with this norm), computed here when None."""
+        if h is None:
+            h = self.norm(x, ops)
+        return ops.linear(h, self.linear.weight, self.linear.bias)
 
-    def forward_jvp(self, x, x_dot, ops: IMFDualOps):
-        h, h_dot = self.norm.forward_jvp(x, x_dot, ops)
+    def forward_jvp(self, x, x_dot, ops: IMFDualOps, h=None, h_dot=None):
+        """``forward`` with the tangents; (h, ḣ) = RMSNorm of (x, ẋ) when chained."""
+        if h is None:
+            h, h_dot = self.norm.forward_jvp(x, x_dot, ops)
         return ops.linear(h, self.linear.weight, self.linear.bias, h_dot)
 
 
@@ -257,7 +266,7 @@ class IMFDiT(nn.Module):
     def __init__(self, config: IMFConfig = IMFConfig(), backend: str = "torch"):
         super().__init__()
         _check_imf_config(config)
-        _check_imf_backend(backend)
+        _check_imf_backend(backend, config)
         self.config = config
         self.backend = backend
         c, D = config, config.hidden_size
@@ -318,8 +327,8 @@ class IMFDiT(nn.Module):
         return self.config.num_classes
 
     def _ops(self, dual: bool):
-        _check_imf_backend(self.backend)
-        return _TORCH_DUAL if dual else _TORCH_PRIMAL
+        _check_imf_backend(self.backend, self.config)
+        return get_imf_dual_ops(self.backend) if dual else get_imf_primal_ops(self.backend)
 
     def patchify(self, z: torch.Tensor, bias: bool = True) -> torch.Tensor:
         x = F.conv2d(z, self.x_embedder.weight, self.x_embedder.bias if bias else None,
@@ -380,10 +389,31 @@ class IMFDiT(nn.Module):
                           group(self.t_max_tokens, self.t_max_embedder(t_max)),
                           group(self.time_tokens, h_emb)], dim=1)
 
-    def _head(self, x, blocks, final, rope, ops: IMFOps) -> torch.Tensor:
-        for block in blocks:
-            x = block(x, rope, ops)
-        return self.unpatchify(final(x[:, self.config.prefix_tokens:], ops))
+    @staticmethod
+    def _first_norm(blocks: nn.ModuleList, next_norm: RMSNorm) -> RMSNorm:
+        """The RMSNorm that the input of ``blocks`` goes through first: their first norm1, else ``next_norm``."""
+        return blocks[0].norm1 if len(blocks) else next_norm
+
+    @staticmethod
+    def _blocks(x, h, blocks, next_norm: RMSNorm, rope: Rope, ops: IMFOps):
+        """Chain ``blocks`` from (x, h), h = ``_first_norm(blocks, next_norm)`` of x, each block's last
+        residual fused with the RMSNorm after it; returns (x', next_norm(x'))."""
+        for block, norm in zip(blocks, [b.norm1 for b in blocks[1:]] + [next_norm]):
+            x, h = block(x, rope, ops, h, norm)
+        return x, h
+
+    @staticmethod
+    def _blocks_jvp(x, x_dot, h, h_dot, blocks, next_norm: RMSNorm, rope: Rope, ops: IMFDualOps):
+        """``_blocks`` with the tangents: returns (x', ẋ', next_norm of (x', ẋ'))."""
+        for block, norm in zip(blocks, [b.norm1 for b in blocks[1:]] + [next_norm]):
+            x, x_dot, h, h_dot = block.forward_jvp(x, x_dot, rope, ops, h, h_dot, norm)
+        return x, x_dot, h, h_dot
+
+    def _head(self, x, h, blocks, final, rope, ops: IMFOps) -> torch.Tensor:
+        """A head on the trunk's output x, h = its first RMSNorm of x (``_first_norm``)."""
+        x, h = self._blocks(x, h, blocks, final.norm, rope, ops)
+        P = self.config.prefix_tokens
+        return self.unpatchify(final(x[:, P:], ops, h[:, P:]))
 
     # ------------------------------------------------------------------------------- forward
     def forward(self, z: torch.Tensor, t: Scalar, h: Scalar, omega: Scalar, t_min: Scalar, t_max: Scalar,
@@ -393,10 +423,17 @@ class IMFDiT(nn.Module):
         ops = self._ops(dual=False)
         x = torch.cat([self._prefix(self.h_embedder(h), omega, t_min, t_max, y), self.patchify(z)], dim=1)
         rope = self.rope(z)
-        for block in self.trunk:
-            x = block(x, rope, ops)
-        u = self._head(x, self.u_blocks, self.u_final, rope, ops) if heads != "v" else None
-        v = self._head(x, self.v_blocks, self.v_final, rope, ops) if heads != "u" else None
+        u_norm = self._first_norm(self.u_blocks, self.u_final.norm)
+        v_norm = self._first_norm(self.v_blocks, self.v_final.norm)
+        # The trunk's last residual is fused with the first RMSNorm of the head that runs first (u's when
+        # both run); the other head normalises the trunk's output with its own.
+        first = u_norm if heads != "v" else v_norm
+        x, x_norm = self._blocks(x, self._first_norm(self.trunk, first)(x, ops), self.trunk, first, rope, ops)
+        u = v = None
+        if heads != "v":
+            u = self._head(x, x_norm, self.u_blocks, self.u_final, rope, ops)
+        if heads != "u":
+            v = self._head(x, x_norm if heads == "v" else v_norm(x, ops), self.v_blocks, self.v_final, rope, ops)
         return (u, v) if heads == "both" else (u if heads == "u" else v)
 
     def forward_jvp(self, z: torch.Tensor, t: Scalar, h: Scalar, omega: Scalar, t_min: Scalar, t_max: Scalar,
@@ -422,13 +459,15 @@ class IMFDiT(nn.Module):
             prefix_dot[:, P - n_time:] = h_emb_dot[:, None]
             x_dot = torch.cat([prefix_dot, self.patchify(dz, bias=False)], dim=1)
         rope = self.rope(z)
-        for block in self.trunk:
-            x, x_dot = block.forward_jvp(x, x_dot, rope, ops)
-        v = self._head(x, self.v_blocks, self.v_final, rope, primal_ops)
-        for block in self.u_blocks:
-            x, x_dot = block.forward_jvp(x, x_dot, rope, ops)
-        P = self.config.prefix_tokens
-        out, out_dot = self.u_final.forward_jvp(x[:, P:], x_dot[:, P:], ops)
+        # The trunk ends fused with the u-head's first RMSNorm; the v-head (primal) normalises x itself.
+        u_norm = self._first_norm(self.u_blocks, self.u_final.norm)
+        x_norm, x_norm_dot = self._first_norm(self.trunk, u_norm).forward_jvp(x, x_dot, ops)
+        x, x_dot, x_norm, x_norm_dot = self._blocks_jvp(x, x_dot, x_norm, x_norm_dot, self.trunk, u_norm, rope, ops)
+        v_norm = self._first_norm(self.v_blocks, self.v_final.norm)
+        v = self._head(x, v_norm(x, primal_ops), self.v_blocks, self.v_final, rope, primal_ops)
+        x, x_dot, x_norm, x_norm_dot = self._blocks_jvp(x, x_dot, x_norm, x_norm_dot, self.u_blocks,
+                                                        self.u_final.norm, rope, ops)
+        out, out_dot = self.u_final.forward_jvp(x[:, P:], x_dot[:, P:], ops, x_norm[:, P:], x_norm_dot[:, P:])
         return self.unpatchify(out), self.unpatchify(out_dot), v
 
 

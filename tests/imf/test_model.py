@@ -346,12 +346,17 @@ def test_bad_presets_configs_and_backends():
         imf_dit("tiny", head_depth=4)
     with pytest.raises(ValueError, match="num_time_tokens must be ≥ 1"):
         imf_dit("tiny", num_time_tokens=0)
-    with pytest.raises(NotImplementedError, match="no iMF kernels yet"):
-        IMFDiT(imf_dit("tiny").config, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         IMFDiT(imf_dit("tiny").config, backend="cuda")
-    model = _model("tiny")
+    # backend="triton" needs a head dim of the attention kernels (32, 64, 72, 96, 128): here 16
+    with pytest.raises(ValueError, match=r"backend='triton' needs a head dim .*got 16"):
+        IMFDiT(imf_dit("tiny", num_heads=4).config, backend="triton")
+    model = _model("tiny", num_heads=4)
     model.backend = "triton"
-    with pytest.raises(NotImplementedError, match="no iMF kernels yet"):
+    with pytest.raises(ValueError, match=r"backend='triton' needs a head dim .*got 16"):
         model(*_inputs(model, 1, F64))
+    model.backend = "cuda"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model(*_inputs(model, 1, F64))
+    assert IMFDiT(imf_dit("tiny").config, backend="triton").backend == "triton"  # head dim 32
     assert set(IMF_PRESETS) == {"B/2", "M/2", "L/2", "XL/2", "tiny", "digits"}
