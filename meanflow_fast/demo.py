@@ -1,16 +1,18 @@
 """Demo job: class-conditional MeanFlow on scikit-learn's bundled 8×8 digits, on a CPU in minutes.
 
 It trains the same small DiT twice on the same data, steps and seeds, once with MeanFlow and once with
-flow matching (MeanFlowLoss with ratio_r_neq_t = 0), draws 1-NFE samples from both and scores them
-with a classifier trained on real digits:
+flow matching (MeanFlowLoss with ratio_r_neq_t = 0), then the iMF DiT of the same preset name with
+IMFLoss (its official defaults) on the same data, steps, batch and seeds, draws 1- and 2-NFE samples
+from all three (the same noise) and scores them with a classifier trained on real digits:
 
 - class accuracy of the samples (does a "3" look like a 3 to the classifier?), and
 - a Fréchet distance on the classifier's penultimate features against held-out real digits (a blurry
   class average can score well on accuracy alone; it cannot hide from the distance).
 
-Writes to --out: samples_meanflow_1nfe.png / samples_flowmatching_1nfe.png (rows = classes),
-meanflow_digits.safetensors (the MeanFlow model's EMA weights, a model file of ``meanflow_fast.save_model``:
-``meanflow-sample --ckpt`` and ``meanflow_fast.load_model`` read it) and metrics.json.
+Writes to --out: samples_{meanflow,flowmatching,imf}_1nfe.png (rows = classes),
+meanflow_digits.safetensors and imf_digits.safetensors (the MeanFlow and iMF models' EMA weights, model
+files of ``meanflow_fast.save_model``: ``meanflow-sample --ckpt`` and ``meanflow_fast.load_model`` read
+them) and metrics.json.
 
     meanflow-demo --out demo_out
 """
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .imagenet.common import UsageError, positive_float, positive_int, run_cli
+from .imf import IMFLoss, imf_dit
 from .io import save_json
 from .loss import MeanFlowLoss
 from .metrics import feature_stats, frechet_distance
@@ -38,6 +41,10 @@ NUM_CLASSES = 10
 DEMO_PRESETS = ("digits", "tiny")
 DATA_SHAPE = dict(input_size=8, in_channels=1, num_classes=NUM_CLASSES)
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 8)  # torch generators take [-2**63, 2**64 - 1]; the demo uses seed + 7
+# iMF's guidance at sampling, (ω, t_min, t_max) per step count. Chosen by the lowest Fréchet distance against
+# the *training* digits over ω ∈ {1, 1.5, 2, 3, 4} × intervals {[0, 1], [0.3, 0.7], [0.4, 0.65]}, so the
+# held-out reference chooses nothing (the sweep's table: docs/TUNING.md, "Demo: iMF guidance").
+IMF_GUIDANCE = {1: (2.0, 0.4, 0.65), 2: (1.5, 0.4, 0.65)}
 
 
 # =================================================================================================
@@ -103,9 +110,11 @@ def evaluate(clf: DigitClassifier, x, y, ref_stats) -> dict:
 # =================================================================================================
 #                                     Generative training
 # =================================================================================================
-def train_generator(name: str, loss_fn: MeanFlowLoss, x, y, args) -> EMA:
+def train_generator(name: str, loss_fn, x, y, args) -> EMA:
+    """The EMA of a MeanFlow DiT trained with ``loss_fn`` (a MeanFlowLoss), or of an iMF DiT for
+    ``name == "imf"`` (an IMFLoss); the seeds and the order of random draws are the same for every name."""
     torch.manual_seed(args.seed)
-    model = meanflow_dit(args.preset, **DATA_SHAPE)
+    model = imf_dit(args.preset, **DATA_SHAPE) if name == "imf" else meanflow_dit(args.preset, **DATA_SHAPE)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
     ema = EMA(model, decay=args.ema)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -115,7 +124,8 @@ def train_generator(name: str, loss_fn: MeanFlowLoss, x, y, args) -> EMA:
         idx = torch.randint(0, len(x), (args.batch_size,), generator=g)
         stats = train_step(model, loss_fn, opt, x[idx], y[idx], ema=ema, generator=g)
         if step % 25 == 0:
-            bar.set_postfix(raw_loss=f"{stats['raw_loss']:.3f}", r_neq_t=f"{stats['frac_r_neq_t']:.2f}")
+            loss = {"loss_u": stats["loss_u"]} if name == "imf" else {"raw_loss": stats["raw_loss"]}
+            bar.set_postfix(**{k: f"{v:.3f}" for k, v in loss.items()}, r_neq_t=f"{stats['frac_r_neq_t']:.2f}")
     return ema
 
 
@@ -152,40 +162,46 @@ def main(args) -> dict:
     metrics["real_train"] = evaluate(clf, x_tr[: len(x_te)], y_tr[: len(x_te)], ref_stats)
 
     y_eval = torch.arange(NUM_CLASSES).repeat_interleave(args.samples_per_class)
+    # iMF trains last: each run reseeds, so the MeanFlow and flow-matching results do not depend on it.
     runs = {"meanflow": MeanFlowLoss(ratio_r_neq_t=args.ratio_r_neq_t, class_dropout=0.1),
-            "flowmatching": MeanFlowLoss(ratio_r_neq_t=0.0, class_dropout=0.1)}
+            "flowmatching": MeanFlowLoss(ratio_r_neq_t=0.0, class_dropout=0.1),
+            "imf": IMFLoss()}
     for name, loss_fn in runs.items():
         t0 = time.time()
         ema = train_generator(name, loss_fn, x_tr, y_tr, args)
         train_s = time.time() - t0
         model = ema.model
         for steps in (1, 2):
-            xs = sample(model, y_eval, steps=steps, generator=torch.Generator().manual_seed(args.seed + 7))
+            guidance = dict(zip(("omega", "t_min", "t_max"), IMF_GUIDANCE[steps])) if name == "imf" else {}
+            xs = sample(model, y_eval, steps=steps, generator=torch.Generator().manual_seed(args.seed + 7),
+                        **guidance)
             metrics[f"{name}_{steps}nfe"] = evaluate(clf, xs, y_eval, ref_stats)
             if steps == 1:
                 grid_idx = torch.arange(NUM_CLASSES)[:, None] * args.samples_per_class + torch.arange(10)
                 save_grid(xs[grid_idx.flatten()], os.path.join(args.out, f"samples_{name}_1nfe.png"), nrow=10)
         metrics[f"{name}_train_seconds"] = round(train_s, 1)
-        if name == "meanflow":
+        if name in ("meanflow", "imf"):
             # Samples are images in the data's scale: [−1, 1] maps to 0…255 (meanflow-sample reads it).
-            save_model(model, os.path.join(args.out, "meanflow_digits.safetensors"), space="pixels",
+            save_model(model, os.path.join(args.out, f"{name}_digits.safetensors"), space="pixels",
                        pixel_range=(-1.0, 1.0), weights="ema", preset=args.preset)
+    metrics["imf_guidance"] = {f"{steps}nfe": dict(zip(("omega", "t_min", "t_max"), g)) for steps, g in
+                               IMF_GUIDANCE.items()}
     metrics["total_seconds"] = round(time.time() - t_start, 1)
     save_json(metrics, os.path.join(args.out, "metrics.json"))
 
     print(f"\n{'samples':<22}{'class acc':>10}{'Fréchet dist':>14}")
-    for key in ("real_heldout", "real_train", "meanflow_1nfe", "flowmatching_1nfe", "meanflow_2nfe",
-                "flowmatching_2nfe"):
+    for key in ("real_heldout", "real_train", "meanflow_1nfe", "flowmatching_1nfe", "imf_1nfe", "meanflow_2nfe",
+                "flowmatching_2nfe", "imf_2nfe"):
         m = metrics[key]
         print(f"{key:<22}{m['class_accuracy']:>10.3f}{m['frechet_distance']:>14.3f}")
-    print(f"wrote {args.out}/ (PNG grids, meanflow_digits.safetensors, metrics.json) "
+    print(f"wrote {args.out}/ (PNG grids, meanflow_digits.safetensors, imf_digits.safetensors, metrics.json) "
           f"in {metrics['total_seconds']:.0f} s")
     return metrics
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meanflow-demo",
-                                description="MeanFlow vs flow matching on bundled 8×8 digits (CPU, minutes).")
+                                description="MeanFlow vs flow matching vs iMF on bundled 8×8 digits (CPU, minutes).")
     p.add_argument("--out", default="demo_out", help="output directory (created if missing)")
     p.add_argument("--preset", default="digits", choices=DEMO_PRESETS,
                    help="model preset, built for 8×8 1-channel digits and 10 classes: %(choices)s")
