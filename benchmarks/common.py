@@ -1,8 +1,9 @@
 """Shared pieces of the GPU benchmarks: FLOP formulas, timing, and the model/step builders that both
 the pytest-benchmark cases and ``benchmarks/report.py`` use."""
+import contextlib
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -11,6 +12,10 @@ from meanflow_fast.model import skip_value_checks
 
 # DiT shapes of the must-show cases: (preset, batch).
 CASES = [("B/2", 128), ("XL/2", 64)]
+# iMF cases (``report.py --cases iMF-B/2:128,iMF-XL/2:64``): an iMF preset of meanflow_fast.imf.IMF_PRESETS
+# behind this prefix.
+IMF_PREFIX = "iMF-"
+IMF_CASES = [("B/2", 128), ("XL/2", 64)]
 
 # "cuda" for real measurements; "cpu" only for a dry run of the benchmark code itself
 # (TRITON_INTERPRET=1 python -m benchmarks.report --device cpu --cases tiny:4).
@@ -85,9 +90,8 @@ def cuda_time_ms(fn: Callable, warmup: int = 3, iters: int = 10) -> float:
 
 
 def peak_memory_mb(fn: Callable) -> float:
-    """Peak CUDA memory of one call (0 in a CPU dry run)."""
+    """Peak CUDA memory of one call (0 in a CPU dry run, without the call)."""
     if DEVICE != "cuda":
-        fn()
         return 0.0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -193,4 +197,159 @@ def train_step_fn(model, batch: int, *, meanflow: bool, compiled: bool = False, 
 
     if grads_only:
         return grads
+    return torch.compile(step) if compiled else step
+
+
+# ------------------------------------------------------------------------------------ iMF
+# The iMF DiT (meanflow_fast/imf/model.py): no adaLN, prefix tokens, QK-norm + RoPE, SwiGLU, a u-head and a
+# v-head over a shared trunk. Its backend is the model's ``backend`` attribute, as MeanFlowDiT's.
+def _imf_config(preset: str):
+    from meanflow_fast.imf import imf_dit
+    with torch.device("meta"):
+        return imf_dit(preset).config
+
+
+def _imf_block_flops(preset: str, batch: int):
+    """(linear, attention) matmul FLOPs of one iMF block's primal: q, k, v, out 8·B·N·D², SwiGLU's three
+    D×H_mlp linears 6·B·N·D·H_mlp; QKᵀ and PV 4·B·N²·D (N counts the prefix tokens)."""
+    c = _imf_config(preset)
+    N, D = c.num_tokens, c.hidden_size
+    return 8 * batch * N * D * D + 6 * batch * N * D * c.mlp_hidden, 4 * batch * N * N * D, c
+
+
+def imf_forward_flops(preset: str, batch: int) -> float:
+    """The plain forward with both heads (``heads="both"``): trunk + u-head + v-head, depth + head_depth
+    blocks; embedders and final layers left out, as in ``dit_forward_flops``."""
+    lin, att, c = _imf_block_flops(preset, batch)
+    return (c.depth + c.head_depth) * (lin + att)
+
+
+def imf_jvp_flops(preset: str, batch: int) -> float:
+    """``forward_jvp``: trunk and u-head (depth blocks) on both streams (linears twice, attention three
+    times: QKᵀ, PV, Q̇Kᵀ, QK̇ᵀ, ṖV, PV̇) and the v-head (head_depth blocks) on the primal alone."""
+    lin, att, c = _imf_block_flops(preset, batch)
+    return c.depth * (2 * lin + 3 * att) + c.head_depth * (lin + att)
+
+
+def build_imf_model(preset: str, dtype=torch.bfloat16, backend: str = "torch", seed: int = 0):
+    """An iMF model with random (non-zero) gates and final layers (zero at init, which would make every
+    block an identity and the outputs zero), on ``DEVICE`` in ``dtype``. ``backend`` is set as the model's
+    attribute; a backend the model cannot run fails at the first call, where report.py reports it."""
+    from meanflow_fast.imf import imf_dit
+    torch.manual_seed(seed)
+    model = imf_dit(preset)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn_gate", "mlp_gate")) or "final.linear" in name:
+                p.normal_(0, 0.02)
+    model.backend = backend
+    return model.to(DEVICE, dtype)
+
+
+def imf_inputs(model, batch: int, dtype=torch.bfloat16, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """A valid draw of every input of ``IMFDiT.forward`` (0 ≤ h ≤ t ≤ 1, ω ∈ [1, 8], t_min ≤ t_max) and a
+    tangent dz."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    c = model.config
+    z = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=DEVICE, dtype=dtype, generator=g)
+    t = torch.rand(batch, device=DEVICE, generator=g)
+    h = t * torch.rand(batch, device=DEVICE, generator=g)
+    omega = 1 + 7 * torch.rand(batch, device=DEVICE, generator=g)
+    t_min = 0.5 * torch.rand(batch, device=DEVICE, generator=g)
+    t_max = 0.5 + 0.5 * torch.rand(batch, device=DEVICE, generator=g)
+    y = torch.randint(0, c.num_classes, (batch,), device=DEVICE, generator=g)
+    return dict(z=z, t=t, h=h, omega=omega, t_min=t_min, t_max=t_max, y=y, dz=torch.randn_like(z))
+
+
+def _imf_args(inp):
+    return inp["z"], inp["t"], inp["h"], inp["omega"], inp["t_min"], inp["t_max"], inp["y"]
+
+
+@contextlib.contextmanager
+def _imf_backend(model, backend: Optional[str]):
+    """The iMF model's ``backend`` attribute set to ``backend`` for a call (None: the model's own)."""
+    if backend is None:
+        yield
+        return
+    saved, model.backend = model.backend, backend
+    try:
+        yield
+    finally:
+        model.backend = saved
+
+
+def imf_forward_fn(model, inp, backend: Optional[str] = None):
+    """The plain forward with both heads, (u, v), under no_grad: what ``forward_jvp`` returns less u̇.
+    ``backend`` (default: the model's) picks its ops."""
+    def run():
+        with _imf_backend(model, backend), torch.no_grad(), skip_value_checks():
+            return model(*_imf_args(inp), heads="both")
+    return run
+
+
+def imf_forward_jvp_fn(model, inp, backend: str):
+    """``model.forward_jvp`` along (dz, dt = 1, dh = 1) on ``backend``."""
+    def run():
+        with _imf_backend(model, backend), torch.no_grad(), skip_value_checks():
+            return model.forward_jvp(*_imf_args(inp), inp["dz"], dt=1.0, dh=1.0)
+    return run
+
+
+def imf_func_jvp_fn(model, inp):
+    """torch.func.jvp over the plain forward (torch ops, math SDPA) along (dz, dh = 1), v as aux: the
+    same outputs as ``forward_jvp`` (except that the v-head runs inside the transform)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    z, t, h, omega, t_min, t_max, y = _imf_args(inp)
+
+    def run():
+        with sdpa_kernel([SDPBackend.MATH]), torch.no_grad(), skip_value_checks():
+            return torch.func.jvp(lambda z_, h_: model(z_, t, h_, omega, t_min, t_max, y, heads="both"), (z, h),
+                                  (inp["dz"], torch.ones_like(h)), has_aux=True)
+    return run
+
+
+# iMF's logit-normal time draw (IMFLoss's defaults): t = sigmoid(mu + sigma·n), n ~ N(0, 1).
+IMF_FM_TIME_MU, IMF_FM_TIME_SIGMA = -0.4, 1.0
+
+
+def imf_fm_loss(model, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching loss of an iMF network's v-head, the baseline of the iMF step: z = (1 − t)·x + t·ε,
+    loss = mean over all elements of (v(z, t, h = 0, ω = 1, [0, 1] | y) − (ε − x))², in fp32 (x (B, C, H, W),
+    t (B,), ε like x). The v call runs the trunk and the v-head only (``heads="v"``)."""
+    tb = t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    z = (1 - tb) * x + tb * noise
+    zero, one = torch.zeros_like(t), torch.ones_like(t)
+    v = model(z, t, zero, one, zero, one, y, heads="v")
+    return (v.float() - (noise - x).float()).pow(2).mean()
+
+
+def imf_train_step_fn(model, batch: int, *, imf: bool, compiled: bool = False):
+    """One optimisation step of an iMF model (``model`` in fp32) under bf16 autocast, as ``train_step_fn``.
+
+    iMF: ``IMFLoss`` with its official defaults (the model's backend decides the path), backward, Adam.
+    Flow matching: ``imf_fm_loss`` of the same network (trunk + v-head, one plain forward), t logit-normal
+    with IMFLoss's (mu, sigma), ε ~ N(0, 1), drawn in the step from the global RNG.
+    """
+    from meanflow_fast.imf import IMFLoss
+    c = model.config
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=(DEVICE == "cuda" and not compiled))
+    loss_fn = IMFLoss(validate=False)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=DEVICE, generator=g)
+    y = torch.randint(0, c.num_classes, (batch,), device=DEVICE, generator=g)
+
+    def loss():
+        if imf:
+            return loss_fn(model, x, y)[0]
+        t = torch.sigmoid(IMF_FM_TIME_MU + IMF_FM_TIME_SIGMA * torch.randn(batch, device=DEVICE))
+        with skip_value_checks():  # valid draws; no host sync in the timed step
+            return imf_fm_loss(model, x, y, t, torch.randn_like(x))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
+            value = loss()
+        value.backward()
+        opt.step()
+
     return torch.compile(step) if compiled else step

@@ -6,6 +6,12 @@ Every ratio is measured in this run on this GPU against the baselines of the sam
 eager PyTorch (flash SDPA) and torch.compile'd PyTorch. The JVP row follows the two forward baselines at
 once, each ratio is printed as soon as its rows exist, and the JSON is rewritten after every row, so a
 run cut short by its time limit keeps what it measured; ``--skip`` leaves optional rows out.
+
+The iMF model (meanflow_fast/imf) has its own table, selected by the ``iMF-`` prefix of a case:
+
+    PYTHONPATH=. python -m benchmarks.report --sampler no --cases iMF-B/2:128,iMF-XL/2:64
+
+with the issue's targets printed beside its ratios (``IMF_TARGETS``).
 """
 import argparse
 import json
@@ -16,15 +22,18 @@ import sys
 import torch
 
 from benchmarks import common
-from benchmarks.common import (CASES, build_model, cuda_time_ms, dit_forward_flops, dit_jvp_flops, forward_fn,
-                               forward_jvp_fn, func_jvp_fn, model_inputs, peak_memory_mb, timed_first_call,
-                               train_step_fn)
+from benchmarks.common import (CASES, IMF_PREFIX, build_imf_model, build_model, cuda_time_ms, dit_forward_flops,
+                               dit_jvp_flops, forward_fn, forward_jvp_fn, func_jvp_fn, imf_forward_flops,
+                               imf_forward_fn, imf_forward_jvp_fn, imf_func_jvp_fn, imf_inputs, imf_jvp_flops,
+                               imf_train_step_fn, model_inputs, peak_memory_mb, timed_first_call, train_step_fn)
 
 
 def _measure(name, fn, rows, flops=None, iters=10):
+    # A CPU dry run checks the script, not the figures: one timed call (the Triton interpreter is slow).
+    warmup, iters = (2, iters) if common.DEVICE == "cuda" else (0, 1)
     try:
         first_s = timed_first_call(fn)
-        ms = cuda_time_ms(fn, warmup=2, iters=iters)
+        ms = cuda_time_ms(fn, warmup=warmup, iters=iters)
         mem = peak_memory_mb(fn)
     except Exception as e:  # a baseline that cannot run (e.g. OOM) is reported, not fatal
         print(f"  {name:<28} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
@@ -39,17 +48,28 @@ def _measure(name, fn, rows, flops=None, iters=10):
     return ms
 
 
-def _ratio(rows, key, num, den, num_key="ms"):
-    """rows[key] = rows[num][num_key] / rows[den][num_key], printed, when both rows were measured."""
+def _ratio(rows, key, num, den, num_key="ms", target=None):
+    """rows[key] = rows[num][num_key] / rows[den][num_key], printed, when both rows were measured; with a
+    ``target`` (an upper bound) printed beside it, met or missed; without both rows, the target is printed
+    as not measured."""
     a, b = rows.get(num, {}).get(num_key), rows.get(den, {}).get(num_key)
+    goal = "" if target is None else f"  target ≤ {target:.2f}×"
     if a and b:
         rows[key] = round(a / b, 3)
-        print(f"  {key:<36} {rows[key]:.3f}×", flush=True)
+        verdict = "" if target is None else (": met" if rows[key] <= target else ": MISSED")
+        print(f"  {key:<36} {rows[key]:.3f}×{goal}{verdict}", flush=True)
+    elif target is not None:
+        print(f"  {key:<36} —  {goal.strip()}: not measured (no {num_key} of {num!r} or {den!r})", flush=True)
 
 
 # The rows a model table can leave out (--skip): none of them enters a must-show ratio.
 OPTIONAL_ROWS = ("forward triton", "forward_jvp torch", "torch.func.jvp eager", "FM step eager",
-                 "MeanFlow step triton compiled")
+                 "MeanFlow step triton compiled", "torch.func.jvp compiled", "iMF step triton compiled")
+
+# The issue's targets of the iMF table (upper bounds of the ratios): the JVP against the forward with both
+# heads, eager and compiled; the iMF step against the compiled flow-matching step of the same network.
+IMF_TARGETS = {"jvp_over_eager_forward": 1.0, "jvp_over_compiled_forward": 2.0,
+               "imf_step_over_compiled_fm": 1.35, "imf_mem_over_compiled_fm": 1.1}
 
 
 def _row_key(name: str) -> str:
@@ -120,6 +140,84 @@ def model_table(preset, batch, quick, dtype, compiled_step=True, skip=(), rows=N
     return rows
 
 
+def imf_table(preset, batch, quick, dtype, compiled_step=True, skip=(), rows=None, save=None):
+    """The ratio table of one iMF (preset, batch), laid out as ``model_table``'s: the forward baselines
+    (both heads, torch ops: eager and torch.compile'd), then at once ``forward_jvp`` on the triton backend
+    and its ratios, then the optional rows; then the steps: the flow-matching step of the same network
+    (``common.imf_fm_loss``: v-head only; eager, compiled) and the iMF step (IMFLoss + backward + Adam) on
+    the triton backend (eager, compiled), with the step time and peak-memory ratios. The targets of
+    ``IMF_TARGETS`` are printed beside their ratios and stored under ``rows["targets"]``. A row whose
+    backend cannot run (IMFDiT without its triton backend raises NotImplementedError) is reported as
+    FAILED with the reason, and the ratios it enters as not measured."""
+    print(f"\n== {IMF_PREFIX}{preset} batch {batch} ({dtype}) ==", flush=True)
+    rows = {} if rows is None else rows
+    rows["targets"] = dict(IMF_TARGETS)
+    skip = set(skip) | ({"torch.func.jvp eager"} if quick else set()) \
+        | (set() if compiled_step else {"iMF step triton compiled"})
+    save_rows = save if save is not None else (lambda: None)
+
+    def measure(name, fn, flops=None, iters=10):
+        if name not in skip:
+            _measure(name, fn, rows, flops, iters)
+            save_rows()
+
+    def ratio(key, num, den, num_key="ms"):
+        _ratio(rows, key, num, den, num_key, target=IMF_TARGETS.get(key))
+        save_rows()
+
+    model = build_imf_model(preset, dtype=dtype)
+    inp = imf_inputs(model, batch, dtype=dtype)
+    fwd, jvp = imf_forward_flops(preset, batch), imf_jvp_flops(preset, batch)
+    measure("forward eager", imf_forward_fn(model, inp, "torch"), fwd)
+    measure("forward compiled", imf_forward_fn(torch.compile(model), inp), fwd)
+    measure("forward_jvp triton", imf_forward_jvp_fn(model, inp, "triton"), jvp)
+    ratio("jvp_over_eager_forward", "forward_jvp triton", "forward eager")
+    ratio("jvp_over_compiled_forward", "forward_jvp triton", "forward compiled")
+    # torch.compile of torch.func.jvp over the plain forward: what a user gets from PyTorch alone.
+    measure("torch.func.jvp compiled", torch.compile(imf_func_jvp_fn(model, inp)), jvp)
+    ratio("jvp_over_compiled_func_jvp", "forward_jvp triton", "torch.func.jvp compiled")
+    # The plain forward on the iMF primal kernels (where this ratio is < 1 the fused forward is faster).
+    measure("forward triton", imf_forward_fn(model, inp, "triton"), fwd)
+    ratio("triton_forward_over_eager_forward", "forward triton", "forward eager")
+    ratio("triton_forward_over_compiled_forward", "forward triton", "forward compiled")
+    measure("forward_jvp torch", imf_forward_jvp_fn(model, inp, "torch"), jvp)
+    measure("torch.func.jvp eager", imf_func_jvp_fn(model, inp), jvp)
+    del model
+    print("  -- train step (fp32 master weights, bf16 autocast) --", flush=True)
+    fm = build_imf_model(preset, dtype=torch.float32)
+    measure("FM step eager", imf_train_step_fn(fm, batch, imf=False), iters=5)
+    measure("FM step compiled", imf_train_step_fn(fm, batch, imf=False, compiled=True), iters=5)
+    del fm
+    mf = build_imf_model(preset, dtype=torch.float32, backend="triton")
+    for name, compiled, key in (("iMF step triton", False, "imf"), ("iMF step triton compiled", True, "imf_compiled")):
+        if name in skip:
+            continue
+        if compiled:
+            torch._dynamo.reset()
+        measure(name, imf_train_step_fn(mf, batch, imf=True, compiled=compiled), iters=5)
+        ratio(f"{key}_step_over_compiled_fm", name, "FM step compiled")
+        ratio(f"{key}_mem_over_compiled_fm", name, "FM step compiled", num_key="peak_mb")
+        ratio(f"{key}_step_over_eager_fm", name, "FM step eager")
+    torch.cuda.empty_cache()
+    return rows
+
+
+def parse_cases(values):
+    """``--cases`` values, each one or more comma-separated ``preset:batch`` pairs, as (preset, batch)
+    pairs; an ``iMF-`` preset names an iMF model. Raises ValueError naming a malformed pair."""
+    cases = []
+    for v in values:
+        for c in (c.strip() for c in v.split(",")):
+            if not c:
+                continue
+            preset, _, batch = c.rpartition(":")
+            if not preset or not batch.isdigit() or int(batch) < 1:
+                raise ValueError(f"--cases: {c!r} is not preset:batch (e.g. B/2:128 or {IMF_PREFIX}B/2:128, "
+                                 "batch a positive integer)")
+            cases.append((preset, int(batch)))
+    return cases
+
+
 def sampler_table(dtype, preset="B/2", batches=(1, 256)):
     """1-NFE DiT-B/2 sampling (bf16): batch-1 latency and batch-256 throughput, graph vs eager vs compiled,
     and the graph over the same weights with backend="triton" (the fused primal kernels)."""
@@ -155,7 +253,8 @@ def main(argv=None):
     p.add_argument("--out", default="benchmark_results.json")
     p.add_argument("--quick", action="store_true", help="skip the slow eager torch.func.jvp baseline")
     p.add_argument("--cases", nargs="*", default=[f"{c}:{b}" for c, b in CASES],
-                   help="preset:batch pairs (default: the must-show cases)")
+                   help="preset:batch pairs, space- or comma-separated (default: the must-show DiT cases); "
+                        f"{IMF_PREFIX}PRESET:BATCH for the iMF table (e.g. {IMF_PREFIX}B/2:128,{IMF_PREFIX}XL/2:64)")
     p.add_argument("--sampler", choices=["yes", "no", "only"], default="yes",
                    help="the 1-NFE sampler table: with the model tables, without it, or alone")
     p.add_argument("--no-compiled-step", dest="compiled_step", action="store_false",
@@ -172,6 +271,17 @@ def main(argv=None):
     if unknown:
         p.error(f"--skip: unknown or required row(s) {unknown}; the optional rows are {list(OPTIONAL_ROWS)}")
     skip = [by_key[_row_key(r)] for r in asked]
+    try:
+        cases = parse_cases(args.cases)
+    except ValueError as e:
+        p.error(str(e))
+    from meanflow_fast.imf import IMF_PRESETS
+    bad = [p_ for p_, _ in cases if p_.startswith(IMF_PREFIX) and p_[len(IMF_PREFIX):] not in IMF_PRESETS]
+    if bad:
+        p.error(f"--cases: unknown iMF preset(s) {bad}; allowed: {[IMF_PREFIX + k for k in IMF_PRESETS]}")
+    if args.device == "cpu" and args.sampler != "no" and (not cases or cases[0][0].startswith(IMF_PREFIX)):
+        p.error(f"--sampler: a dry run's sampler table takes its DiT preset from the first of --cases; put a DiT "
+                f"case first or pass --sampler no (iMF cases: {IMF_PREFIX}PRESET:BATCH)")
     if not common.select_device(args.device, "benchmarks/report.py"):
         return 2
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -182,7 +292,6 @@ def main(argv=None):
         out["triton"] = triton.__version__
     except ImportError:
         pass
-    cases = [(c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])) for c in args.cases]
 
     def save():  # after every row: a run killed by its time limit keeps what it measured
         with open(args.out + ".tmp", "w") as f:
@@ -191,7 +300,10 @@ def main(argv=None):
 
     for preset, batch in (cases if args.sampler != "only" else []):
         out[f"{preset} b{batch}"] = rows = {}
-        model_table(preset, batch, args.quick, dtype, args.compiled_step, skip, rows, save)
+        if preset.startswith(IMF_PREFIX):
+            imf_table(preset[len(IMF_PREFIX):], batch, args.quick, dtype, args.compiled_step, skip, rows, save)
+        else:
+            model_table(preset, batch, args.quick, dtype, args.compiled_step, skip, rows, save)
     if args.sampler == "no":
         pass
     elif args.device == "cuda":

@@ -8,8 +8,9 @@ Run it before a GPU run with the triton version of the GPU machine (in a separat
 with the local one. Options: --targets 90,80, --kernel NAME, --jobs N, --timeout S, --json FILE.
 
 What it does. Each launcher (``attention_fwd``, ``attention_bwd``, ``dual_linear_fwd``,
-``ln_modulate_fwd``/``_bwd``, ``gated_residual_fwd``/``_bwd``; the forward launchers with and without
-the tangent stream, HAS_TANGENT=True/False) is called at DiT sizes on *fake* CUDA
+``ln_modulate_fwd``/``_bwd``, ``gated_residual_fwd``/``_bwd``, and the iMF ones: ``rms_norm_fwd``/``_bwd``,
+``gated_residual_rmsnorm_fwd``/``_bwd``, ``qk_norm_rope_fwd``/``_bwd``, ``swiglu_gate_fwd``; the forward
+launchers with and without the tangent stream, HAS_TANGENT=True/False) is called at DiT and iMF sizes on *fake* CUDA
 tensors (torch's FakeTensorMode: shapes, strides, dtypes, no memory, no GPU), with every
 ``@triton.jit``/``@triton.autotune`` object of the ``kernels`` modules replaced by a recorder. The
 recorded launch (positional arguments, constexprs, num_warps) is then bound by Triton's own
@@ -87,8 +88,11 @@ import meanflow_fast.kernels.gated_residual_ln as gated_ln_mod  # noqa: E402
 import meanflow_fast.kernels.layernorm_modulate as ln_mod  # noqa: E402
 import meanflow_fast.kernels.linear as linear_mod  # noqa: E402
 import meanflow_fast.kernels.mlp as mlp_mod  # noqa: E402  (fc1/fc2 are dual_linear launches; its own kernel: gelu_bwd)
+import meanflow_fast.kernels.qk_norm_rope as qk_mod  # noqa: E402
+import meanflow_fast.kernels.rmsnorm as rms_mod  # noqa: E402
+import meanflow_fast.kernels.swiglu as swiglu_mod  # noqa: E402  (W2 is a dual_linear launch; its own kernel: the gate)
 
-KERNEL_MODULES = (attention_mod, linear_mod, mlp_mod, ln_mod, gated_mod, gated_ln_mod)
+KERNEL_MODULES = (attention_mod, linear_mod, mlp_mod, ln_mod, gated_mod, gated_ln_mod, rms_mod, qk_mod, swiglu_mod)
 
 # Per-target limits (CUDA programming guide, compute capability tables).
 LIMITS = {
@@ -149,7 +153,8 @@ def _base_fn(kernel) -> JITFunction:
 def recording(sink: List[Launch]):
     """Replace every jit/autotune object of the kernel modules by a recorder (restored on exit: the
     jit helpers that kernels call must be the real ones again before anything is compiled)."""
-    linear_mod._cuda_kernel()  # build the lazily created autotuner of the dual linear so it is patched too
+    linear_mod._cuda_kernel()  # build the lazily created autotuners (dual linear, SwiGLU gate) so they are patched too
+    swiglu_mod._cuda_kernel()
     saved = []
     for mod in KERNEL_MODULES:
         for name, obj in list(vars(mod).items()):
@@ -296,6 +301,91 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
                                 lambda f=lin: f(n_out=3072, gelu=True, store_pre=True, tangent=False)))
             out.append(Scenario("dual_linear fc1+gelu primal 768→3072", tag,
                                 lambda f=lin: f(n_out=3072, gelu=True, tangent=False)))
+        out += imf_scenarios(dt_name)
+    return out
+
+
+# iMF (meanflow_fast/imf/model.py): (label, hidden size, heads, SwiGLU hidden); head dim 64 in both, tokens
+# 20 prefix + 256 patch.
+IMF_MODELS = (("iMF-B/2", 768, 12, 2048), ("iMF-XL/2", 1024, 16, 2730))
+IMF_TOKENS = 276
+
+
+def imf_scenarios(dt_name: str) -> List[Scenario]:
+    """The iMF kernels at the iMF presets' sizes: RMSNorm and the gated residual + RMSNorm (forward with
+    and without the tangent, backward), QK-norm + RoPE on the model's (B, N, H, D_h) views of the q and
+    k projections (forward with and without the tangent, backward), and the SwiGLU gate GEMM (with and
+    without the tangent and the stored pre-activations; fp32 with IEEE and TF32 dots, as the dual linear)."""
+    out = []
+    dt = DTYPES[dt_name]
+    N = IMF_TOKENS
+    for model, hidden, heads, mlp_hidden in IMF_MODELS:
+        hd = hidden // heads
+
+        def rms(dt=dt, hidden=hidden, tangent=True):
+            x, w = _cuda(BATCH, N, hidden, dtype=dt), _cuda(hidden, dtype=dt)
+            y, _, rstd = rms_mod.rms_norm_fwd(x, w, _cuda(BATCH, N, hidden, dtype=dt) if tangent else None, 1e-6)
+            if tangent:
+                rms_mod.rms_norm_bwd(torch.empty_like(y), x, w, rstd)
+
+        def gated_rms(dt=dt, hidden=hidden, tangent=True):
+            x, f = _cuda(BATCH, N, hidden, dtype=dt), _cuda(BATCH, N, hidden, dtype=dt)
+            g, w = _cuda(hidden, dtype=dt), _cuda(hidden, dtype=dt)
+            tans = (_cuda(BATCH, N, hidden, dtype=dt), _cuda(BATCH, N, hidden, dtype=dt)) if tangent else (None, None)
+            rms_mod.gated_residual_rmsnorm_fwd(x, f, g, w, *tans, eps=1e-6)
+
+        def gated_rms_bwd(dt=dt, hidden=hidden, dm=True, dh=True):  # HAS_DM / HAS_DH: which outputs have a gradient
+            h, f = _cuda(BATCH, N, hidden, dtype=dt), _cuda(BATCH, N, hidden, dtype=dt)
+            g, w = _cuda(hidden, dtype=dt), _cuda(hidden, dtype=dt)
+            rstd = _cuda(BATCH * N, dtype=torch.float32)
+            rms_mod.gated_residual_rmsnorm_bwd(h, f, g, w, rstd, torch.empty_like(h) if dm else None,
+                                               torch.empty_like(h) if dh else None)
+
+        for dm, dh in ((True, True), (True, False), (False, True)):
+            grads = "+".join(n for n, on in (("dm", dm), ("dh", dh)) if on)
+            out.append(Scenario("gated_residual_rmsnorm bwd", f"{dt_name} D={hidden} {grads}",
+                                lambda f=gated_rms_bwd, a=dm, b=dh: f(dm=a, dh=b)))
+
+        def qk(dt=dt, hidden=hidden, heads=heads, hd=hd, tangent=True):
+            q, k = (_cuda(BATCH, N, hidden, dtype=dt).unflatten(-1, (heads, hd)) for _ in range(2))
+            qw, kw = _cuda(hd, dtype=dt), _cuda(hd, dtype=dt)
+            cos, sin = _cuda(N, hd // 2, dtype=torch.float32), _cuda(N, hd // 2, dtype=torch.float32)
+            tans = tuple(_cuda(BATCH, N, hidden, dtype=dt).unflatten(-1, (heads, hd)) for _ in range(2)) \
+                if tangent else (None, None)
+            qo, _, ko, _ = qk_mod.qk_norm_rope_fwd(q, k, qw, kw, cos, sin, *tans, eps=1e-6)
+            if tangent:  # gradients of the outputs in their (B, H, N, D) storage
+                qk_mod.qk_norm_rope_bwd(torch.empty_like(qo), torch.empty_like(ko), q, k, qw, kw, cos, sin, 1e-6)
+
+        for tangent in (True, False):
+            kind = "fwd+bwd" if tangent else "fwd"
+            primal = "" if tangent else " primal"
+            out.append(Scenario(f"rms_norm {kind}", f"{dt_name} D={hidden}{primal}",
+                                lambda f=rms, t=tangent: f(tangent=t)))
+            out.append(Scenario("gated_residual_rmsnorm fwd", f"{dt_name} D={hidden}{primal}",
+                                lambda f=gated_rms, t=tangent: f(tangent=t)))
+            out.append(Scenario(f"qk_norm_rope {kind}", f"{dt_name} H={heads} D={hd}{primal}",
+                                lambda f=qk, t=tangent: f(tangent=t)))
+
+        precisions = ("highest", "high") if dt == torch.float32 else ("highest",)
+        for prec in precisions:
+            tag = dt_name + ("/tf32" if prec == "high" else "")
+
+            def gate(dt=dt, prec=prec, hidden=hidden, mlp_hidden=mlp_hidden, tangent=True, store_ab=False):
+                old = torch.get_float32_matmul_precision()
+                torch.set_float32_matmul_precision(prec)
+                try:
+                    x = _cuda(BATCH, N, hidden, dtype=dt)
+                    w1, w3 = _cuda(mlp_hidden, hidden, dtype=dt), _cuda(mlp_hidden, hidden, dtype=dt)
+                    swiglu_mod.swiglu_gate_fwd(x, w1, w3, _cuda(BATCH, N, hidden, dtype=dt) if tangent else None,
+                                               store_ab=store_ab)
+                finally:
+                    torch.set_float32_matmul_precision(old)
+
+            for tangent in (True, False):
+                for store_ab in (True, False):
+                    flags = ("" if tangent else " primal") + (" +ab" if store_ab else "")
+                    out.append(Scenario(f"swiglu gate {hidden}→{mlp_hidden}{flags}", f"{tag} {model}",
+                                        lambda f=gate, t=tangent, s=store_ab: f(tangent=t, store_ab=s)))
     return out
 
 
@@ -366,7 +456,8 @@ def build_jobs(launches: List[Tuple[Scenario, Launch]], capabilities: List[int],
                                                          fn.arg_names[k[0]] not in tuned_keys),
                                        sorted((str(k), repr(v)) for k, v in attrs.items())], sort_keys=True)
                 key = (fn.__name__, cap, spec_key, label)
-                variant = f"{scen.variant} [{scen.family}]" if scen.family.startswith("dual_linear") else scen.variant
+                variant = f"{scen.variant} [{scen.family}]" if scen.family.startswith(("dual_linear", "swiglu")) \
+                    else scen.variant
                 if key in jobs:
                     if variant not in jobs[key].also and variant != jobs[key].variant:
                         jobs[key].also.append(variant)

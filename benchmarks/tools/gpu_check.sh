@@ -2,7 +2,8 @@
 # The one prepared GPU check (H100/H200). Run on the device machine from the repo root, as
 #   bash benchmarks/tools/gpu_check.sh [PHASE[,PHASE...]]
 # with these phases (default: tests,bench, ~8-9 min from cold caches):
-#   tests      the GPU tests (pytest -m gpu)
+#   tests      the GPU tests (pytest -m gpu: every test marked requires_cuda, the iMF kernels' and
+#              tests/imf/ included)
 #   bench      the B/2 ratio table; CASES="XL/2:64" picks other cases;
 #              REPORT_ARGS=--no-compiled-step skips the compiled MF step row
 #   sampler    the sampler table (batch 1 and 256, graph/eager/compiled)
@@ -22,6 +23,9 @@
 #              batch 32 vs 128: TRAIN_BATCHES)
 #   attention  attention fwd + tangent vs torch.func.jvp, jvp_flash_attention (installed from
 #              .gpu_wheels/ when carried: benchmarks/tools/fetch_baselines.sh)
+#   imf        iMF: per-op fwd + tangent vs the torch references (benchmarks/bench_imf_ops.py, eager and
+#              compiled; IMF_OPS_K picks cases), then the iMF ratio table with the issue's targets
+#              (IMF_CASES="iMF-B/2:128,iMF-XL/2:64"; IMF_REPORT_ARGS, e.g. --no-compiled-step)
 # Several phases run in one device call, in the order given (BUDGET=500 ... tests,bench,attention); with
 # BUDGET (seconds) every phase's limit shrinks to what is left of it, so the call ends with its logs
 # inside the lease; the ratio table times the JVP right after the forward baselines and rewrites its
@@ -52,10 +56,11 @@ DEVICE_ARGS=""
 if [[ ${DRY:-0} == 1 ]]; then
     DEVICE_ARGS="--device cpu"
     export TRITON_INTERPRET=1
-    CASES=${CASES:-"tiny:2"} CASES_FIRST=${CASES_FIRST:-"tiny:2"} TEST_WORKERS=${TEST_WORKERS:-2}
+    CASES=${CASES:-"tiny:2"} CASES_FIRST=${CASES_FIRST:-"tiny:2"} TEST_WORKERS=${TEST_WORKERS:-2} IMF_CASES=${IMF_CASES:-"iMF-tiny:2"}
     SWEEP_DIMS=${SWEEP_DIMS:-72} SWEEP_HI=${SWEEP_HI:-16} SWEEP_JOBS=${SWEEP_JOBS:-2} GEMM_SHAPES=${GEMM_SHAPES:-B/2}
 fi
 CASES=${CASES:-"B/2:128"}
+IMF_CASES=${IMF_CASES:-"iMF-B/2:128,iMF-XL/2:64"}
 FAILED=()
 # note NAME STATUS: remember a command that failed. pytest's 5 (no test ran: a benchmark module skipped
 # whole, as without CUDA) is a failure on a GPU and expected in a dry run.
@@ -151,6 +156,31 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
 PYEOF
 }
 
+phase_imf() {
+    echo "== iMF ops: fwd + tangent vs the torch references (eager and compiled) =="
+    # (in a dry run the benchmark module skips: its factories are tested in tests/test_benchmark_tools.py)
+    timeout "$(lim 300)" "$PY" -m pytest benchmarks/bench_imf_ops.py --benchmark-only -q -p no:cacheprovider -rs \
+        ${IMF_OPS_K:+-k "$IMF_OPS_K"} --benchmark-columns=median --benchmark-json "$OUT/imf_ops.json" \
+        > "$OUT/imf_ops.log" 2>&1
+    pytest_done imf-ops "$OUT/imf_ops.log" $?
+    if [[ -f "$OUT/imf_ops.json" ]]; then
+        "$PY" - "$OUT/imf_ops.json" <<'PYEOF'
+import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    e = b["extra_info"]
+    rate = {k: v for k, v in e.items() if k in ("TFLOP/s", "GB/s")}
+    print(f"  {b['name']:<64} {e.get('ms', float('nan')):8.4f} ms  {rate}  x_baseline {e.get('x_eager_ref_fwd')}")
+PYEOF
+    else
+        echo "(no benchmark JSON written: see $OUT/imf_ops.log)"
+    fi
+    echo "== iMF ratio table: $IMF_CASES (targets beside the ratios) =="
+    # shellcheck disable=SC2086
+    timeout "$(lim 480)" "$PY" -m benchmarks.report --quick --sampler no --cases $IMF_CASES ${IMF_REPORT_ARGS:-} \
+        $DEVICE_ARGS --out "$OUT/imf_results.json" 2>&1 | grep -v '^W[0-9]' | tee "$OUT/imf_report.log"
+    note imf "${PIPESTATUS[0]}"
+}
+
 phase_sweep() {
     echo "== attention configs one by one (fault / error / time), XL/2 batch-64 shape =="
     for k in ${SWEEP_KERNELS:-fwd_tangent dkdv dq}; do
@@ -196,7 +226,7 @@ phase_train() {
 [[ $PHASES == all ]] && PHASES=tests,bench
 for ph in ${PHASES//,/ }; do
     if ! declare -F "phase_$ph" > /dev/null; then
-        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention ops sweep gemm firststep backward sampler train)"; exit 2
+        echo "gpu_check: unknown phase '$ph' (phases: tests bench attention ops imf sweep gemm firststep backward sampler train)"; exit 2
     fi
 done
 for ph in ${PHASES//,/ }; do "phase_$ph"; done

@@ -1,0 +1,224 @@
+"""The iMF block's ops with tangents at iMF-B/2 batch 128 (B 128, N 276 = 20 prefix + 256 patch tokens,
+D 768, 12 heads of 64, SwiGLU hidden 2048), bf16.
+
+    pytest benchmarks/bench_imf_ops.py --benchmark-only
+
+One factory per op, parametrized by provider and by eager / torch.compile, as bench_dual_ops.py:
+
+    triton     our fused kernel (forward + tangent in one pass)
+    torch_jvp  torch.func.jvp over the pure-torch reference (``imf_reference``; the attention's
+               ``attention_ref``)
+    jvp_ref    the explicit pure-torch rules (``*_jvp_ref``: the iMF model's ``torch`` backend)
+    ref_fwd    the reference's forward alone: the primal cost, the floor a fused op is measured against
+
+The ops: ``rms_norm``, ``gated_residual_rmsnorm`` (the block's residual update + the next RMSNorm),
+``qk_norm_rope`` (q and k as the (B, N, H, D) views of the projections' outputs, as in the model),
+``swiglu`` (rows B·N, 768 → 2048 → 768) and ``attention`` (B 128, H 12, N 276, D 64; here ref_fwd is
+flash SDPA's forward, the floor a user has, and ``attention_ref`` is its own provider ``ref_math_fwd``).
+As in training, primal inputs and parameters require grad. Each benchmark records in ``extra_info`` its
+median time, its throughput from the formula next to the op (TFLOP/s for SwiGLU and attention, GB/s of
+compulsory traffic for the row ops) and its ratio to the eager ``ref_fwd`` of the same op.
+
+``make_inputs`` and ``op_fn`` take any shape, dtype and device: tests/test_benchmark_tools.py runs every
+provider at small fp32 shapes in Triton's interpreter (CPU) against the others. Without a GPU the
+benchmarks themselves skip (benchmarks/conftest.py).
+"""
+from typing import Callable, Dict, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meanflow_fast.kernels.attention import attention_jvp, attention_jvp_ref, attention_ref
+from meanflow_fast.kernels.imf_reference import (qk_norm_rope_jvp_ref, qk_norm_rope_ref, rms_norm_jvp_ref,
+                                                 rms_norm_ref, rope_cos_sin, swiglu_jvp_ref, swiglu_ref)
+from meanflow_fast.kernels.qk_norm_rope import qk_norm_rope_jvp
+from meanflow_fast.kernels.rmsnorm import (gated_residual_rmsnorm_jvp, gated_residual_rmsnorm_jvp_ref,
+                                           gated_residual_rmsnorm_ref, rms_norm_jvp)
+from meanflow_fast.kernels.swiglu import swiglu_jvp
+
+B, N, D, HEADS, HIDDEN = 128, 276, 768, 12, 2048   # iMF-B/2, batch 128: 32×32 latents / patch 2 + 20 prefix
+HEAD_DIM = D // HEADS
+M = B * N
+DTYPE = torch.bfloat16
+ITERS = 10                             # launches per timed round (one sync per round)
+PROVIDERS = ["triton", "torch_jvp", "jvp_ref", "ref_fwd"]
+OPS = ("rms_norm", "gated_residual_rmsnorm", "qk_norm_rope", "swiglu", "attention")
+EPS = 1e-6
+
+
+# Work formulas -----------------------------------------------------------------------------------
+def work(op: str, provider: str, shape: Dict[str, int], elem: int) -> Tuple[float, str]:
+    """(amount, unit) of one call: FLOPs for the matmul ops, bytes of compulsory traffic for the row ops
+    (the (D,) weights and gates, the fp32 row statistics and the (N, D/2) RoPE tables are left out).
+    ``provider`` "ref_fwd" (and attention's "ref_math_fwd") count the primal stream alone."""
+    b, n, d, h, hd, hidden = (shape[k] for k in ("B", "N", "D", "HEADS", "HEAD_DIM", "HIDDEN"))
+    m = b * n
+    primal = provider in ("ref_fwd", "ref_math_fwd")
+    streams = 1 if primal else 2
+    if op == "rms_norm":                  # read x (ẋ), write y (ẏ)
+        return 2 * streams * m * d * elem, "GB/s"
+    if op == "gated_residual_rmsnorm":    # read x, f (ẋ, ḟ); write h, m (ḣ, ṁ)
+        return 4 * streams * m * d * elem, "GB/s"
+    if op == "qk_norm_rope":              # read q, k (q̇, k̇); write q', k' (q̇', k̇')
+        return 4 * streams * m * d * elem, "GB/s"
+    if op == "swiglu":                    # three D×HIDDEN matmuls per stream
+        return 3 * 2 * m * d * hidden * streams, "TFLOP/s"
+    if op == "attention":                 # QKᵀ and PV; with the tangent 3× (Q̇Kᵀ, QK̇ᵀ, ṖV, PV̇)
+        return 4 * b * h * n * n * hd * (1 if primal else 3), "TFLOP/s"
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+SHAPE = dict(B=B, N=N, D=D, HEADS=HEADS, HEAD_DIM=HEAD_DIM, HIDDEN=HIDDEN)
+
+
+# Inputs and the providers' callables -------------------------------------------------------------
+def make_inputs(op: str, shape: Dict[str, int], dtype=DTYPE, device="cuda", seed: int = 0) -> tuple:
+    """The op's arguments, primal inputs and parameters requiring grad (tangents do not), at ``shape``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    b, n, d, h, hd, hidden = (shape[k] for k in ("B", "N", "D", "HEADS", "HEAD_DIM", "HIDDEN"))
+
+    def rand(*s, scale=1.0, grad=False, offset=0.0):
+        t = torch.randn(*s, device=device, generator=g) * scale + offset
+        return t.to(dtype).requires_grad_(grad)
+
+    if op == "rms_norm":
+        return rand(b, n, d, grad=True), rand(d, scale=0.1, offset=1.0, grad=True), rand(b, n, d)
+    if op == "gated_residual_rmsnorm":
+        x, f = rand(b, n, d, grad=True), rand(b, n, d, grad=True)
+        gate, weight = rand(d, scale=0.1, grad=True), rand(d, scale=0.1, offset=1.0, grad=True)
+        return x, f, gate, weight, rand(b, n, d), rand(b, n, d)
+    if op == "qk_norm_rope":
+        # the model's q and k: (B, N, H, D_h) views of the (B, N, D) projections (contiguous here)
+        q, k = (rand(b, n, d, grad=True).unflatten(-1, (h, hd)) for _ in range(2))
+        qw, kw = (rand(hd, scale=0.1, offset=1.0, grad=True) for _ in range(2))
+        cos, sin = rope_cos_sin(n, hd, device=device)
+        q_dot, k_dot = (rand(b, n, d).unflatten(-1, (h, hd)) for _ in range(2))
+        return q, k, qw, kw, cos, sin, q_dot, k_dot
+    if op == "swiglu":
+        x = rand(b * n, d, grad=True)
+        w1, w3 = (rand(hidden, d, scale=d ** -0.5, grad=True) for _ in range(2))
+        w2 = rand(d, hidden, scale=hidden ** -0.5, grad=True)
+        return x, w1, w3, w2, rand(b * n, d)
+    if op == "attention":
+        q, k, v = (rand(b, h, n, hd, grad=True) for _ in range(3))
+        return (q, k, v) + tuple(rand(b, h, n, hd) for _ in range(3))
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def op_fn(op: str, provider: str, args: tuple) -> Callable:
+    """The callable a provider times on ``args`` (``make_inputs``): fwd+tangent providers return the
+    primal outputs and the tangents (for ``torch_jvp``: torch.func.jvp's (outputs, tangents)), ``ref_fwd``
+    the primal outputs."""
+    if op == "rms_norm":
+        x, w, xd = args
+        return {"triton": lambda: rms_norm_jvp(x, w, xd, EPS),
+                "torch_jvp": lambda: torch.func.jvp(lambda x_: rms_norm_ref(x_, w, EPS), (x,), (xd,)),
+                "jvp_ref": lambda: rms_norm_jvp_ref(x, w, xd, EPS),
+                "ref_fwd": lambda: rms_norm_ref(x, w, EPS)}[provider]
+    if op == "gated_residual_rmsnorm":
+        x, f, gate, w, xd, fd = args
+        return {"triton": lambda: gated_residual_rmsnorm_jvp(x, f, gate, w, xd, fd, EPS),
+                "torch_jvp": lambda: torch.func.jvp(lambda x_, f_: gated_residual_rmsnorm_ref(x_, f_, gate, w, EPS),
+                                                    (x, f), (xd, fd)),
+                "jvp_ref": lambda: gated_residual_rmsnorm_jvp_ref(x, f, gate, w, xd, fd, EPS),
+                "ref_fwd": lambda: gated_residual_rmsnorm_ref(x, f, gate, w, EPS)}[provider]
+    if op == "qk_norm_rope":
+        q, k, qw, kw, cos, sin, qd, kd = args
+        return {"triton": lambda: qk_norm_rope_jvp(q, k, qw, kw, cos, sin, qd, kd, EPS),
+                "torch_jvp": lambda: torch.func.jvp(lambda q_, k_: qk_norm_rope_ref(q_, k_, qw, kw, cos, sin, EPS),
+                                                    (q, k), (qd, kd)),
+                "jvp_ref": lambda: qk_norm_rope_jvp_ref(q, k, qw, kw, cos, sin, qd, kd, EPS),
+                "ref_fwd": lambda: qk_norm_rope_ref(q, k, qw, kw, cos, sin, EPS)}[provider]
+    if op == "swiglu":
+        x, w1, w3, w2, xd = args
+        return {"triton": lambda: swiglu_jvp(x, w1, w3, w2, xd),
+                "torch_jvp": lambda: torch.func.jvp(lambda x_: swiglu_ref(x_, w1, w3, w2), (x,), (xd,)),
+                "jvp_ref": lambda: swiglu_jvp_ref(x, w1, w3, w2, xd),
+                "ref_fwd": lambda: swiglu_ref(x, w1, w3, w2)}[provider]
+    if op == "attention":
+        q, k, v, qd, kd, vd = args
+        return {"triton": lambda: attention_jvp(q, k, v, qd, kd, vd),
+                "torch_jvp": lambda: torch.func.jvp(attention_ref, (q, k, v), (qd, kd, vd)),
+                "jvp_ref": lambda: attention_jvp_ref(q, k, v, qd, kd, vd),
+                "ref_fwd": lambda: F.scaled_dot_product_attention(q, k, v),
+                "ref_math_fwd": lambda: attention_ref(q, k, v)}[provider]
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+# Timing (CUDA) -------------------------------------------------------------------------------------
+def _time_ms(fn) -> float:
+    """Median ms of one call (CUDA events around ITERS calls, 10 rounds)."""
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(ITERS):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / ITERS)
+    return sorted(times)[len(times) // 2]
+
+
+def _run(benchmark, op, provider, compiled, args, baseline):
+    """Warm up (compiling if asked), time with pytest-benchmark, and record throughput and ratio."""
+    fn = op_fn(op, provider, args)
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn)
+    try:
+        fn()
+    except Exception as e:  # a provider torch.compile cannot handle is reported, not fatal
+        pytest.skip(f"{'compiled ' if compiled else ''}provider failed to run: {type(e).__name__}: {e}"[:300])
+    torch.cuda.synchronize()
+
+    def rounds():
+        for _ in range(ITERS):
+            fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(rounds, rounds=10, warmup_rounds=2)
+    ms = benchmark.stats.stats.median * 1e3 / ITERS
+    amount, unit = work(op, provider, SHAPE, torch.finfo(DTYPE).bits // 8)
+    rate = amount / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
+    benchmark.extra_info.update({"ms": round(ms, 4), unit: round(rate, 1), "x_eager_ref_fwd": round(ms / baseline, 3),
+                                 "shape": f"B {B}, N {N}, D {D}, heads {HEADS}×{HEAD_DIM}, hidden {HIDDEN}"})
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    cache = {}
+
+    def get(op):
+        if op not in cache:
+            cache[op] = make_inputs(op, SHAPE)
+        return cache[op]
+    return get
+
+
+@pytest.fixture(scope="module")
+def baseline(inputs):
+    cache = {}
+
+    def get(op):
+        if op not in cache:
+            cache[op] = _time_ms(op_fn(op, "ref_fwd", inputs(op)))
+        return cache[op]
+    return get
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op", OPS)
+def test_imf_op_fwd_tangent(benchmark, op, provider, compiled, inputs, baseline):
+    benchmark.group = f"{op} fwd+tangent, iMF-B/2 b128 bf16"
+    _run(benchmark, op, provider, compiled, inputs(op), baseline(op))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_attention_ref_math_fwd(benchmark, compiled, inputs, baseline):
+    """attention_ref's forward (the reference's math, fp32 softmax): the primal cost of the torch_jvp and
+    jvp_ref providers' own forward, next to flash SDPA's (ref_fwd)."""
+    benchmark.group = "attention fwd+tangent, iMF-B/2 b128 bf16"
+    _run(benchmark, "attention", "ref_math_fwd", compiled, inputs("attention"), baseline("attention"))
