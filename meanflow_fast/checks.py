@@ -91,6 +91,24 @@ def check_tangent(dz, z: torch.Tensor) -> None:
                          f"{dz.dtype} on {dz.device}: pass dz.to(z)")
 
 
+def check_noise(noise, x: torch.Tensor) -> None:
+    """A loss's explicit ``noise=`` must be shaped like x, in its dtype and on its device."""
+    if not torch.is_tensor(noise) or noise.shape != x.shape:
+        got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+        raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {got}")
+    if noise.dtype != x.dtype or noise.device != x.device:
+        raise ValueError(f"noise must have the dtype and device of x ({x.dtype} on {x.device}), got "
+                         f"{noise.dtype} on {noise.device}: pass noise.to(x)")
+
+
+def check_row_draw(name: str, s, batch: int, *, boolean: bool = False) -> None:
+    """A loss's explicit per-row draw (t, r, ω, …: float; ``drop``: bool with ``boolean``) must be (B,)."""
+    kind_ok = torch.is_tensor(s) and (s.dtype == torch.bool if boolean else s.is_floating_point())
+    if not kind_ok or s.shape != (batch,):
+        desc = f"{s.dtype} {tuple(s.shape)}" if torch.is_tensor(s) else type(s).__name__
+        raise ValueError(f"{name} must be a {'bool' if boolean else 'float'} tensor of shape ({batch},), got {desc}")
+
+
 # =================================================================================================
 #                                        Value checks
 # =================================================================================================

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checks import check_values, skip_value_checks, time_dtype
+from .checks import check_noise, check_row_draw, check_values, skip_value_checks, time_dtype
 from .jvp import central_difference_jvp
 
 __all__ = ["MeanFlowLoss", "sample_t_r", "check_settings"]
@@ -287,17 +287,11 @@ class MeanFlowLoss(nn.Module):
             raise ValueError("pass t and r together (or neither)")
         if t is not None:
             for name, s in (("t", t), ("r", r)):
-                if not torch.is_tensor(s) or s.shape != (B,) or not s.is_floating_point():
-                    raise ValueError(f"{name} must be a float tensor of shape ({B},)")
+                check_row_draw(name, s, B)
         if noise is not None:
-            if not torch.is_tensor(noise) or noise.shape != x.shape:
-                got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
-                raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {got}")
-            if noise.dtype != x.dtype or noise.device != x.device:
-                raise ValueError(f"noise must have the dtype and device of x ({x.dtype} on {x.device}), got "
-                                 f"{noise.dtype} on {noise.device}: pass noise.to(x)")
-        if drop is not None and (not torch.is_tensor(drop) or drop.dtype != torch.bool or drop.shape != (B,)):
-            raise ValueError(f"drop must be a bool tensor of shape ({B},)")
+            check_noise(noise, x)
+        if drop is not None:
+            check_row_draw("drop", drop, B, boolean=True)
         if self.validate:  # data labels (no null label) and the given times, at one sync
             check_values(y, num_classes, *((None, None) if t is None else (r.to(y.device), t.to(y.device))),
                          null_label=False)

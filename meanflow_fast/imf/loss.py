@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from ..jvp import central_difference_jvp
-from ..checks import check_values, skip_value_checks, time_dtype
-from ..loss import JVP_MODES, check_settings, generator_rand, generator_randn, jvp_safe_attention
+from ..checks import check_noise, check_row_draw, check_values, skip_value_checks, time_dtype
+from ..loss import check_settings, generator_rand, generator_randn, jvp_safe_attention
 from .model import IMFDiT
 
 __all__ = ["IMFLoss"]
@@ -252,19 +252,12 @@ class IMFLoss(nn.Module):
             if (sa is None) != (sb is None):
                 raise ValueError(f"pass {a} and {b} together (or neither)")
         for name, s in (("t", t), ("r", r), ("omega", omega), ("t_min", t_min), ("t_max", t_max)):
-            if s is not None and (not torch.is_tensor(s) or s.shape != (B,) or not s.is_floating_point()):
-                desc = f"{s.dtype} {tuple(s.shape)}" if torch.is_tensor(s) else type(s).__name__
-                raise ValueError(f"{name} must be a float tensor of shape ({B},), got {desc}")
+            if s is not None:
+                check_row_draw(name, s, B)
         if noise is not None:
-            if not torch.is_tensor(noise) or noise.shape != x.shape:
-                got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
-                raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {got}")
-            if noise.dtype != x.dtype or noise.device != x.device:
-                raise ValueError(f"noise must have the dtype and device of x ({x.dtype} on {x.device}), got "
-                                 f"{noise.dtype} on {noise.device}: pass noise.to(x)")
-        if drop is not None and (not torch.is_tensor(drop) or drop.dtype != torch.bool or drop.shape != (B,)):
-            desc = f"{drop.dtype} {tuple(drop.shape)}" if torch.is_tensor(drop) else type(drop).__name__
-            raise ValueError(f"drop must be a bool tensor of shape ({B},), got {desc}")
+            check_noise(noise, x)
+        if drop is not None:
+            check_row_draw("drop", drop, B, boolean=True)
         if self.validate:  # data labels (no null label), the given times, ω and interval, at one sync
             dev = y.device
             check_values(y, num_classes, *((None, None) if t is None else (r.to(dev), t.to(dev))), null_label=False,
