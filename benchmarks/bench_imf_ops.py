@@ -6,7 +6,7 @@ D 768, 12 heads of 64, SwiGLU hidden 2048), bf16.
 One factory per op, parametrized by provider and by eager / torch.compile, as bench_dual_ops.py:
 
     triton     our fused kernel (forward + tangent in one pass)
-    torch_jvp  torch.func.jvp over the pure-torch reference (``imf_reference``; the attention's
+    torch_jvp  torch.func.jvp over the pure-torch reference (the ``*_ref`` beside each kernel; the attention's
                ``attention_ref``)
     jvp_ref    the explicit pure-torch rules (``*_jvp_ref``: the iMF model's ``torch`` backend)
     ref_fwd    the reference's forward alone: the primal cost, the floor a fused op is measured against
@@ -30,12 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from meanflow_fast.kernels.attention import attention_jvp, attention_jvp_ref, attention_ref
-from meanflow_fast.kernels.imf_reference import (qk_norm_rope_jvp_ref, qk_norm_rope_ref, rms_norm_jvp_ref,
-                                                 rms_norm_ref, rope_cos_sin, swiglu_jvp_ref, swiglu_ref)
-from meanflow_fast.kernels.qk_norm_rope import qk_norm_rope_jvp
+from meanflow_fast.kernels.qk_norm_rope import qk_norm_rope_jvp, qk_norm_rope_jvp_ref, qk_norm_rope_ref, rope_cos_sin
 from meanflow_fast.kernels.rmsnorm import (gated_residual_rmsnorm_jvp, gated_residual_rmsnorm_jvp_ref,
-                                           gated_residual_rmsnorm_ref, rms_norm_jvp)
-from meanflow_fast.kernels.swiglu import swiglu_jvp
+                                           gated_residual_rmsnorm_ref, rms_norm_jvp, rms_norm_jvp_ref, rms_norm_ref)
+from meanflow_fast.kernels.swiglu import swiglu_jvp, swiglu_jvp_ref, swiglu_ref
 
 B, N, D, HEADS, HIDDEN = 128, 276, 768, 12, 2048   # iMF-B/2, batch 128: 32×32 latents / patch 2 + 20 prefix
 HEAD_DIM = D // HEADS

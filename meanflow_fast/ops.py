@@ -20,10 +20,10 @@ from torch.autograd import forward_ad as _forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
-from .kernels.imf_reference import (channel_gated_residual_jvp_ref, channel_gated_residual_ref,
-                                    qk_norm_rope_jvp_ref, qk_norm_rope_ref, rms_norm_jvp_ref, rms_norm_ref,
-                                    swiglu_jvp_ref, swiglu_ref)
-from .kernels.rmsnorm import gated_residual_rmsnorm_jvp_ref, gated_residual_rmsnorm_ref
+from .kernels.qk_norm_rope import qk_norm_rope_jvp_ref, qk_norm_rope_ref
+from .kernels.rmsnorm import (channel_gated_residual_jvp_ref, channel_gated_residual_ref, gated_residual_rmsnorm_jvp_ref,
+                              gated_residual_rmsnorm_ref, rms_norm_jvp_ref, rms_norm_ref)
+from .kernels.swiglu import swiglu_jvp_ref, swiglu_ref
 
 BACKENDS = ("torch", "triton")
 

@@ -13,13 +13,14 @@ all tokens, and a SwiGLU MLP. The last ``head_depth`` blocks exist twice, as the
 over a shared trunk; each head ends in RMSNorm + Linear on the patch tokens.
 
 ``forward`` runs the trunk and the requested heads (primal ops); ``forward_jvp`` runs the trunk and the
-u-head with their tangents by the explicit rules of ``kernels/imf_reference.py`` and the v-head on the
-trunk's primal output. Both go through the op tables of ``meanflow_fast.ops`` (``IMFOps``, ``IMFDualOps``):
-backend "torch" runs the references, "triton" the fused kernels (RMSNorm, QK-norm + RoPE, SwiGLU,
-attention with its tangent; plain linears on cuBLAS, plain attention on torch's SDPA). Both forwards run
-each gated residual fused with the RMSNorm that follows it (``gated_residual_rmsnorm``: the block's
-second, the next block's first, the final layer's), so the blocks are chained through ``IMFBlock``'s
-``h`` / ``next_norm`` arguments, as the DiT's through ``forward_after_ln``.
+u-head with their tangents by the explicit rules (the ``*_jvp_ref`` of kernels/rmsnorm.py, qk_norm_rope.py
+and swiglu.py) and the v-head on the trunk's primal output. Both go through the op tables of
+``meanflow_fast.ops`` (``IMFOps``, ``IMFDualOps``): backend "torch" runs the references, "triton" the fused
+kernels (RMSNorm, QK-norm + RoPE, SwiGLU, attention with its tangent; plain linears on cuBLAS, plain
+attention on torch's SDPA). Both forwards run each gated residual fused with the RMSNorm that follows it
+(``gated_residual_rmsnorm``: the block's second, the next block's first, the final layer's), so the blocks
+are chained through ``IMFBlock``'s ``h`` / ``next_norm`` arguments, as the DiT's through
+``forward_after_ln``.
 """
 import math
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.attention import SUPPORTED_HEAD_DIMS
-from ..kernels.imf_reference import rope_cos_sin
+from ..kernels.qk_norm_rope import rope_cos_sin
 from ..checks import (as_batch_times, check_labels, check_latents, check_tangent, check_values, time_dtype,
                       value_checks_on)
 from ..model import LabelEmbedder, TimestepEmbedder

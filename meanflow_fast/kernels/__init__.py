@@ -1,9 +1,9 @@
-"""Triton kernels that run a DiT op forward together with its tangent (JVP).
+"""Triton kernels that run a DiT or iMF op forward together with its tangent (JVP).
 
 Each op module holds one op, in one order: the pure-torch reference, the Triton kernel(s), their
 launcher, an ``autograd.Function`` whose backward runs through the primal only, and the public
 function (docs/DESIGN.md, Kernel conventions). The references ``<op>_ref``/``<op>_jvp_ref`` (the same
-math in pure torch) serve the tests, the benchmarks and the DiT's ``torch`` backend. Shared helpers:
+math in pure torch) serve the tests, the benchmarks and the models' ``torch`` backends. Shared helpers:
 ``launch`` (launching, validation, autograd plumbing), ``rownorm`` (LayerNorm rows), ``reference``,
 ``config`` (the implementation switches), ``precompile`` (parallel cold-start compilation).
 
@@ -27,6 +27,10 @@ from .gated_residual import gated_residual_ref, gated_residual_jvp_ref
 from .gated_residual_ln import gated_residual_ln_ref, gated_residual_ln_jvp_ref
 from .linear import linear_ref, linear_jvp_ref
 from .mlp import gelu_tanh, gelu_tanh_grad, mlp_ref, mlp_jvp_ref
+from .rmsnorm import (channel_gated_residual_ref, channel_gated_residual_jvp_ref, gated_residual_rmsnorm_ref,
+                      gated_residual_rmsnorm_jvp_ref, rms_norm_ref, rms_norm_jvp_ref)
+from .qk_norm_rope import qk_norm_rope_ref, qk_norm_rope_jvp_ref, rope_cos_sin, rope_ref
+from .swiglu import swiglu_ref, swiglu_jvp_ref
 
 __all__ = [
     "attention_ref", "attention_jvp_ref", "attention_jvp_qkv_ref", "split_qkv",
@@ -35,4 +39,8 @@ __all__ = [
     "gated_residual_ln_ref", "gated_residual_ln_jvp_ref",
     "linear_ref", "linear_jvp_ref",
     "gelu_tanh", "gelu_tanh_grad", "mlp_ref", "mlp_jvp_ref",
+    "rms_norm_ref", "rms_norm_jvp_ref", "channel_gated_residual_ref", "channel_gated_residual_jvp_ref",
+    "gated_residual_rmsnorm_ref", "gated_residual_rmsnorm_jvp_ref",
+    "qk_norm_rope_ref", "qk_norm_rope_jvp_ref", "rope_cos_sin", "rope_ref",
+    "swiglu_ref", "swiglu_jvp_ref",
 ]

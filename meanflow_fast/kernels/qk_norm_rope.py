@@ -6,9 +6,9 @@ QK-norm + RoPE):
     ẏ = rope(w ⊙ r·(ẋ − n·mean(n ⊙ ẋ)))                                     (weights constant)
 
 RoPE rotates each channel pair (x₂ᵢ, x₂ᵢ₊₁) of token n by the angle of ``cos``/``sin`` row n
-(``imf_reference.rope_cos_sin``). q, k and their tangents: (B, N, H, D), any strides (the iMF model's
+(``rope_cos_sin``). q, k and their tangents: (B, N, H, D), any strides (the iMF model's
 ``unflatten`` views of its q and k projections); weights (D,); cos and sin (N, D/2), fp32 or the inputs'
-dtype. D must be even. The math is ``imf_reference.qk_norm_rope_ref`` / ``qk_norm_rope_jvp_ref``, with
+dtype. D must be even. The math is ``qk_norm_rope_ref`` / ``qk_norm_rope_jvp_ref``, with
 norm and rotation fused in fp32 (the references round the normed values to the input dtype between the
 two in fp16/bf16).
 
@@ -28,12 +28,54 @@ import torch
 import triton
 import triton.language as tl
 
-from .imf_reference import qk_norm_rope_jvp_ref, qk_norm_rope_ref
 from .launch import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
                      jvp_function, kernel_op, next_pow2, pick_function, steps_per_program, zeros_if_none)
+from .reference import compute_dtype
+from .rmsnorm import rms_norm_jvp_ref, rms_norm_ref
 from .rownorm import row_num_warps, tile_rows
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_jvp", "qk_norm_rope_ref", "qk_norm_rope_jvp_ref"]
+__all__ = ["qk_norm_rope", "qk_norm_rope_jvp", "qk_norm_rope_ref", "qk_norm_rope_jvp_ref", "rope_cos_sin", "rope_ref"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (pure torch): RoPE, then QK-norm + RoPE from RMSNorm's reference
+# ---------------------------------------------------------------------------------------------
+def rope_cos_sin(num_tokens: int, head_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32,
+                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles n·θ^(−2i/head_dim), (num_tokens, head_dim/2), for positions n = 0, 1, …
+    The angles are formed in ``dtype``: fp32 gives the official implementation's table bit for bit."""
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for RoPE (pairs of channels), got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / head_dim))
+    angles = torch.outer(torch.arange(num_tokens, dtype=dtype, device=device), inv_freq)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, N, H, D), cos and sin (N, D/2): (x₂ᵢ + i·x₂ᵢ₊₁)·(cos + i·sin) for every pair. Linear in x, so
+    it is also its own tangent rule."""
+    dt = compute_dtype(x.dtype)
+    pairs = x.to(dt).unflatten(-1, (-1, 2))          # (B, N, H, D/2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    c, s = cos.to(dt)[:, None, :], sin.to(dt)[:, None, :]  # (N, 1, D/2): broadcast over heads
+    return torch.stack([re * c - im * s, re * s + im * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+def qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q, k (B, N, H, D), weights (D,), cos and sin (N, D/2) → (q', k'), same layout."""
+    return (rope_ref(rms_norm_ref(q, q_weight, eps), cos, sin),
+            rope_ref(rms_norm_ref(k, k_weight, eps), cos, sin))
+
+
+def qk_norm_rope_jvp_ref(q, k, q_weight, k_weight, cos, sin, q_dot, k_dot,
+                         eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q', q̇', k', k̇'): the RMSNorm rule, then RoPE on both streams. Primals differentiable, tangents
+    without an autograd graph."""
+    qn, qn_dot = rms_norm_jvp_ref(q, q_weight, q_dot, eps)
+    kn, kn_dot = rms_norm_jvp_ref(k, k_weight, k_dot, eps)
+    with torch.no_grad():
+        q_dot, k_dot = rope_ref(qn_dot, cos, sin), rope_ref(kn_dot, cos, sin)
+    return rope_ref(qn, cos, sin), q_dot, rope_ref(kn, cos, sin), k_dot
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,16 +27,47 @@ import torch
 import triton
 import triton.language as tl
 
-from .imf_reference import (channel_gated_residual_jvp_ref, channel_gated_residual_ref, rms_norm_jvp_ref,
-                            rms_norm_ref)
 from .launch import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
                      jvp_function, kernel_op, next_pow2, pick_function, rows, steps_per_program, zeros_if_none)
+from .reference import compute_dtype
 from .rownorm import row_num_warps, tile_rows
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference (pure torch): RMSNorm's are imf_reference's; the fused op composes two of them
+# Reference (pure torch): RMSNorm, the per-channel gated residual, and the fused op composing them
 # ---------------------------------------------------------------------------------------------
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    dt = compute_dtype(x.dtype)
+    xf = x.to(dt)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (xf * r * weight.to(dt)).to(x.dtype)
+
+
+def rms_norm_jvp_ref(x, weight, x_dot, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, ẏ); y is differentiable, ẏ carries no autograd graph."""
+    y = rms_norm_ref(x, weight, eps)
+    with torch.no_grad():
+        dt = compute_dtype(x.dtype)
+        xf, xd = x.to(dt), x_dot.to(dt)
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        n = xf * r
+        y_dot = (r * (xd - n * (n * xd).mean(-1, keepdim=True)) * weight.to(dt)).to(x.dtype)
+    return y, y_dot
+
+
+def channel_gated_residual_ref(x, gate, f) -> torch.Tensor:
+    """x + f ⊙ g: x, f (B, N, D), g (D,)."""
+    return x + f * gate
+
+
+def channel_gated_residual_jvp_ref(x, gate, f, x_dot, f_dot) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, ẏ) = (x + f ⊙ g, ẋ + ḟ ⊙ g); y is differentiable, ẏ carries no autograd graph."""
+    y = x + f * gate
+    with torch.no_grad():
+        y_dot = x_dot + f_dot * gate
+    return y, y_dot
+
+
 def gated_residual_rmsnorm_ref(x, f, gate, weight, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """(h, m): h = x + f ⊙ g, m = RMSNorm(h) with weight w."""
     h = channel_gated_residual_ref(x, gate, f)

@@ -1,5 +1,5 @@
 """SwiGLU MLP of the iMF block with its tangent (docs/DESIGN.md, "JVP rules of the iMF ops", SwiGLU; the math
-is ``imf_reference.swiglu_ref`` / ``swiglu_jvp_ref``):
+is ``swiglu_ref`` / ``swiglu_jvp_ref``):
 
     a = x W1ᵀ,  b = x W3ᵀ,  g = silu(a) ⊙ b,  y = g W2ᵀ                       (no biases)
     ȧ = ẋ W1ᵀ,  ḃ = ẋ W3ᵀ,  ġ = silu'(a) ⊙ ȧ ⊙ b + silu(a) ⊙ ḃ,  ẏ = ġ W2ᵀ
@@ -21,13 +21,34 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .imf_reference import swiglu_jvp_ref, swiglu_ref
 from .launch import (KernelFunction, backward_once, check_no_bf16_dot_on_cpu, check_shape, check_tensors,
                      jvp_function, kernel_op, pick_function, rows, zeros_if_none)
 from .linear import input_precision, dual_linear_fwd_op
 from .reference import compute_dtype
 
 __all__ = ["swiglu", "swiglu_jvp", "swiglu_ref", "swiglu_jvp_ref"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (pure torch)
+# ---------------------------------------------------------------------------------------------
+def swiglu_ref(x, w1, w3, w2) -> torch.Tensor:
+    """(silu(x W1ᵀ) ⊙ x W3ᵀ) W2ᵀ; w1, w3 (Hd, D), w2 (D, Hd)."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def swiglu_jvp_ref(x, w1, w3, w2, x_dot) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, ẏ); y is differentiable, ẏ carries no autograd graph (the weights are constants for ẏ)."""
+    a, b = F.linear(x, w1), F.linear(x, w3)
+    y = F.linear(F.silu(a) * b, w2)
+    with torch.no_grad():
+        dt = compute_dtype(x.dtype)
+        af, bf = a.to(dt), b.to(dt)
+        a_dot, b_dot = F.linear(x_dot, w1).to(dt), F.linear(x_dot, w3).to(dt)
+        s = torch.sigmoid(af)
+        h_dot = s * (1 + af * (1 - s)) * a_dot * bf + af * s * b_dot
+        y_dot = F.linear(h_dot.to(x.dtype), w2)
+    return y, y_dot
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """IMFDiT with backend="triton" (the fused iMF kernels; in Triton's interpreter on the CPU) against
-backend="torch" (the references of kernels/imf_reference.py): the plain forward for each ``heads``,
+backend="torch" (the ``*_ref`` references beside each kernel): the plain forward for each ``heads``,
 forward_jvp (u, u̇, v), parameter gradients through u (forward_jvp) and v (forward heads="v"), IMFLoss on
 explicit draws, the chained structure (each gated residual fused with the next RMSNorm), torch.compile,
 and bf16 on a GPU.

@@ -1,17 +1,19 @@
 """QK-norm + RoPE (kernels/qk_norm_rope.py): ``qk_norm_rope_jvp`` with tangents and ``qk_norm_rope`` of the
-plain forward, against fp64 torch.func.jvp / autograd over ``imf_reference.qk_norm_rope_ref`` with the
+plain forward, against fp64 torch.func.jvp / autograd over ``qk_norm_rope_ref`` with the
 rule of tests/kernels/cases.py (≤ 2× torch's own error at the input precision + a floor); then the
 attention kernel at the iMF shapes (head dim 64, N = 276) fed by it."""
+import math
 import os
 from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import meanflow_fast.kernels.qk_norm_rope as qk_mod
 from meanflow_fast.kernels.attention import attention_jvp, attention_jvp_ref, attention_ref
-from meanflow_fast.kernels.imf_reference import qk_norm_rope_jvp_ref, qk_norm_rope_ref, rope_cos_sin
-from meanflow_fast.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_fwd, qk_norm_rope_jvp
+from meanflow_fast.kernels.qk_norm_rope import (qk_norm_rope, qk_norm_rope_fwd, qk_norm_rope_jvp, qk_norm_rope_jvp_ref,
+                                                qk_norm_rope_ref, rope_cos_sin, rope_ref)
 from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
 from tests.kernels.cases import DEVICE, FLOOR, assert_opcheck, check_raises_value_error, factor, strided
 
@@ -401,3 +403,88 @@ def test_attention_kernel_alone_at_n276_d64():
     exact = torch.autograd.grad(attention_ref(*leaves64), leaves64, g.double())
     for a, e in zip(torch.autograd.grad(o, leaves, g), exact):
         assert rel_err(a, e) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------- references
+# The pure-torch references themselves: each primal against an independent computation (torch's own op or the
+# formula written out), each explicit tangent rule against torch.func.jvp of its primal, in fp64 at odd shapes;
+# tangents carry no graph, primals stay differentiable.
+F64 = torch.float64
+
+
+def r64(*shape):
+    return torch.randn(*shape, dtype=F64)
+
+
+def assert_jvp(out, ref, tol=1e-12):
+    """``out`` = (primal, tangent, ...) of an explicit rule against torch.func.jvp's ``ref``."""
+    for got, want in zip(out, ref):
+        assert rel_err(got, want) <= tol
+    for tangent in out[1::2]:
+        assert not tangent.requires_grad and tangent.grad_fn is None
+
+
+REF_SHAPES = [(2, 7, 3, 10), (1, 33, 2, 64), (3, 5, 1, 6)]  # (B, N, H, D_h)
+
+
+def test_rope_cos_sin_by_hand():
+    cos, sin = rope_cos_sin(5, 6, theta=100.0, dtype=F64)
+    assert cos.shape == sin.shape == (5, 3)
+    for n in range(5):
+        for i in range(3):
+            angle = n * 100.0 ** (-2 * i / 6)
+            assert cos[n, i].item() == pytest.approx(math.cos(angle), abs=1e-15)
+            assert sin[n, i].item() == pytest.approx(math.sin(angle), abs=1e-15)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        rope_cos_sin(5, 7)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rope_is_complex_rotation_of_adjacent_pairs(shape):
+    B, N, H, D = shape
+    x = r64(*shape)
+    cos, sin = rope_cos_sin(N, D, dtype=F64)
+    xc = torch.view_as_complex(x.reshape(B, N, H, D // 2, 2))
+    expect = torch.view_as_real(xc * torch.complex(cos, sin)[None, :, None, :]).reshape(shape)
+    assert rel_err(rope_ref(x, cos, sin), expect) <= 1e-15
+    # position 0 is the identity
+    assert torch.equal(rope_ref(x, cos, sin)[:, 0], x[:, 0])
+
+
+
+
+@pytest.mark.parametrize("shape", REF_SHAPES)
+def test_qk_norm_rope_primal(shape):
+    B, N, H, D = shape
+    q, k, wq, wk = r64(*shape), r64(*shape), r64(D), r64(D)
+    cos, sin = rope_cos_sin(N, D, dtype=F64)
+    q2, k2 = qk_norm_rope_ref(q, k, wq, wk, cos, sin, 1e-6)
+    assert rel_err(q2, rope_ref(F.rms_norm(q, (D,), wq, 1e-6), cos, sin)) <= 1e-14
+    assert rel_err(k2, rope_ref(F.rms_norm(k, (D,), wk, 1e-6), cos, sin)) <= 1e-14
+
+
+@pytest.mark.parametrize("shape", REF_SHAPES)
+def test_qk_norm_rope_jvp_matches_func_jvp(shape):
+    B, N, H, D = shape
+    q, k, wq, wk, qd, kd = r64(*shape), r64(*shape), r64(D), r64(D), r64(*shape), r64(*shape)
+    cos, sin = rope_cos_sin(N, D, dtype=F64)
+    (q_ref, k_ref), (qd_ref, kd_ref) = torch.func.jvp(
+        lambda q_, k_: qk_norm_rope_ref(q_, k_, wq, wk, cos, sin, 1e-6), (q, k), (qd, kd))
+    assert_jvp(qk_norm_rope_jvp_ref(q, k, wq, wk, cos, sin, qd, kd, 1e-6), (q_ref, qd_ref, k_ref, kd_ref))
+
+
+
+
+def test_qk_norm_rope_jvp_ref_primals_are_differentiable_like_the_plain_ref():
+    """Gradients through the rule's primals equal those through the plain ``qk_norm_rope_ref``."""
+    B, N, H, D = 2, 5, 3, 8
+    cos, sin = rope_cos_sin(N, D, dtype=F64)
+    q, k, wq, wk = (r64(*s).requires_grad_() for s in ((B, N, H, D), (B, N, H, D), (D,), (D,)))
+    dot = r64(B, N, H, D)
+    weight = r64(B, N, H, D)
+    q1, _, k1, _ = qk_norm_rope_jvp_ref(q, k, wq, wk, cos, sin, dot, dot)
+    q2, k2 = qk_norm_rope_ref(q, k, wq, wk, cos, sin)
+    g1 = torch.autograd.grad(((q1 + 2 * k1) * weight).sum(), (q, k, wq, wk))
+    g2 = torch.autograd.grad(((q2 + 2 * k2) * weight).sum(), (q, k, wq, wk))
+    for a, b in zip(g1, g2):
+        assert rel_err(a, b) <= 1e-14

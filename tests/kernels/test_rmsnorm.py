@@ -1,6 +1,6 @@
 """RMSNorm and the gated residual fused with the next RMSNorm (kernels/rmsnorm.py), with tangents
 (``rms_norm_jvp``, ``gated_residual_rmsnorm_jvp``) and primal only (``rms_norm``,
-``gated_residual_rmsnorm``): forward, tangents and gradients against fp64 (the imf_reference rules and
+``gated_residual_rmsnorm``): forward, tangents and gradients against fp64 (the references' rules and
 torch.func.jvp of ``rms_norm_ref``), within 2× the error of torch's own computation at the same
 precision (the rule of tests/kernels/cases.py). Interpreter on the CPU (fp32, fp16); bf16 on the GPU.
 """
@@ -10,12 +10,13 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import meanflow_fast.kernels.rmsnorm as rn
-from meanflow_fast.kernels.imf_reference import (channel_gated_residual_ref, rms_norm_jvp_ref, rms_norm_ref)
-from meanflow_fast.kernels.rmsnorm import (gated_residual_rmsnorm, gated_residual_rmsnorm_jvp,
+from meanflow_fast.kernels.rmsnorm import (channel_gated_residual_jvp_ref, channel_gated_residual_ref,
+                                           gated_residual_rmsnorm, gated_residual_rmsnorm_jvp,
                                            gated_residual_rmsnorm_jvp_ref, gated_residual_rmsnorm_ref, rms_norm,
-                                           rms_norm_jvp)
+                                           rms_norm_jvp, rms_norm_jvp_ref, rms_norm_ref)
 from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
 from tests.kernels.cases import DEVICE, FLOOR, check_raises_value_error, factor, rand, strided
 
@@ -581,3 +582,56 @@ def test_bf16_imf_b2_shapes_on_gpu():
         o16 = _grads(gated_residual_rmsnorm_ref, prim, cots, bf)
         for i, (g, o, e) in enumerate(zip(got, o16, e32)):
             assert_within_torch(f"fused grad {i}", g, o, e, 2, 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- references
+# The pure-torch references themselves: each primal against an independent computation (torch's own op or the
+# formula written out), each explicit tangent rule against torch.func.jvp of its primal, in fp64 at odd shapes;
+# tangents carry no graph, primals stay differentiable.
+def r64(*shape):
+    return torch.randn(*shape, dtype=F64)
+
+
+def assert_jvp(out, ref, tol=1e-12):
+    """``out`` = (primal, tangent, ...) of an explicit rule against torch.func.jvp's ``ref``."""
+    for got, want in zip(out, ref):
+        assert rel_err(got, want) <= tol
+    for tangent in out[1::2]:
+        assert not tangent.requires_grad and tangent.grad_fn is None
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 40), (3, 5, 2, 6), (1, 1, 9)])
+def test_rms_norm_primal_matches_torch(shape):
+    x, w = r64(*shape), r64(shape[-1])
+    assert rel_err(rms_norm_ref(x, w, 1e-6), F.rms_norm(x, (shape[-1],), w, 1e-6)) <= 1e-14
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 40), (3, 5, 2, 6), (1, 1, 9)])
+def test_rms_norm_jvp_matches_func_jvp(shape):
+    x, w, x_dot = r64(*shape), r64(shape[-1]), r64(*shape)
+    ref = torch.func.jvp(lambda x_: rms_norm_ref(x_, w, 1e-6), (x,), (x_dot,))
+    assert_jvp(rms_norm_jvp_ref(x, w, x_dot, 1e-6), ref)
+
+
+def test_rms_norm_eps_matters_for_small_rows():
+    """eps enters as mean(x²) + eps: rows of size ~1e-3 see it."""
+    x, w = 1e-3 * r64(2, 16), torch.ones(16, dtype=F64)
+    expect = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    assert rel_err(rms_norm_ref(x, w, 1e-6), expect) <= 1e-14
+    assert rel_err(rms_norm_ref(x, w, 1e-6), rms_norm_ref(x, w, 0.0)) > 1e-2
+
+
+def test_rms_norm_half_computes_in_fp32():
+    x, w = torch.randn(3, 50, dtype=torch.bfloat16), torch.randn(50, dtype=torch.bfloat16)
+    y = rms_norm_ref(x, w)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, rms_norm_ref(x.float(), w.float()).to(torch.bfloat16))
+
+
+
+
+def test_channel_gated_residual_primal_and_jvp():
+    x, f, g, xd, fd = r64(2, 7, 40), r64(2, 7, 40), r64(40), r64(2, 7, 40), r64(2, 7, 40)
+    assert torch.equal(channel_gated_residual_ref(x, g, f), x + g[None, None, :] * f)
+    ref = torch.func.jvp(lambda x_, f_: channel_gated_residual_ref(x_, g, f_), (x, f), (xd, fd))
+    assert_jvp(channel_gated_residual_jvp_ref(x, g, f, xd, fd), ref)

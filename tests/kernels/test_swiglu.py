@@ -1,14 +1,14 @@
 """The SwiGLU MLP of the iMF block (kernels/swiglu.py): ``swiglu_jvp`` (gate kernel on both streams, then the
 dual W2), ``swiglu`` (primal only, forward mode through the dual kernels) and the gate launcher, against
-torch.func.jvp and autograd of ``imf_reference.swiglu_ref`` in fp64 with the 2× rule of tests/kernels/cases.py."""
+torch.func.jvp and autograd of ``swiglu_ref`` in fp64 with the 2× rule of tests/kernels/cases.py."""
 import os
 from unittest import mock
 
 import pytest
 import torch
 
-from meanflow_fast.kernels.imf_reference import swiglu_jvp_ref, swiglu_ref
-from meanflow_fast.kernels.swiglu import swiglu, swiglu_fwd, swiglu_gate_fwd, swiglu_jvp, swiglu_jvp_fwd
+from meanflow_fast.kernels.swiglu import (swiglu, swiglu_fwd, swiglu_gate_fwd, swiglu_jvp, swiglu_jvp_fwd, swiglu_jvp_ref,
+                                          swiglu_ref)
 from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
 from tests.kernels.cases import (DEVICE, FLOOR, assert_grads_within_torch, assert_opcheck, check_raises_value_error,
                                  f32, factor, fp32_matmuls, rand, strided, to)
@@ -381,3 +381,44 @@ def _bad_calls():
 @pytest.mark.parametrize("call,match", [pytest.param(c, m, id=i) for i, c, m in _bad_calls()])
 def test_invalid_inputs_raise_value_error(call, match):
     check_raises_value_error(call, match)
+
+
+# ---------------------------------------------------------------------------------------------------- references
+# The pure-torch references themselves: each primal against an independent computation (torch's own op or the
+# formula written out), each explicit tangent rule against torch.func.jvp of its primal, in fp64 at odd shapes;
+# tangents carry no graph, primals stay differentiable.
+F64 = torch.float64
+
+
+def r64(*shape):
+    return torch.randn(*shape, dtype=F64)
+
+
+def assert_jvp(out, ref, tol=1e-12):
+    """``out`` = (primal, tangent, ...) of an explicit rule against torch.func.jvp's ``ref``."""
+    for got, want in zip(out, ref):
+        assert rel_err(got, want) <= tol
+    for tangent in out[1::2]:
+        assert not tangent.requires_grad and tangent.grad_fn is None
+
+
+@pytest.mark.parametrize("rows,D,hidden", [((2, 7), 40, 106), ((1, 33), 24, 64), ((3,), 9, 5)])
+def test_swiglu_primal_and_jvp(rows, D, hidden):
+    x, x_dot = r64(*rows, D), r64(*rows, D)
+    w1, w3, w2 = r64(hidden, D) / D ** 0.5, r64(hidden, D) / D ** 0.5, r64(D, hidden) / hidden ** 0.5
+    a, b = x @ w1.T, x @ w3.T
+    assert rel_err(swiglu_ref(x, w1, w3, w2), (a / (1 + torch.exp(-a)) * b) @ w2.T) <= 1e-14
+    ref = torch.func.jvp(lambda x_: swiglu_ref(x_, w1, w3, w2), (x,), (x_dot,))
+    assert_jvp(swiglu_jvp_ref(x, w1, w3, w2, x_dot), ref)
+
+
+
+
+def test_swiglu_jvp_ref_primal_is_differentiable_like_the_plain_ref():
+    """Gradients through the rule's primal equal those through the plain ``swiglu_ref``."""
+    x = r64(3, 8).requires_grad_()
+    w1, w3, w2 = (r64(*s).requires_grad_() for s in ((5, 8), (5, 8), (8, 5)))
+    g1 = torch.autograd.grad(swiglu_jvp_ref(x, w1, w3, w2, r64(3, 8))[0].sum(), (x, w1, w3, w2))
+    g2 = torch.autograd.grad(swiglu_ref(x, w1, w3, w2).sum(), (x, w1, w3, w2))
+    for a, b in zip(g1, g2):
+        assert rel_err(a, b) <= 1e-14
