@@ -20,6 +20,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (benchmarks time GPU kernels)", allow_module_level=True)
 
+from benchmarks.common import bench_op, op_time_ms  # noqa: E402
 from meanflow_fast.kernels import config  # noqa: E402
 from meanflow_fast.kernels.gated_residual import (gated_residual_jvp, gated_residual_jvp_ref,  # noqa: E402
                                                   gated_residual_ref)
@@ -31,7 +32,6 @@ from meanflow_fast.kernels.mlp import gelu_bwd, mlp_jvp, mlp_jvp_ref, mlp_ref  #
 B, N, D, HIDDEN = 128, 256, 768, 3072   # DiT-B/2, batch 128, 32×32 latents / patch 2 → 256 tokens
 M = B * N
 DTYPE = torch.bfloat16
-ITERS = 10                             # launches per timed round (one sync per round)
 PROVIDERS = ["triton", "torch_jvp", "jvp_ref", "ref_fwd"]
 ELEM = torch.finfo(DTYPE).bits // 8
 
@@ -49,42 +49,10 @@ def _rand(*shape, scale=1.0, grad=False):
     return (torch.randn(*shape, device="cuda") * scale).to(DTYPE).requires_grad_(grad)
 
 
-def _time_ms(fn) -> float:
-    """Median ms of one call (CUDA events around ITERS calls, 10 rounds)."""
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(ITERS):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / ITERS)
-    return sorted(times)[len(times) // 2]
-
-
 def _run(benchmark, fn, compiled, work, unit, baseline):
-    """Warm up (compiling if asked), time with pytest-benchmark, and record throughput and ratio."""
-    if compiled:
-        torch._dynamo.reset()
-        fn = torch.compile(fn)
-    try:
-        fn()
-    except Exception as e:  # a provider torch.compile cannot handle is reported, not fatal
-        pytest.skip(f"{'compiled ' if compiled else ''}provider failed to run: {type(e).__name__}: {e}"[:300])
-    torch.cuda.synchronize()
-
-    def rounds():
-        for _ in range(ITERS):
-            fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(rounds, rounds=10, warmup_rounds=2)
-    ms = benchmark.stats.stats.median * 1e3 / ITERS
-    rate = work / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
-    benchmark.extra_info.update({"ms": round(ms, 4), unit: round(rate, 1),
-                                 "x_eager_ref_fwd": round(ms / baseline, 3),
-                                 "shape": f"rows {M}, D {D}" + (f", hidden {HIDDEN}" if unit == "TFLOP/s" else "")})
+    """Time one case (benchmarks.common.bench_op) at this file's shape."""
+    bench_op(benchmark, fn, compiled, work, unit, baseline,
+             f"rows {M}, D {D}" + (f", hidden {HIDDEN}" if unit == "TFLOP/s" else ""))
 
 
 # =================================================================================================
@@ -110,7 +78,7 @@ def _mlp_fn(provider, x, w1, b1, w2, b2, xd):
 
 @pytest.fixture(scope="module")
 def mlp_baseline(mlp_inputs):
-    return _time_ms(_mlp_fn("ref_fwd", *mlp_inputs))
+    return op_time_ms(_mlp_fn("ref_fwd", *mlp_inputs))
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -146,7 +114,7 @@ def _ln_fn(provider, x, shift, scale, xd, shift_d, scale_d):
 
 @pytest.fixture(scope="module")
 def ln_baseline(ln_inputs):
-    return _time_ms(_ln_fn("ref_fwd", *ln_inputs))
+    return op_time_ms(_ln_fn("ref_fwd", *ln_inputs))
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -180,7 +148,7 @@ def _gated_fn(provider, x, gate, f, xd, gate_d, fd):
 
 @pytest.fixture(scope="module")
 def gated_baseline(gated_inputs):
-    return _time_ms(_gated_fn("ref_fwd", *gated_inputs))
+    return op_time_ms(_gated_fn("ref_fwd", *gated_inputs))
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -203,7 +171,7 @@ def test_dual_linear(benchmark, layer, impl):
     k, n_out = LINEAR_SHAPES[layer]
     x, xd = _rand(M, k), _rand(M, k)
     w, b = _rand(n_out, k, scale=k ** -0.5), _rand(n_out)
-    baseline = _time_ms(lambda: torch.nn.functional.linear(x, w, b))  # one stream on cuBLAS
+    baseline = op_time_ms(lambda: torch.nn.functional.linear(x, w, b))  # one stream on cuBLAS
     benchmark.group = f"dual linear {layer} ({k}→{n_out}), rows {M}, bf16"
     _run(benchmark, lambda: dual_linear_fwd(x, w, b, xd, impl=impl), False, 2 * 2 * M * k * n_out, "TFLOP/s",
          baseline)
@@ -221,7 +189,7 @@ def _gelu_bwd_torch(dh, a):
 @pytest.mark.parametrize("provider", ["triton", "torch", "torch_compiled"])
 def test_gelu_bwd(benchmark, provider):
     dh, a = _rand(M, HIDDEN), _rand(M, HIDDEN)
-    baseline = _time_ms(lambda: _gelu_bwd_torch(dh, a))
+    baseline = op_time_ms(lambda: _gelu_bwd_torch(dh, a))
     benchmark.group = f"MLP backward GELU pass (da, h, db1), rows {M}, hidden {HIDDEN}, bf16"
     fn = {"triton": gelu_bwd, "torch": _gelu_bwd_torch, "torch_compiled": _gelu_bwd_torch}[provider]
     # compulsory traffic: read dh and a, write da and h (the db partial sums are ~6 % more for ours)
@@ -238,7 +206,7 @@ def test_gated_residual_ln_fwd_tangent(benchmark, provider, gated_inputs):
     args = (x, gate, f, mod[3], mod[4], xd, gate_d, fd, mod_d[3], mod_d[4], 1e-6)
     switch = config.override(residual_ln="fused" if provider == "fused" else "apart")
     fn = gated_ln_mod.gated_residual_ln_jvp_ref if provider == "jvp_ref" else gated_ln_mod.gated_residual_ln_jvp
-    baseline = _time_ms(lambda: gated_ln_mod.gated_residual_ln_ref(*args[:5]))
+    baseline = op_time_ms(lambda: gated_ln_mod.gated_residual_ln_ref(*args[:5]))
     benchmark.group = "gated_residual + ln_modulate fwd+tangent, DiT-B/2 b128 bf16"
     # compulsory traffic: read x, f, ẋ, ḟ; write y, ẏ, m, ṁ (the apart kernels also re-read y and ẏ)
     with switch:
@@ -259,7 +227,7 @@ def test_mlp_plain_no_grad(benchmark, provider, mlp_inputs):
         fn = mlp
     else:
         fn = mlp_ref
-    baseline = _time_ms(lambda: mlp_ref(x, w1, b1, w2, b2))
+    baseline = op_time_ms(lambda: mlp_ref(x, w1, b1, w2, b2))
     benchmark.group = "mlp plain forward, no grad, DiT-B/2 b128 bf16"
     with torch.no_grad(), switch:
         _run(benchmark, lambda: fn(x, w1, b1, w2, b2), provider == "torch_compiled", MLP_FLOPS["fwd"], "TFLOP/s",
@@ -275,7 +243,7 @@ def test_gated_residual_ln_plain_no_grad(benchmark, provider, gated_inputs):
     args = (x, gate, f, shift, scale, 1e-6)
     switch = config.override(residual_ln="apart" if provider == "apart" else "fused")
     fn = gated_ln_mod.gated_residual_ln if provider in ("fused", "apart") else gated_ln_mod.gated_residual_ln_ref
-    baseline = _time_ms(lambda: gated_ln_mod.gated_residual_ln_ref(*args))
+    baseline = op_time_ms(lambda: gated_ln_mod.gated_residual_ln_ref(*args))
     benchmark.group = "gated_residual + ln_modulate plain forward, no grad, DiT-B/2 b128 bf16"
     # compulsory traffic: read x, f; write y, m (+ the fp32 row statistics)
     with torch.no_grad(), switch:

@@ -19,9 +19,13 @@ As in training, primal inputs and parameters require grad. Each benchmark record
 median time, its throughput from the formula next to the op (TFLOP/s for SwiGLU and attention, GB/s of
 compulsory traffic for the row ops) and its ratio to the eager ``ref_fwd`` of the same op.
 
-``make_inputs`` and ``op_fn`` take any shape, dtype and device: tests/test_benchmark_tools.py runs every
-provider at small fp32 shapes in Triton's interpreter (CPU) against the others. Without a GPU the
-benchmarks themselves skip (benchmarks/conftest.py).
+Last, an A/B of the attention's q, k, v projections on the dual stream (``test_qkv_projections``, at the
+iMF cases of benchmarks/common.py, ``IMF_CASES``): three dual linears, one per projection, as
+``IMFAttention.forward_jvp`` runs them, against one dual linear over the concatenated weights.
+
+``make_inputs``, ``op_fn``, ``qkv_inputs`` and ``qkv_fn`` take any shape, dtype and device:
+tests/test_benchmark_tools.py runs every provider at small fp32 shapes in Triton's interpreter (CPU)
+against the others or a reference. Without a GPU the benchmarks themselves skip (benchmarks/conftest.py).
 """
 from typing import Callable, Dict, Tuple
 
@@ -29,7 +33,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import IMF_CASES, IMF_PREFIX, bench_op, imf_shape, op_time_ms
+from meanflow_fast.kernels import config
 from meanflow_fast.kernels.attention import attention_jvp, attention_jvp_ref, attention_ref
+from meanflow_fast.kernels.linear import linear_jvp
 from meanflow_fast.kernels.qk_norm_rope import qk_norm_rope_jvp, qk_norm_rope_jvp_ref, qk_norm_rope_ref, rope_cos_sin
 from meanflow_fast.kernels.rmsnorm import (gated_residual_rmsnorm_jvp, gated_residual_rmsnorm_jvp_ref,
                                            gated_residual_rmsnorm_ref, rms_norm_jvp, rms_norm_jvp_ref, rms_norm_ref)
@@ -39,7 +46,6 @@ B, N, D, HEADS, HIDDEN = 128, 276, 768, 12, 2048   # iMF-B/2, batch 128: 32×32 
 HEAD_DIM = D // HEADS
 M = B * N
 DTYPE = torch.bfloat16
-ITERS = 10                             # launches per timed round (one sync per round)
 PROVIDERS = ["triton", "torch_jvp", "jvp_ref", "ref_fwd"]
 OPS = ("rms_norm", "gated_residual_rmsnorm", "qk_norm_rope", "swiglu", "attention")
 EPS = 1e-6
@@ -145,43 +151,11 @@ def op_fn(op: str, provider: str, args: tuple) -> Callable:
 
 
 # Timing (CUDA) -------------------------------------------------------------------------------------
-def _time_ms(fn) -> float:
-    """Median ms of one call (CUDA events around ITERS calls, 10 rounds)."""
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(ITERS):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / ITERS)
-    return sorted(times)[len(times) // 2]
-
-
 def _run(benchmark, op, provider, compiled, args, baseline):
-    """Warm up (compiling if asked), time with pytest-benchmark, and record throughput and ratio."""
-    fn = op_fn(op, provider, args)
-    if compiled:
-        torch._dynamo.reset()
-        fn = torch.compile(fn)
-    try:
-        fn()
-    except Exception as e:  # a provider torch.compile cannot handle is reported, not fatal
-        pytest.skip(f"{'compiled ' if compiled else ''}provider failed to run: {type(e).__name__}: {e}"[:300])
-    torch.cuda.synchronize()
-
-    def rounds():
-        for _ in range(ITERS):
-            fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(rounds, rounds=10, warmup_rounds=2)
-    ms = benchmark.stats.stats.median * 1e3 / ITERS
+    """Time one provider of one op (benchmarks.common.bench_op) at this file's shape."""
     amount, unit = work(op, provider, SHAPE, torch.finfo(DTYPE).bits // 8)
-    rate = amount / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
-    benchmark.extra_info.update({"ms": round(ms, 4), unit: round(rate, 1), "x_eager_ref_fwd": round(ms / baseline, 3),
-                                 "shape": f"B {B}, N {N}, D {D}, heads {HEADS}×{HEAD_DIM}, hidden {HIDDEN}"})
+    bench_op(benchmark, op_fn(op, provider, args), compiled, amount, unit, baseline,
+             f"B {B}, N {N}, D {D}, heads {HEADS}×{HEAD_DIM}, hidden {HIDDEN}")
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +175,7 @@ def baseline(inputs):
 
     def get(op):
         if op not in cache:
-            cache[op] = _time_ms(op_fn(op, "ref_fwd", inputs(op)))
+            cache[op] = op_time_ms(op_fn(op, "ref_fwd", inputs(op)))
         return cache[op]
     return get
 
@@ -220,3 +194,92 @@ def test_attention_ref_math_fwd(benchmark, compiled, inputs, baseline):
     jvp_ref providers' own forward, next to flash SDPA's (ref_fwd)."""
     benchmark.group = "attention fwd+tangent, iMF-B/2 b128 bf16"
     _run(benchmark, "attention", "ref_math_fwd", compiled, inputs("attention"), baseline("attention"))
+
+
+# =================================================================================================
+#     The attention's q, k, v projections on the dual stream: three dual linears vs one, packed
+# =================================================================================================
+# "separate": IMFAttention.forward_jvp today, three dual linears (the iMF dual table's ``linear``:
+# kernels.linear.linear_jvp, no bias) on the same (x, ẋ). "packed": one dual linear over torch.cat([Wq, Wk,
+# Wv]), concatenated inside every call (the weights are three parameters: a packed model would concatenate
+# per call, and the cat's backward splits dW), then q, k, v as column slices of (y, ẏ). The pass "fwd"
+# times the forward (both streams), "fwd_bwd" adds the backward of q, k, v into x and the three weights.
+# Dual linear impl: "cublas" (the default of the switch plain_dual_linear: two cuBLAS GEMMs) or "triton"
+# (the dual-stream Triton GEMM). Baseline of ``x_eager_ref_fwd``: the primal alone, one GEMM of x with the
+# concatenated weight; packed cases also record ``x_separate``, their time over the separate layout's
+# measured in the same case.
+QKV_LAYOUTS = ("separate", "packed")
+QKV_PASSES = ("fwd", "fwd_bwd")
+
+
+def qkv_work(pass_: str, shape: Dict[str, int]) -> float:
+    """FLOPs of one call: the three D×D projections, 2·B·N·D² each, on the primal and the tangent stream;
+    ``fwd_bwd`` adds dx and dW of the primal (two more GEMMs of the same size per projection)."""
+    if pass_ not in QKV_PASSES:
+        raise ValueError(f"pass_ must be one of {QKV_PASSES}, got {pass_!r}")
+    m, d = shape["B"] * shape["N"], shape["D"]
+    return 3 * 2 * m * d * d * (2 if pass_ == "fwd" else 4)
+
+
+def qkv_inputs(shape: Dict[str, int], dtype=DTYPE, device="cuda", seed: int = 0) -> tuple:
+    """(x, ẋ, (Wq, Wk, Wv), (dq, dk, dv)): x (B, N, D) and the (D, D) weights requiring grad (ẋ does not), and
+    the upstream gradients of q, k, v that the backward pass takes."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    b, n, d = shape["B"], shape["N"], shape["D"]
+
+    def rand(*s, scale=1.0, grad=False):
+        return (torch.randn(*s, device=device, generator=g) * scale).to(dtype).requires_grad_(grad)
+    x, x_dot = rand(b, n, d, grad=True), rand(b, n, d)
+    weights = tuple(rand(d, d, scale=d ** -0.5, grad=True) for _ in range(3))
+    return x, x_dot, weights, tuple(rand(b, n, d) for _ in range(3))
+
+
+def qkv_fn(layout: str, pass_: str, args: tuple) -> Callable:
+    """The timed call of (layout, pass) on ``qkv_inputs``: returns ((q, k, v), (q̇, k̇, v̇)), and with
+    ``fwd_bwd`` also the gradients (dx, dWq, dWk, dWv)."""
+    if layout not in QKV_LAYOUTS:
+        raise ValueError(f"layout must be one of {QKV_LAYOUTS}, got {layout!r}")
+    if pass_ not in QKV_PASSES:
+        raise ValueError(f"pass_ must be one of {QKV_PASSES}, got {pass_!r}")
+    x, x_dot, weights, grads = args
+    d = weights[0].shape[0]
+
+    def project():
+        if layout == "separate":
+            outs = [linear_jvp(x, w, None, x_dot) for w in weights]
+            return tuple(y for y, _ in outs), tuple(y_dot for _, y_dot in outs)
+        y, y_dot = linear_jvp(x, torch.cat(weights), None, x_dot)
+        return y.split(d, dim=-1), y_dot.split(d, dim=-1)
+
+    if pass_ == "fwd":
+        return project
+
+    def forward_backward():
+        qkv, tangents = project()
+        return qkv, tangents, torch.autograd.grad(qkv, (x, *weights), grads)
+    return forward_backward
+
+
+def _qkv_case_id(case) -> str:
+    return f"{IMF_PREFIX}{case[0]}-b{case[1]}"
+
+
+@pytest.mark.parametrize("layout", QKV_LAYOUTS)
+@pytest.mark.parametrize("impl", ["cublas", "triton"])
+@pytest.mark.parametrize("pass_", QKV_PASSES)
+@pytest.mark.parametrize("case", IMF_CASES, ids=_qkv_case_id)
+def test_qkv_projections(benchmark, case, pass_, impl, layout):
+    shape = imf_shape(*case)
+    args = qkv_inputs(shape)
+    x, _, weights, _ = args
+    packed_weight = torch.cat(weights).detach()
+    benchmark.group = f"attention q, k, v projections {pass_}, {_qkv_case_id(case)} bf16, dual linear {impl}"
+    baseline = op_time_ms(lambda: F.linear(x, packed_weight))
+    with config.override(plain_dual_linear=impl):
+        bench_op(benchmark, qkv_fn(layout, pass_, args), False, qkv_work(pass_, shape), "TFLOP/s", baseline,
+                 f"B {shape['B']}, N {shape['N']}, D {shape['D']}")
+        if layout == "packed":  # the A/B ratio, both sides warm and timed alike
+            separate = qkv_fn("separate", pass_, args)
+            separate()
+            separate_ms = op_time_ms(separate)
+            benchmark.extra_info["x_separate"] = round(op_time_ms(qkv_fn("packed", pass_, args)) / separate_ms, 3)

@@ -109,6 +109,56 @@ def timed_first_call(fn: Callable) -> float:
     return time.perf_counter() - t0
 
 
+# ------------------------------------------------------------------------------------ per-op cases
+# The per-op pytest-benchmark cases (bench_dual_ops.py, bench_imf_ops.py) time OP_ITERS launches per round
+# with one sync per round, on CUDA.
+OP_ITERS = 10
+
+
+def op_time_ms(fn: Callable, iters: int = OP_ITERS) -> float:
+    """Median ms of one call of ``fn``: CUDA events around ``iters`` calls, 10 rounds."""
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_op(benchmark, fn: Callable, compiled: bool, work: float, unit: str, baseline_ms: float, shape: str,
+             iters: int = OP_ITERS) -> float:
+    """One per-op case: a first call outside the timing (through ``torch.compile`` when ``compiled``; a call
+    that fails skips the case with the reason), then pytest-benchmark over 10 rounds of ``iters`` calls.
+    Records in ``benchmark.extra_info`` the median ``ms`` per call, the rate in ``unit`` ("TFLOP/s" or
+    "GB/s") of ``work`` (FLOPs or bytes per call), ``x_eager_ref_fwd`` = ms / ``baseline_ms`` and ``shape``;
+    returns the ms."""
+    import pytest  # the benchmark cases' dependency, not report.py's
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn)
+    try:
+        fn()
+    except Exception as e:  # a provider torch.compile cannot handle is reported, not fatal
+        pytest.skip(f"{'compiled ' if compiled else ''}provider failed to run: {type(e).__name__}: {e}"[:300])
+    torch.cuda.synchronize()
+
+    def rounds():
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(rounds, rounds=10, warmup_rounds=2)
+    ms = benchmark.stats.stats.median * 1e3 / iters
+    rate = work / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
+    benchmark.extra_info.update({"ms": round(ms, 4), unit: round(rate, 1),
+                                 "x_eager_ref_fwd": round(ms / baseline_ms, 3), "shape": shape})
+    return ms
+
+
 # ------------------------------------------------------------------------------------ builders
 def build_model(preset: str, dtype=torch.bfloat16, backend: str = "torch", seed: int = 0):
     """A model with random (non-zero) adaLN and output weights, on CUDA, in ``dtype``."""
@@ -207,6 +257,14 @@ def _imf_config(preset: str):
     from meanflow_fast.imf import imf_dit
     with torch.device("meta"):
         return imf_dit(preset).config
+
+
+def imf_shape(preset: str, batch: int) -> Dict[str, int]:
+    """The iMF model's op shapes at (preset, batch): B, N (tokens, the prefix included), D, HEADS, HEAD_DIM and
+    HIDDEN (SwiGLU's)."""
+    c = _imf_config(preset)
+    return dict(B=batch, N=c.num_tokens, D=c.hidden_size, HEADS=c.num_heads, HEAD_DIM=c.hidden_size // c.num_heads,
+                HIDDEN=c.mlp_hidden)
 
 
 def _imf_block_flops(preset: str, batch: int):

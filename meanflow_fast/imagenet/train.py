@@ -135,7 +135,8 @@ def _precompile_kernels(model, loss_fn, local_batch, amp, device, log):
     (meanflow_fast/kernels/precompile.py), instead of one after another inside it. Runs the loss and its gradients once
     on a random batch of the step's shape with the kernel launches recorded, not run; nothing is updated
     and neither the data order nor any RNG stream of the run is touched (its own generator), so resumed
-    runs stay bit-exact."""
+    runs stay bit-exact. MeanFlowLoss and IMFLoss are both called as the step calls them,
+    ``loss_fn(model, x, y, generator=...)`` with float32 latents x and labels y."""
     from ..kernels.precompile import precompile
     c = model.config
     g = torch.Generator(device=device).manual_seed(0)
@@ -324,7 +325,6 @@ def _setup(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # The iMF model has torch ops only (docs/DESIGN.md, "8 Improved MeanFlow (iMF): the model").
     backend = resolve_backend(args.backend, device)
     amp = torch.bfloat16 if (device.type == "cuda" and args.precision == "bf16") else None
     data, sampler, local_batch, steps_per_epoch, max_steps, warmup_steps = _open_data(args, env)
@@ -493,8 +493,7 @@ def _train_loop(run: _Run, loader: DataLoader, grid: _SampleGrid, faults: FaultP
     raise NonFiniteTrainingError; logs, sample grids and checkpoints at their intervals."""
     args, device = run.args, run.env.device
     progress = _Progress(run)
-    # precompile knows the DiT's kernels; the iMF kernels compile on their first call
-    if device.type == "cuda" and run.backend == "triton" and run.args.method != "imf" and run.step < run.max_steps:
+    if device.type == "cuda" and run.backend == "triton" and run.step < run.max_steps:
         _precompile_kernels(run.model, run.loss_fn, run.local_batch, run.amp, device, run.log)
     run.objective.train()
     while run.step < run.max_steps:

@@ -12,6 +12,11 @@ only benchmarks the autotune candidates (milliseconds each) and runs.
     stats = precompile(lambda: torch.autograd.grad(loss_fn(model, x, y)[0], params))
     print(stats)   # 'compiled 41 kernel variants (118 launches seen) on 16 threads in 9.8 s'
 
+Which kernels: every launch of a Triton kernel whose function is defined in a module of this package
+(``meanflow_fast.kernels.*``: the DiT's and the iMF model's alike), plain ``@triton.jit`` or under
+``triton.autotune``, found by that module name when it launches; a new kernel file needs no registering.
+Launches of other Triton kernels run as usual.
+
 ``step`` must take the same code path, shapes, dtypes and autocast as the real step; it should not
 update anything (its values are garbage): use ``torch.autograd.grad`` rather than ``backward`` plus an
 optimizer step, which also keeps DistributedDataParallel's gradient hooks out of it. Without CUDA (or in
