@@ -10,9 +10,10 @@ two, a and b, in the primal-only form), and the epilogue writes g and ġ (and a,
 follows). W2 is then linear.py's dual-stream matmul on (g, ġ) (cuBLAS per stream on CUDA, switch
 ``plain_dual_linear``), or cuBLAS (``F.linear``) for the primal alone, as the DiT MLP's fc2.
 
-Backward runs through the primal only, from the saved x, a, b: torch GEMMs (dg = dy W2, dW2 = dyᵀ g,
-dx = da W1 + db W3, dW1 = daᵀ x, dW3 = dbᵀ x) and the SiLU derivative as torch elementwise ops in fp32
-(``_swiglu_backward``); no Triton backward kernel (the DiT MLP's fused GELU pass has no SwiGLU twin yet).
+Backward runs through the primal only, from the saved x, a, b (``_swiglu_backward``), as the DiT MLP's:
+torch GEMMs (cuBLAS on CUDA: dg = dy W2, dW2 = dyᵀ g, dx = da W1 + db W3, dW1 = daᵀ x, dW3 = dbᵀ x) and
+one Triton elementwise pass (``swiglu_bwd``) that reads dg, a, b once and writes da = dg ⊙ b ⊙ silu'(a),
+db = dg ⊙ silu(a) and the g = silu(a) ⊙ b that dW2 needs (recomputed: the forward keeps a and b alone).
 """
 from typing import Tuple
 
@@ -23,7 +24,8 @@ import triton.language as tl
 
 from .launch import (KernelFunction, backward_once, check_no_bf16_dot_on_cpu, check_shape, check_tensors,
                      jvp_function, kernel_op, pick_function, rows, zeros_if_none)
-from .linear import input_precision, dual_linear_fwd_op
+from .linear import _CPU_CONFIG, dual_linear_fwd_op, input_precision
+from .mlp import _gelu_bwd_launch
 from .reference import compute_dtype
 
 __all__ = ["swiglu", "swiglu_jvp", "swiglu_ref", "swiglu_jvp_ref"]
@@ -145,11 +147,47 @@ def _swiglu_gate_kernel(
         tl.store(GD + out_offs, g_dot.to(GD.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _swiglu_bwd_kernel(
+    DG,             # (M, N) gradient of g = silu(a) ⊙ b, any strides
+    A,              # (M, N) saved gate pre-activation a, any strides
+    B,              # (M, N) saved up projection b, any strides
+    DA,             # (M, N) out: dg ⊙ b ⊙ silu'(a), contiguous
+    DB,             # (M, N) out: dg ⊙ silu(a), contiguous
+    G,              # (M, N) out: silu(a) ⊙ b, contiguous
+    M,              # rows
+    N,              # hidden features per row
+    stride_dgm, stride_dgn,      # strides of DG
+    stride_am, stride_an,        # strides of A
+    stride_bm, stride_bn,        # strides of B
+    ROWS_PER_PROG: tl.constexpr, # rows per program (a multiple of BLOCK_R)
+    BLOCK_R: tl.constexpr,       # rows per step of the row loop
+    BLOCK_N: tl.constexpr,       # features per program
+):
+    # Grid (cdiv(M, ROWS_PER_PROG), cdiv(N, BLOCK_N)), as mlp.py's GELU pass (without its column sums).
+    p = tl.program_id(0).to(tl.int64)
+    col = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    c_mask = col < N
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        row = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        mask = (row < M)[:, None] & c_mask[None, :]
+        dg = tl.load(DG + row[:, None] * stride_dgm + col[None, :] * stride_dgn, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + row[:, None] * stride_am + col[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + row[:, None] * stride_bm + col[None, :] * stride_bn, mask=mask, other=0.0).to(tl.float32)
+        silu, dsilu = silu_and_grad(a)
+        out = row[:, None] * N + col[None, :]
+        tl.store(DA + out, (dg * b * dsilu).to(DA.dtype.element_ty), mask=mask)
+        tl.store(DB + out, (dg * silu).to(DB.dtype.element_ty), mask=mask)
+        tl.store(G + out, (silu * b).to(G.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
 # CUDA: autotuned over these configs; ``_prune_configs`` drops per launch what holds too many fp32
-# accumulator values per thread or overflows shared memory. The interpreter takes one fixed config.
+# accumulator values per thread or overflows shared memory. Both differ from linear.py's: four fp32
+# accumulators and two weight tiles per step instead of two and one (no 256-wide tile; 128 × 64 at 8
+# warps). The interpreter takes linear.py's fixed config (``_CPU_CONFIG``: few, large programs).
 _CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
@@ -158,7 +196,6 @@ _CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
 ]
-_CPU_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
 # Limits of the pruning: fp32 accumulator values per thread (4 fp32 accumulators of 64 × 64 at 4 warps:
 # 128 registers, half the 255 a thread may hold) and pipelined tile bytes (A100's 164 KiB per block).
 _MAX_ACC_PER_THREAD = 128
@@ -303,33 +340,70 @@ def swiglu_jvp_fwd(x, w1, w3, w2, x_dot, store_ab: bool = False, check: bool = T
     return y, y_dot, a, b
 
 
+def swiglu_bwd(dg: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               check: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, db, g): da = dg ⊙ b ⊙ silu'(a), db = dg ⊙ silu(a) and g = silu(a) ⊙ b, all (M, N) contiguous
+    in a's dtype, math in fp32, for 2-D (M, N) ``dg``, ``a``, ``b`` of any strides (read in place).
+
+    One pass in place of a chain of torch elementwise kernels over fp32 temporaries (casts, σ, silu, silu',
+    the products): 3 values read and 3 written per element, in the input dtype. dg is the dy W2 GEMM's
+    output, read as it is. The tiles, rows per program and warps are mlp.py's GELU pass's
+    (``_gelu_bwd_launch``); this pass has no column sums. ``check=False``: the caller has validated the
+    inputs."""
+    if check:
+        check_tensors("swiglu_bwd", {"dg": dg, "a": a, "b": b})
+        if a.dim() != 2:
+            raise ValueError(f"swiglu_bwd: a must be 2-D (rows, hidden), got shape {tuple(a.shape)}")
+        check_shape("swiglu_bwd", "dg", dg, a.shape, "the gradient of g = silu(a) ⊙ b has a's shape")
+        check_shape("swiglu_bwd", "b", b, a.shape, "the up projection has the gate pre-activation's shape")
+    M, N = a.shape
+    da = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    db, g = torch.empty_like(da), torch.empty_like(da)
+    if M > 0 and N > 0:
+        block_r, rows_per_prog, block_n = _gelu_bwd_launch(M, N, a.is_cuda)
+        _swiglu_bwd_kernel[(triton.cdiv(M, rows_per_prog), triton.cdiv(N, block_n))](
+            dg, a, b, da, db, g, M, N,
+            dg.stride(0), dg.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_N=block_n,
+            num_warps=8 if block_r * block_n >= 2048 else 4)
+    return da, db, g
+
+
+@kernel_op("meanflow_fast::swiglu_bwd")
+def swiglu_bwd_op(dg: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return swiglu_bwd(dg, a, b, check=False)
+
+
+@swiglu_bwd_op.register_fake
+def _swiglu_bwd_fake(dg, a, b):
+    return a.new_empty(a.shape), a.new_empty(a.shape), a.new_empty(a.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # autograd.Functions
 # ---------------------------------------------------------------------------------------------
 def _silu_parts(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(silu(a), silu'(a)) in torch, in a's dtype (the backward passes fp32)."""
+    """(silu(a), silu'(a)) in torch, in a's dtype (the jvp rule with weight tangents)."""
     s = torch.sigmoid(a)
     return a * s, s * (1 + a * (1 - s))
 
 
 def _swiglu_backward(ctx, dy):
     """(dx, dW1, dW3, dW2) from the saved (x, a, b, W1, W3, W2): torch GEMMs (cuBLAS on CUDA; nothing of
-    the tangent stream to fuse in) and the SiLU-gate derivative as torch elementwise ops in fp32 for
-    fp16/bf16 (da = dg ⊙ b ⊙ silu'(a), db = dg ⊙ silu(a), g = silu(a) ⊙ b recomputed for dW2)."""
+    the tangent stream to fuse in) and one Triton pass (``swiglu_bwd``) from dg = dy W2 (the GEMM's output
+    read in place) to da, db and the g = silu(a) ⊙ b that dW2 needs. When only dW2 is asked for, g is
+    recomputed in torch (fp32 for fp16/bf16)."""
     if dy is None:  # y took no part in the loss (gradients are not materialised as zeros)
         return None, None, None, None
     x, a, b, w1, w3, w2 = ctx.saved_tensors
     hidden, dim = w1.shape
     need = ctx.needs_input_grad
-    dt = compute_dtype(a.dtype)
-    dy2 = rows(dy, w2.shape[0])
-    af, bf = rows(a, hidden).to(dt), rows(b, hidden).to(dt)
-    silu, dsilu = _silu_parts(af)
+    dy2, a2, b2 = rows(dy, w2.shape[0]), rows(a, hidden), rows(b, hidden)
     dx = dw1 = dw3 = dw2 = None
+    g = None
     if need[0] or need[1] or need[2]:
-        dg = (dy2 @ w2).to(dt)
-        da = (dg * bf * dsilu).to(a.dtype)
-        db = (dg * silu).to(a.dtype)
+        da, db, g = swiglu_bwd_op(dy2 @ w2, a2, b2)
         if need[0]:
             dx = (da @ w1 + db @ w3).reshape(x.shape)
         x2 = rows(x, dim)
@@ -338,7 +412,10 @@ def _swiglu_backward(ctx, dy):
         if need[2]:
             dw3 = db.t() @ x2
     if need[3]:
-        dw2 = dy2.t() @ (silu * bf).to(a.dtype)
+        if g is None:
+            dt = compute_dtype(a.dtype)
+            g = (F.silu(a2.to(dt)) * b2.to(dt)).to(a.dtype)
+        dw2 = dy2.t() @ g
     return dx, dw1, dw3, dw2
 
 

@@ -563,3 +563,21 @@ def bad_call_params(name, calls):
 def check_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------------- references
+F64 = torch.float64
+
+
+def r64(*shape):
+    """A fresh fp64 standard-normal tensor (the references' tests run in fp64)."""
+    return torch.randn(*shape, dtype=F64)
+
+
+def assert_jvp(out, ref, tol=1e-12):
+    """``out`` = (primal, tangent, ...) of an explicit rule against torch.func.jvp's ``ref``; the tangents
+    carry no autograd graph."""
+    for got, want in zip(out, ref):
+        assert rel_err(got, want) <= tol
+    for tangent in out[1::2]:
+        assert not tangent.requires_grad and tangent.grad_fn is None

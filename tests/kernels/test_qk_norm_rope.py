@@ -15,7 +15,8 @@ from meanflow_fast.kernels.attention import attention_jvp, attention_jvp_ref, at
 from meanflow_fast.kernels.qk_norm_rope import (qk_norm_rope, qk_norm_rope_fwd, qk_norm_rope_jvp, qk_norm_rope_jvp_ref,
                                                 qk_norm_rope_ref, rope_cos_sin, rope_ref)
 from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
-from tests.kernels.cases import DEVICE, FLOOR, assert_opcheck, check_raises_value_error, factor, strided
+from tests.kernels.cases import (DEVICE, F64, FLOOR, assert_jvp, assert_opcheck, check_raises_value_error, factor,
+                                r64, strided)
 
 # (B, N, H, D): N = 1, 37 and the iMF's 276 tokens; 1 and 3 heads; head dims 32 and 64, and 72 and 6
 # (D/2 = 36 and 3 pairs: a masked tail of pairs in the power-of-2 tile).
@@ -409,21 +410,6 @@ def test_attention_kernel_alone_at_n276_d64():
 # The pure-torch references themselves: each primal against an independent computation (torch's own op or the
 # formula written out), each explicit tangent rule against torch.func.jvp of its primal, in fp64 at odd shapes;
 # tangents carry no graph, primals stay differentiable.
-F64 = torch.float64
-
-
-def r64(*shape):
-    return torch.randn(*shape, dtype=F64)
-
-
-def assert_jvp(out, ref, tol=1e-12):
-    """``out`` = (primal, tangent, ...) of an explicit rule against torch.func.jvp's ``ref``."""
-    for got, want in zip(out, ref):
-        assert rel_err(got, want) <= tol
-    for tangent in out[1::2]:
-        assert not tangent.requires_grad and tangent.grad_fn is None
-
-
 REF_SHAPES = [(2, 7, 3, 10), (1, 33, 2, 64), (3, 5, 1, 6)]  # (B, N, H, D_h)
 
 

@@ -18,7 +18,7 @@ from meanflow_fast.kernels.rmsnorm import (channel_gated_residual_jvp_ref, chann
                                            gated_residual_rmsnorm_jvp_ref, gated_residual_rmsnorm_ref, rms_norm,
                                            rms_norm_jvp, rms_norm_jvp_ref, rms_norm_ref)
 from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
-from tests.kernels.cases import DEVICE, FLOOR, check_raises_value_error, factor, rand, strided
+from tests.kernels.cases import DEVICE, FLOOR, assert_jvp, check_raises_value_error, factor, r64, rand, strided
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -588,18 +588,6 @@ def test_bf16_imf_b2_shapes_on_gpu():
 # The pure-torch references themselves: each primal against an independent computation (torch's own op or the
 # formula written out), each explicit tangent rule against torch.func.jvp of its primal, in fp64 at odd shapes;
 # tangents carry no graph, primals stay differentiable.
-def r64(*shape):
-    return torch.randn(*shape, dtype=F64)
-
-
-def assert_jvp(out, ref, tol=1e-12):
-    """``out`` = (primal, tangent, ...) of an explicit rule against torch.func.jvp's ``ref``."""
-    for got, want in zip(out, ref):
-        assert rel_err(got, want) <= tol
-    for tangent in out[1::2]:
-        assert not tangent.requires_grad and tangent.grad_fn is None
-
-
 @pytest.mark.parametrize("shape", [(2, 7, 40), (3, 5, 2, 6), (1, 1, 9)])
 def test_rms_norm_primal_matches_torch(shape):
     x, w = r64(*shape), r64(shape[-1])

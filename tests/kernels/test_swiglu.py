@@ -1,17 +1,18 @@
 """The SwiGLU MLP of the iMF block (kernels/swiglu.py): ``swiglu_jvp`` (gate kernel on both streams, then the
-dual W2), ``swiglu`` (primal only, forward mode through the dual kernels) and the gate launcher, against
-torch.func.jvp and autograd of ``swiglu_ref`` in fp64 with the 2× rule of tests/kernels/cases.py."""
+dual W2), ``swiglu`` (primal only, forward mode through the dual kernels), the gate launcher and the backward's
+fused SiLU-gate pass ``swiglu_bwd``, against torch.func.jvp and autograd of ``swiglu_ref`` in fp64 (the pass
+alone: against its formula in fp64) with the 2× rule of tests/kernels/cases.py."""
 import os
 from unittest import mock
 
 import pytest
 import torch
 
-from meanflow_fast.kernels.swiglu import (swiglu, swiglu_fwd, swiglu_gate_fwd, swiglu_jvp, swiglu_jvp_fwd, swiglu_jvp_ref,
-                                          swiglu_ref)
+from meanflow_fast.kernels.swiglu import (swiglu, swiglu_bwd, swiglu_fwd, swiglu_gate_fwd, swiglu_jvp, swiglu_jvp_fwd,
+                                          swiglu_jvp_ref, swiglu_ref)
 from tests.helpers import HAS_CUDA, assert_within_torch, rel_err, requires_cuda
-from tests.kernels.cases import (DEVICE, FLOOR, assert_grads_within_torch, assert_opcheck, check_raises_value_error,
-                                 f32, factor, fp32_matmuls, rand, strided, to)
+from tests.kernels.cases import (DEVICE, FLOOR, assert_grads_within_torch, assert_jvp, assert_opcheck,
+                                check_raises_value_error, f32, factor, fp32_matmuls, r64, rand, strided, to)
 
 # (leading dims, D, hidden): 1, 37 and 100 rows (none a multiple of the interpreter's 32-row tile), D 64 and
 # 96 (96 = three K steps of 32), hidden int(8/3·D) = 170 (a masked last column block) and 256.
@@ -38,6 +39,21 @@ def func_jvp_ref(x, w1, w3, w2, xd, dtype):
     return torch.func.jvp(lambda a: swiglu_ref(a, *w), (to(x, dtype),), (to(xd, dtype),))
 
 
+@pytest.fixture
+def bwd_launches(monkeypatch):
+    """The shapes of the ``swiglu_bwd`` launches (the backward's Triton pass) made while a test runs; the
+    custom op's eager wrapper and its implementation both call the launcher through the module."""
+    import meanflow_fast.kernels.swiglu as mod
+    launches = []
+    real = mod.swiglu_bwd
+
+    def spy(dg, a, b, check=True):
+        launches.append(tuple(a.shape))
+        return real(dg, a, b, check)
+    monkeypatch.setattr(mod, "swiglu_bwd", spy)
+    return launches
+
+
 def kernel_params():
     return [pytest.param(dtype, shape, s, id=f"{str(dtype)[6:]}-{shape}-{'strided' if s else 'contig'}")
             for dtype in DTYPES for shape in SHAPES for s in (False, True)]
@@ -47,9 +63,10 @@ def kernel_params():
 #                              With tangents: swiglu_jvp
 # =================================================================================================
 @pytest.mark.parametrize("dtype,shape,is_strided", kernel_params())
-def test_kernel_matches_reference(dtype, shape, is_strided):
+def test_kernel_matches_reference(dtype, shape, is_strided, bwd_launches):
     """y and ẏ against torch.func.jvp of swiglu_ref in fp64, within 2× the error of swiglu_jvp_ref at the
-    same precision (+ FLOOR); gradients of a random loss on y against autograd of swiglu_ref in fp64."""
+    same precision (+ FLOOR); gradients of a random loss on y against autograd of swiglu_ref in fp64, through
+    one launch of the backward's Triton pass."""
     x, w1, w3, w2, xd = make_case(shape, dtype, is_strided)
     y64, yd64 = func_jvp_ref(x, w1, w3, w2, xd, torch.float64)
     y_t, yd_t = swiglu_jvp_ref(x, w1, w3, w2, xd)
@@ -60,6 +77,7 @@ def test_kernel_matches_reference(dtype, shape, is_strided):
         assert_within_torch(what, got, own, exact, factor(dtype), FLOOR[dtype])
     weight = torch.randn(y64.shape, dtype=torch.float64, device=DEVICE).to(dtype)
     assert_grads_within_torch(lambda ins: swiglu_jvp(*ins, xd)[0], swiglu_ref, [x, w1, w3, w2], weight)
+    assert bwd_launches == [(y64[..., 0].numel(), shape[2])]
 
 
 def test_backward_saves_nothing_of_the_tangent_stream():
@@ -124,12 +142,15 @@ def test_gate_epilogue_at_extreme_pre_activations():
 
 
 def test_custom_ops_opcheck():
-    """torch.library.opcheck of the two gate ops (schema, fake shapes, AOT dispatch), with and without a, b."""
+    """torch.library.opcheck of the two gate ops (schema, fake shapes, AOT dispatch), with and without a, b,
+    and of the backward's pass (strided inputs)."""
     from meanflow_fast.kernels.swiglu import swiglu_gate_fwd_op, swiglu_gate_primal_fwd_op
     x, w1, w3, _, xd = make_case(((2, 5), 64, 170), torch.float32, True)
+    dg, a, b = strided(f32(7, 106), "slice"), strided(f32(7, 106), "transpose"), f32(7, 106)
     assert_opcheck(*[(op, args) for store in (False, True)
                      for op, args in ((torch.ops.meanflow_fast.swiglu_gate_fwd, (x, w1, w3, xd, store)),
-                                      (torch.ops.meanflow_fast.swiglu_gate_primal_fwd, (x, w1, w3, store)))])
+                                      (torch.ops.meanflow_fast.swiglu_gate_primal_fwd, (x, w1, w3, store)))],
+                   (torch.ops.meanflow_fast.swiglu_bwd, (dg, a, b)))
     g, g_dot, a, b = swiglu_gate_fwd_op(x, w1, w3, xd, True)  # the eager wrapper
     assert torch.equal(g, swiglu_gate_primal_fwd_op(x, w1, w3, False)[0]) and g_dot.shape == a.shape == b.shape
 
@@ -178,7 +199,7 @@ def test_bf16_imf_b2_shapes_on_gpu():
 #                              Primal only: swiglu
 # =================================================================================================
 @pytest.mark.parametrize("dtype,shape,is_strided", kernel_params())
-def test_primal_matches_reference(dtype, shape, is_strided):
+def test_primal_matches_reference(dtype, shape, is_strided, bwd_launches):
     x, w1, w3, w2, _ = make_case(shape, dtype, is_strided)
     y64 = swiglu_ref(*(to(t, torch.float64) for t in (x, w1, w3, w2)))
     y = swiglu(x, w1, w3, w2)
@@ -186,6 +207,7 @@ def test_primal_matches_reference(dtype, shape, is_strided):
     assert_within_torch("output", y, swiglu_ref(x, w1, w3, w2), y64, factor(dtype), FLOOR[dtype])
     weight = torch.randn(y64.shape, dtype=torch.float64, device=DEVICE).to(dtype)
     assert_grads_within_torch(lambda ins: swiglu(*ins), swiglu_ref, [x, w1, w3, w2], weight)
+    assert bwd_launches == [(y64[..., 0].numel(), shape[2])]
 
 
 def test_primal_saves_what_the_dual_backward_needs():
@@ -244,8 +266,9 @@ def test_cuda_config_pruning():
     assert kept(torch.float32, False) == [4, 5]
 
 
-def test_partial_grads():
-    """Only W2 needs a gradient (dW2 = dyᵀ g from the recomputed g); then only x (dx = da W1 + db W3)."""
+def test_partial_grads(bwd_launches):
+    """Only W2 needs a gradient (dW2 = dyᵀ g, g recomputed in torch: no Triton pass); then only x
+    (dx = da W1 + db W3) and only W3 (dW3 = dbᵀ x), each through one Triton pass."""
     x, w1, w3, w2, xd = make_case(((2, 5), 64, 170), torch.float32, False)
     weight = torch.randn(2, 5, 64, dtype=torch.float64, device=DEVICE)
     for i in (3, 0, 2):
@@ -254,9 +277,11 @@ def test_partial_grads():
         args[i].requires_grad_()
         args64[i].requires_grad_()
         for fn in (swiglu, lambda *a: swiglu_jvp(*a, xd)[0]):
+            bwd_launches.clear()
             (got,) = torch.autograd.grad((fn(*args) * weight.float()).sum(), args[i])
             (exact,) = torch.autograd.grad((swiglu_ref(*args64) * weight).sum(), args64[i])
             assert rel_err(got, exact) < 1e-5, (i, rel_err(got, exact))
+            assert bwd_launches == ([] if i == 3 else [(10, 170)]), (i, bwd_launches)
 
 
 @pytest.mark.parametrize("weight_tangents", [False, True], ids=["x-tangent", "with-weight-tangents"])
@@ -287,6 +312,59 @@ def test_forward_mode_tangents_are_checked():
 
 
 # =================================================================================================
+#                     The backward's fused SiLU-gate pass: swiglu_bwd
+# =================================================================================================
+def _swiglu_bwd_exact(dg, a, b):
+    """(da, db, g) in fp64 from the formula: σ = 1/(1 + e^(−a)), silu = a·σ, silu' = σ·(1 + a·(1 − σ))."""
+    dg, a, b = dg.double(), a.double(), b.double()
+    s = 1 / (1 + torch.exp(-a))
+    return dg * b * s * (1 + a * (1 - s)), dg * a * s, a * s * b
+
+
+def _check_swiglu_bwd(dtype, shape):
+    """da, db, g against fp64, each within 2× the error of torch's own ops at the same precision (aten's
+    SiLU backward for da, silu then a product for db and g). dg is a column slice, a a column-major view,
+    b contiguous: all read in place."""
+    M, N = shape
+    dg = strided(rand(M, N, dtype=dtype), "slice")
+    a = strided(rand(M, N, dtype=dtype, scale=3.0), "transpose")
+    b = rand(M, N, dtype=dtype)
+    da, db, g = swiglu_bwd(dg, a, b)
+    assert all(t.dtype == dtype and t.shape == (M, N) and t.is_contiguous() for t in (da, db, g))
+    own = (torch.ops.aten.silu_backward(dg * b, a), dg * torch.nn.functional.silu(a),
+           torch.nn.functional.silu(a) * b)
+    for what, got, t, exact in zip(("da", "db", "g"), (da, db, g), own, _swiglu_bwd_exact(dg, a, b)):
+        assert_within_torch(f"{what} ({dtype}, {shape})", got, t, exact, factor(dtype), FLOOR[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 200), (37, 106), (277, 64), (5, 1030)])
+def test_swiglu_bwd(dtype, shape):
+    """The backward's pass alone (bf16 too: no tl.dot in it). Rows 1, 37 and 277 (277 = five of the
+    interpreter's 64-row programs, the last one masked), widths 200 and 106 (one masked column block), 64
+    and 1030 (two column blocks, the second 6 wide)."""
+    _check_swiglu_bwd(dtype, shape)
+
+
+@requires_cuda
+def test_swiglu_bwd_bf16_imf_b2_on_gpu():
+    """bf16 at the iMF-B/2 MLP's hidden size (B 4 × 260 tokens, hidden 2048)."""
+    _check_swiglu_bwd(torch.bfloat16, (1040, 2048))
+
+
+def test_swiglu_bwd_extreme_pre_activations_and_no_rows():
+    """silu and silu' at |a| up to 1e4 with dg = b = 1 (da = silu'(a), db = g = silu(a)): finite and equal
+    to fp64. No rows: empty (0, N) outputs."""
+    a = torch.tensor([[-1e4, -3e3, -100.0, -9.0, -1e-3, 0.0, 1e-3, 9.0, 100.0, 3e3, 1e4]], device=DEVICE)
+    one = torch.ones_like(a)
+    got = swiglu_bwd(one, a, one)
+    for what, t, exact in zip(("da", "db", "g"), got, _swiglu_bwd_exact(one, a, one)):
+        assert torch.isfinite(t).all() and rel_err(t, exact) < 1e-6, (what, t, exact)
+    empty = torch.empty(0, 96, device=DEVICE)
+    assert all(t.shape == (0, 96) for t in swiglu_bwd(empty, empty, empty))
+
+
+# =================================================================================================
 #                         Reverse mode under torch.func (launch.backward_once)
 # =================================================================================================
 def _func_case(dtype, seed=0):
@@ -302,9 +380,10 @@ def _func_case(dtype, seed=0):
 
 
 @pytest.mark.parametrize("name", ["swiglu", "swiglu_jvp"])
-def test_func_grad_and_vjp(name, seed):
+def test_func_grad_and_vjp(name, seed, bwd_launches):
     """torch.func.grad equals plain autograd through the same kernels and the fp64 reference; a vjp_fn
-    called after torch.func.vjp has returned (saved tensors of a finished level) too."""
+    called after torch.func.vjp has returned (saved tensors of a finished level) too. Each of the three
+    backwards runs the Triton pass (under torch.func through its custom op)."""
     fn, _, inputs = _func_case(torch.float32, seed)[name]
     _, ref, inputs64 = _func_case(torch.float64, seed)[name]
     cot = torch.randn(2, 7, 40, dtype=torch.float64, device=DEVICE)
@@ -318,6 +397,7 @@ def test_func_grad_and_vjp(name, seed):
     for i, (a, p, v, e) in enumerate(zip(got, plain, after, exact)):
         assert torch.equal(a, p), f"input {i}: torch.func.grad differs from autograd"
         assert rel_err(a, e) <= 1e-5 and rel_err(v, e) <= 1e-5, (i, rel_err(a, e), rel_err(v, e))
+    assert bwd_launches == [(14, 106)] * 3
 
 
 def test_second_transform_level_refuses():
@@ -360,6 +440,14 @@ def _bad_calls():
         ("gate-launcher", lambda: swiglu_gate_fwd(x, w1, f32(12, 9)), r"swiglu \(gate\): w3 must have shape"),
         ("fwd-launcher", lambda: swiglu_fwd(x, w1, w3, f32(8, 11)), r"swiglu: w2 must have shape"),
         ("jvp-launcher", lambda: swiglu_jvp_fwd(x, w1, w3, w2, f32(2, 8)), r"swiglu_jvp: x_dot must have shape"),
+        ("bwd-dg", lambda: swiglu_bwd(f32(4, 5), f32(4, 6), f32(4, 6)), r"swiglu_bwd: dg must have shape \(4, 6\)"),
+        ("bwd-b", lambda: swiglu_bwd(f32(4, 6), f32(4, 6), f32(6, 4)), r"swiglu_bwd: b must have shape \(4, 6\)"),
+        ("bwd-3d", lambda: swiglu_bwd(x, x, x), "swiglu_bwd: a must be 2-D"),
+        ("bwd-dtype", lambda: swiglu_bwd(f32(4, 6).half(), f32(4, 6), f32(4, 6)),
+         "swiglu_bwd: a has dtype torch.float32 but dg has torch.float16"),
+        ("bwd-int", lambda: swiglu_bwd(f32(4, 6), f32(4, 6), f32(4, 6).long()), "swiglu_bwd: b has dtype torch.int64"),
+        ("bwd-tensor", lambda: swiglu_bwd(f32(4, 6), f32(4, 6).tolist(), f32(4, 6)),
+         "swiglu_bwd: a must be a torch.Tensor"),
     ]
     if not HAS_CUDA:
         bf = [t.bfloat16() for t in (x, w1, w3, w2)]
@@ -374,7 +462,9 @@ def _bad_calls():
                     fn(*args)
             return call
         cases += [("no-interpreter", without_interpreter(swiglu_jvp, x, w1, w3, w2, x), "TRITON_INTERPRET=1"),
-                  ("primal-no-interpreter", without_interpreter(swiglu, x, w1, w3, w2), "TRITON_INTERPRET=1")]
+                  ("primal-no-interpreter", without_interpreter(swiglu, x, w1, w3, w2), "TRITON_INTERPRET=1"),
+                  ("bwd-no-interpreter", without_interpreter(swiglu_bwd, w1, w1, w3),
+                   "swiglu_bwd: .*TRITON_INTERPRET=1")]
     return cases
 
 
@@ -387,21 +477,6 @@ def test_invalid_inputs_raise_value_error(call, match):
 # The pure-torch references themselves: each primal against an independent computation (torch's own op or the
 # formula written out), each explicit tangent rule against torch.func.jvp of its primal, in fp64 at odd shapes;
 # tangents carry no graph, primals stay differentiable.
-F64 = torch.float64
-
-
-def r64(*shape):
-    return torch.randn(*shape, dtype=F64)
-
-
-def assert_jvp(out, ref, tol=1e-12):
-    """``out`` = (primal, tangent, ...) of an explicit rule against torch.func.jvp's ``ref``."""
-    for got, want in zip(out, ref):
-        assert rel_err(got, want) <= tol
-    for tangent in out[1::2]:
-        assert not tangent.requires_grad and tangent.grad_fn is None
-
-
 @pytest.mark.parametrize("rows,D,hidden", [((2, 7), 40, 106), ((1, 33), 24, 64), ((3,), 9, 5)])
 def test_swiglu_primal_and_jvp(rows, D, hidden):
     x, x_dot = r64(*rows, D), r64(*rows, D)
