@@ -77,67 +77,103 @@ def _row_key(name: str) -> str:
     return re.sub(r"[ _-]+", "-", name.strip().lower())
 
 
+class _Table:
+    """One model table as it is measured: ``measure`` times a row unless it is skipped, ``ratio`` adds a
+    ratio once both its rows exist (with its target from ``targets``, if any, printed beside it), and each
+    writes the rows through ``save`` at once, so that a run cut short by its time limit still has them.
+    Skipped: the rows of ``skip``, the eager torch.func.jvp row when ``quick``, ``compiled_step_row``
+    without ``compiled_step``. ``rows``: the dict to fill (the caller's, so that ``save`` writes what is
+    measured so far)."""
+
+    def __init__(self, title, rows, save, skip, quick, compiled_step, compiled_step_row, targets=None):
+        print(f"\n== {title} ==", flush=True)
+        self.rows = {} if rows is None else rows
+        self.skip = set(skip) | ({"torch.func.jvp eager"} if quick else set()) \
+            | (set() if compiled_step else {compiled_step_row})
+        self.save = save if save is not None else (lambda: None)
+        self.targets = targets or {}
+
+    def measure(self, name, fn, flops=None, iters=10):
+        if name not in self.skip:
+            _measure(name, fn, self.rows, flops, iters)
+            self.save()
+
+    def ratio(self, key, num, den, num_key="ms"):
+        _ratio(self.rows, key, num, den, num_key, target=self.targets.get(key))
+        self.save()
+
+    def forward_rows(self, model, make, fwd, jvp):
+        """The forward rows of ``model``: the forward baselines (eager, compiled), at once ``forward_jvp`` on
+        triton and its ratios, then the optional rows; the compiled torch.func.jvp row only where ``make``
+        has it. ``make``: row name → a function of the model that builds the row's timed call (built where
+        the row is reached, skipped or not); ``fwd``, ``jvp``: the FLOPs of one forward and of one JVP."""
+        self.measure("forward eager", make["forward eager"](model), fwd)
+        self.measure("forward compiled", make["forward compiled"](model), fwd)
+        self.measure("forward_jvp triton", make["forward_jvp triton"](model), jvp)
+        self.ratio("jvp_over_eager_forward", "forward_jvp triton", "forward eager")
+        self.ratio("jvp_over_compiled_forward", "forward_jvp triton", "forward compiled")
+        if "torch.func.jvp compiled" in make:
+            # torch.compile of torch.func.jvp over the plain forward: what a user gets from PyTorch alone.
+            self.measure("torch.func.jvp compiled", make["torch.func.jvp compiled"](model), jvp)
+            self.ratio("jvp_over_compiled_func_jvp", "forward_jvp triton", "torch.func.jvp compiled")
+        # The plain forward on the fused primal-only kernels (cuBLAS linears, flash SDPA): where this ratio
+        # is < 1 the fused forward is the faster one.
+        self.measure("forward triton", make["forward triton"](model), fwd)
+        self.ratio("triton_forward_over_eager_forward", "forward triton", "forward eager")
+        self.ratio("triton_forward_over_compiled_forward", "forward triton", "forward compiled")
+        self.measure("forward_jvp torch", make["forward_jvp torch"](model), jvp)
+        self.measure("torch.func.jvp eager", make["torch.func.jvp eager"](model), jvp)
+
+    def step_rows(self, build, step_fn, steps):
+        """The train-step rows (fp32 master weights, bf16 autocast) in the order and with the frees of the
+        first H100 run's table (the memory ratio depends on what is alive): the flow-matching step on
+        ``build()``, eager (cheap) before compiled; then each (row name, compiled, ratio key) of ``steps``
+        on ``build(backend="triton")`` with its time and peak-memory ratios over the FM steps.
+        ``step_fn(model, own, compiled)`` builds one step: of the model's own loss (``own`` True) or of
+        the flow-matching loss."""
+        print("  -- train step (fp32 master weights, bf16 autocast) --", flush=True)
+        fm = build()
+        self.measure("FM step eager", step_fn(fm, False, False), iters=5)
+        self.measure("FM step compiled", step_fn(fm, False, True), iters=5)
+        del fm
+        model = build(backend="triton")
+        for name, compiled, key in steps:
+            if name in self.skip:
+                continue
+            if compiled:
+                torch._dynamo.reset()
+            self.measure(name, step_fn(model, True, compiled), iters=5)
+            self.ratio(f"{key}_step_over_compiled_fm", name, "FM step compiled")
+            self.ratio(f"{key}_mem_over_compiled_fm", name, "FM step compiled", num_key="peak_mb")
+            self.ratio(f"{key}_step_over_eager_fm", name, "FM step eager")
+        torch.cuda.empty_cache()
+
+
 def model_table(preset, batch, quick, dtype, compiled_step=True, skip=(), rows=None, save=None):
     """The ratio table of one (preset, batch). The JVP row follows the two forward baselines at once (the
     optional forward rows after it), and each ratio is printed (and, through ``save``, written) as soon as
     its rows exist, so that a run cut short by its time limit still has them. ``skip``: rows of
     OPTIONAL_ROWS to leave out. ``rows``: the dict to fill (the caller's, so that ``save`` writes what is
     measured so far)."""
-    print(f"\n== {preset} batch {batch} ({dtype}) ==", flush=True)
-    rows = {} if rows is None else rows
-    skip = set(skip) | ({"torch.func.jvp eager"} if quick else set()) \
-        | (set() if compiled_step else {"MeanFlow step triton compiled"})
-
-    save_rows = save if save is not None else (lambda: None)
-
-    def measure(name, fn, flops=None, iters=10):
-        if name not in skip:
-            _measure(name, fn, rows, flops, iters)
-            save_rows()
-
-    def ratio(key, num, den, num_key="ms"):
-        _ratio(rows, key, num, den, num_key)
-        save_rows()
-
+    table = _Table(f"{preset} batch {batch} ({dtype})", rows, save, skip, quick, compiled_step,
+                   "MeanFlow step triton compiled")
     model = build_model(preset, dtype=dtype)
     inp = model_inputs(model, batch, dtype=dtype)
-    fwd, jvp = dit_forward_flops(preset, batch), dit_jvp_flops(preset, batch)
-    measure("forward eager", forward_fn(model, inp, "torch"), fwd)
-    measure("forward compiled", forward_fn(torch.compile(model), inp, "torch"), fwd)
-    measure("forward_jvp triton", forward_jvp_fn(model, inp, "triton"), jvp)
-    ratio("jvp_over_eager_forward", "forward_jvp triton", "forward eager")
-    ratio("jvp_over_compiled_forward", "forward_jvp triton", "forward compiled")
-    # The plain forward on the fused primal-only kernels (LN-modulate, gated residual, fc1 + GELU; cuBLAS
-    # linears, flash SDPA): where this ratio is < 1 the fused forward is the faster one.
-    measure("forward triton", forward_fn(model, inp, "triton"), fwd)
-    ratio("triton_forward_over_eager_forward", "forward triton", "forward eager")
-    ratio("triton_forward_over_compiled_forward", "forward triton", "forward compiled")
-    measure("forward_jvp torch", forward_jvp_fn(model, inp, "torch"), jvp)
-    measure("torch.func.jvp eager", func_jvp_fn(model, inp), jvp)
+    table.forward_rows(model, {"forward eager": lambda m: forward_fn(m, inp, "torch"),
+                               "forward compiled": lambda m: forward_fn(torch.compile(m), inp, "torch"),
+                               "forward_jvp triton": lambda m: forward_jvp_fn(m, inp, "triton"),
+                               "forward triton": lambda m: forward_fn(m, inp, "triton"),
+                               "forward_jvp torch": lambda m: forward_jvp_fn(m, inp, "torch"),
+                               "torch.func.jvp eager": lambda m: func_jvp_fn(m, inp)},
+                       dit_forward_flops(preset, batch), dit_jvp_flops(preset, batch))
     del model
-    print("  -- train step (fp32 master weights, bf16 autocast) --", flush=True)
-    # The steps keep the order and the frees of the first H100 run's table (the memory ratio depends on
-    # what is alive): the eager FM step, cheap, before the compiled one; the MeanFlow steps after.
-    fm = build_model(preset, dtype=torch.float32)
-    measure("FM step eager", train_step_fn(fm, batch, meanflow=False), iters=5)
-    measure("FM step compiled", train_step_fn(fm, batch, meanflow=False, compiled=True), iters=5)
-    del fm
-    mf = build_model(preset, dtype=torch.float32, backend="triton")
-    for name, compiled, key in (("MeanFlow step triton", False, "mf"),
-                                # Compiled as the FM baseline is: inductor fuses what lies between the
-                                # custom ops (adaLN, embedders, loss, bf16 weight casts, gradient sums) and
-                                # the Adam update. first_call_s includes inductor's compile time.
-                                ("MeanFlow step triton compiled", True, "mf_compiled")):
-        if name in skip:
-            continue
-        if compiled:
-            torch._dynamo.reset()
-        measure(name, train_step_fn(mf, batch, meanflow=True, compiled=compiled), iters=5)
-        ratio(f"{key}_step_over_compiled_fm", name, "FM step compiled")
-        ratio(f"{key}_mem_over_compiled_fm", name, "FM step compiled", num_key="peak_mb")
-        ratio(f"{key}_step_over_eager_fm", name, "FM step eager")
-    torch.cuda.empty_cache()
-    return rows
+    # The MeanFlow step compiled as the FM baseline is: inductor fuses what lies between the custom ops
+    # (adaLN, embedders, loss, bf16 weight casts, gradient sums) and the Adam update. first_call_s
+    # includes inductor's compile time.
+    table.step_rows(lambda **kw: build_model(preset, dtype=torch.float32, **kw),
+                    lambda m, own, compiled: train_step_fn(m, batch, meanflow=own, compiled=compiled),
+                    (("MeanFlow step triton", False, "mf"), ("MeanFlow step triton compiled", True, "mf_compiled")))
+    return table.rows
 
 
 def imf_table(preset, batch, quick, dtype, compiled_step=True, skip=(), rows=None, save=None):
@@ -149,57 +185,24 @@ def imf_table(preset, batch, quick, dtype, compiled_step=True, skip=(), rows=Non
     ``IMF_TARGETS`` are printed beside their ratios and stored under ``rows["targets"]``. A row whose
     backend cannot run (IMFDiT without its triton backend raises NotImplementedError) is reported as
     FAILED with the reason, and the ratios it enters as not measured."""
-    print(f"\n== {IMF_PREFIX}{preset} batch {batch} ({dtype}) ==", flush=True)
-    rows = {} if rows is None else rows
-    rows["targets"] = dict(IMF_TARGETS)
-    skip = set(skip) | ({"torch.func.jvp eager"} if quick else set()) \
-        | (set() if compiled_step else {"iMF step triton compiled"})
-    save_rows = save if save is not None else (lambda: None)
-
-    def measure(name, fn, flops=None, iters=10):
-        if name not in skip:
-            _measure(name, fn, rows, flops, iters)
-            save_rows()
-
-    def ratio(key, num, den, num_key="ms"):
-        _ratio(rows, key, num, den, num_key, target=IMF_TARGETS.get(key))
-        save_rows()
-
+    table = _Table(f"{IMF_PREFIX}{preset} batch {batch} ({dtype})", rows, save, skip, quick, compiled_step,
+                   "iMF step triton compiled", targets=IMF_TARGETS)
+    table.rows["targets"] = dict(IMF_TARGETS)
     model = build_imf_model(preset, dtype=dtype)
     inp = imf_inputs(model, batch, dtype=dtype)
-    fwd, jvp = imf_forward_flops(preset, batch), imf_jvp_flops(preset, batch)
-    measure("forward eager", imf_forward_fn(model, inp, "torch"), fwd)
-    measure("forward compiled", imf_forward_fn(torch.compile(model), inp), fwd)
-    measure("forward_jvp triton", imf_forward_jvp_fn(model, inp, "triton"), jvp)
-    ratio("jvp_over_eager_forward", "forward_jvp triton", "forward eager")
-    ratio("jvp_over_compiled_forward", "forward_jvp triton", "forward compiled")
-    # torch.compile of torch.func.jvp over the plain forward: what a user gets from PyTorch alone.
-    measure("torch.func.jvp compiled", torch.compile(imf_func_jvp_fn(model, inp)), jvp)
-    ratio("jvp_over_compiled_func_jvp", "forward_jvp triton", "torch.func.jvp compiled")
-    # The plain forward on the iMF primal kernels (where this ratio is < 1 the fused forward is faster).
-    measure("forward triton", imf_forward_fn(model, inp, "triton"), fwd)
-    ratio("triton_forward_over_eager_forward", "forward triton", "forward eager")
-    ratio("triton_forward_over_compiled_forward", "forward triton", "forward compiled")
-    measure("forward_jvp torch", imf_forward_jvp_fn(model, inp, "torch"), jvp)
-    measure("torch.func.jvp eager", imf_func_jvp_fn(model, inp), jvp)
+    table.forward_rows(model, {"forward eager": lambda m: imf_forward_fn(m, inp, "torch"),
+                               "forward compiled": lambda m: imf_forward_fn(torch.compile(m), inp),
+                               "forward_jvp triton": lambda m: imf_forward_jvp_fn(m, inp, "triton"),
+                               "torch.func.jvp compiled": lambda m: torch.compile(imf_func_jvp_fn(m, inp)),
+                               "forward triton": lambda m: imf_forward_fn(m, inp, "triton"),
+                               "forward_jvp torch": lambda m: imf_forward_jvp_fn(m, inp, "torch"),
+                               "torch.func.jvp eager": lambda m: imf_func_jvp_fn(m, inp)},
+                       imf_forward_flops(preset, batch), imf_jvp_flops(preset, batch))
     del model
-    print("  -- train step (fp32 master weights, bf16 autocast) --", flush=True)
-    fm = build_imf_model(preset, dtype=torch.float32)
-    measure("FM step eager", imf_train_step_fn(fm, batch, imf=False), iters=5)
-    measure("FM step compiled", imf_train_step_fn(fm, batch, imf=False, compiled=True), iters=5)
-    del fm
-    mf = build_imf_model(preset, dtype=torch.float32, backend="triton")
-    for name, compiled, key in (("iMF step triton", False, "imf"), ("iMF step triton compiled", True, "imf_compiled")):
-        if name in skip:
-            continue
-        if compiled:
-            torch._dynamo.reset()
-        measure(name, imf_train_step_fn(mf, batch, imf=True, compiled=compiled), iters=5)
-        ratio(f"{key}_step_over_compiled_fm", name, "FM step compiled")
-        ratio(f"{key}_mem_over_compiled_fm", name, "FM step compiled", num_key="peak_mb")
-        ratio(f"{key}_step_over_eager_fm", name, "FM step eager")
-    torch.cuda.empty_cache()
-    return rows
+    table.step_rows(lambda **kw: build_imf_model(preset, dtype=torch.float32, **kw),
+                    lambda m, own, compiled: imf_train_step_fn(m, batch, imf=own, compiled=compiled),
+                    (("iMF step triton", False, "imf"), ("iMF step triton compiled", True, "imf_compiled")))
+    return table.rows
 
 
 def parse_cases(values):

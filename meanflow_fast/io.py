@@ -15,7 +15,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 __all__ = ["atomic_write", "save_safetensors", "save_json", "load_json", "save_npz", "remove_stale_tmp",
            "TMP_PREFIX"]
@@ -36,7 +35,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
-            # The writer replaced the file (safetensors' save_file renames its own 0o600 temp file onto it).
+            # The writer replaced the file (renamed a file of its own, e.g. a 0o600 temp file, onto it).
             os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -70,9 +69,50 @@ def _new_tmp_file(folder: str, name: str) -> Tuple[str, int]:
     raise FileExistsError(f"could not create a new temporary file for {name} in {folder}")
 
 
+# safetensors' dtype names (its format's header field "dtype").
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str] = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    """``tensors`` as a safetensors file, through ``atomic_write``, written tensor by tensor.
+
+    The format is an 8-byte little-endian header length, a JSON header (name → dtype, shape, byte range;
+    ``__metadata__`` → str → str), then the raw bytes. We write it ourselves because safetensors'
+    ``save_file`` writes through a temp file of its own (``.tmpXXXXXX``, which a kill would leave where
+    ``remove_stale_tmp`` does not look) and its in-memory ``save`` would hold a second copy of a
+    checkpoint on the host. Reading stays with the safetensors library.
+    """
+    for name, v in tensors.items():
+        if v.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"save_safetensors: tensor {name!r} has dtype {v.dtype}; allowed: "
+                             f"{', '.join(str(d) for d in _SAFETENSORS_DTYPES)}")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("save_safetensors: metadata must map str to str")
+    header, offset = {}, 0
+    for name in sorted(tensors):
+        v = tensors[name]
+        size = v.numel() * v.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned (spaces are valid JSON padding)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for name in sorted(tensors):  # one tensor's host copy at a time
+                v = tensors[name].detach().to("cpu", copy=False).contiguous()
+                if v.numel():
+                    f.write(v.reshape(-1).view(torch.uint8).numpy().data)
+    atomic_write(path, write)
 
 
 def save_json(obj, path: str) -> None:

@@ -67,15 +67,21 @@ PRESETS = {
 }
 
 
-def meanflow_dit(preset: str = "B/2", **overrides) -> "MeanFlowDiT":
-    """Build a MeanFlow DiT from a preset name (``PRESETS``), with any DiTConfig field overridden."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    fields = set(DiTConfig.__dataclass_fields__)
+def preset_config(config_class: type, presets: dict, preset: str, overrides: dict):
+    """``config_class()`` with ``presets[preset]`` and then ``overrides`` (field → value) applied; the
+    builder of every network (``meanflow_dit``, ``imf_dit``) goes through it."""
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
+    fields = set(config_class.__dataclass_fields__)
     unknown = set(overrides) - fields
     if unknown:
-        raise ValueError(f"unknown DiTConfig field(s) {sorted(unknown)}; allowed: {sorted(fields)}")
-    return MeanFlowDiT(replace(DiTConfig(), **{**PRESETS[preset], **overrides}))
+        raise ValueError(f"unknown {config_class.__name__} field(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+    return replace(config_class(), **{**presets[preset], **overrides})
+
+
+def meanflow_dit(preset: str = "B/2", **overrides) -> "MeanFlowDiT":
+    """Build a MeanFlow DiT from a preset name (``PRESETS``), with any DiTConfig field overridden."""
+    return MeanFlowDiT(preset_config(DiTConfig, PRESETS, preset, overrides))
 
 
 # =================================================================================================

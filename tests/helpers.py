@@ -1,13 +1,18 @@
 """Helpers shared by the tests (import as ``from tests.helpers import ...``)."""
+import os
 import re
-from typing import List, NamedTuple
+import subprocess
+import sys
+from typing import Callable, List, NamedTuple, Tuple
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -22,6 +27,56 @@ def assert_within_torch(what: str, got: torch.Tensor, torch_own: torch.Tensor, e
     times the error of torch's own computation at the same precision (``torch_own``), plus ``atol``."""
     err, tol = rel_err(got, exact), factor * rel_err(torch_own, exact) + atol
     assert err <= tol, f"{what}: rel err {err:.3g} > tol {tol:.3g}"
+
+
+def spy_central_difference(monkeypatch, module) -> List[dict]:
+    """Record every ``central_difference_jvp`` call of ``module`` (a loss module): its arguments and its
+    result, one dict per call, in the list returned."""
+    seen = []
+    orig = module.central_difference_jvp
+
+    def spy(fn, primals, tangents, eps=None, **kw):
+        out = orig(fn, primals, tangents, eps, **kw)
+        seen.append(dict(primals=primals, tangents=tangents, eps=eps, out=out, **kw))
+        return out
+    monkeypatch.setattr(module, "central_difference_jvp", spy)
+    return seen
+
+
+def fd_error_bound(u_along: Callable[[torch.Tensor, torch.dtype], torch.Tensor], t: torch.Tensor,
+                   r: torch.Tensor, eps: float, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(exact du/dt, its error bound per element) for the losses' jvp="fd" (``central_difference_jvp`` with
+    step ``eps`` at working precision ``dtype``): the exact derivative from torch.func.jvp in fp64; the bound
+    meanflow_fast/jvp.py states, ε²/6·M₃ + δ/ε on central rows (r < t), ε²/3·M₃ + 4δ/ε on the r = t
+    rows (forward nodes ε, 2ε: t − ε would pass below r). M₃: the largest |d³u/ds³| at the nodes, from a
+    forward second difference (step η = 1e-3: every point stays valid) of the exact first derivative
+    (torch.func.jvp, fp64; nested forward AD has no rule for silu's backward). δ: the row's largest error of
+    u evaluated in float32 at a node against fp64, times u_dtype/u_fp32 for ``dtype`` (the same operations
+    round at that much smaller a unit; fp64 has no wider type to measure against).
+
+    ``u_along(s, precision)``: u at the point moved by ``s`` (per row) along the loss's direction, time
+    t + s, with the point, the direction and ``s`` formed in ``precision`` (torch.float64 or
+    torch.float32) from the working-precision ones, the network in that precision too."""
+    B = t.shape[0]
+
+    def d1(fn):
+        return lambda s: torch.func.jvp(fn, (s,), (torch.ones_like(s),))[1]
+    u64 = lambda s: u_along(s, torch.float64)  # noqa: E731
+
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        exact = d1(u64)(torch.zeros(B, dtype=torch.float64))
+        central = (t - r) > 0
+        eta = 1e-3
+        assert bool(((t - r)[central] >= eps).all() & (1 - t >= 2 * eps + 2 * eta).all())  # the case's premise
+        nodes = [torch.where(central, s_c, s_f).double() for s_c, s_f in ((-eps, 0.0), (0.0, eps), (eps, 2 * eps))]
+        g1 = d1(u64)
+        M3 = torch.stack([((g1(s + 2 * eta) - 2 * g1(s + eta) + g1(s)) / eta ** 2).abs() for s in nodes]).amax(0)
+        deltas = [(u_along(s, torch.float32).double() - u64(s)).abs().flatten(1).amax(1) for s in nodes]
+        delta = torch.stack(deltas).amax(0) * (torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
+    rows = lambda a: a.view((-1,) + (1,) * (exact.dim() - 1))  # noqa: E731
+    delta = rows(delta)
+    bound = torch.where(rows(central), eps ** 2 / 6 * M3 + delta / eps, eps ** 2 / 3 * M3 + 4 * delta / eps)
+    return exact, bound
 
 
 def randomize_(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
@@ -66,3 +121,15 @@ def fenced_blocks(markdown: str) -> List[FencedBlock]:
         blocks.append(FencedBlock(m[1], m[2], markdown[end:m.start()]))
         end = m.end()
     return blocks
+
+
+def run_killed_past(limit: int, setup: str, write: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the Python source ``setup`` and then ``write`` in a child process (``sys.argv[1:]`` = ``args``)
+    which the kernel kills with SIGXFSZ the moment ``write`` takes a file past ``limit`` bytes: a kill at
+    a known point in the middle of a write, whoever writes (Python ignores SIGXFSZ, so the child restores
+    the default action; the limit starts after ``setup``, so that its imports write what they like)."""
+    script = "\n".join([setup, "import resource, signal", "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)",
+                        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))", write])
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)

@@ -230,6 +230,40 @@ def test_imf_table_failed_row_leaves_targets_unmeasured(fake_imf_report, monkeyp
     assert "target ≤ 1.35×: not measured" in out
 
 
+def test_shared_table_rows_targets_and_saves_by_hand(monkeypatch, capsys):
+    """report._Table, which the DiT and the iMF table both run on: rows timed unless skipped (by name, by
+    quick, by compiled_step), each ratio printed with its target (an upper bound: met at equality) or
+    without one, a target whose rows are missing printed as not measured, the rows saved after every call."""
+    fake = {"a": (20.0, 300), "b": (10.0, 200), "c": (8.0, 600), "d": (1.0, 1), "torch.func.jvp eager": (1.0, 1)}
+    monkeypatch.setattr(report, "timed_first_call", lambda fn: 1.5)
+    monkeypatch.setattr(report, "cuda_time_ms", lambda fn, warmup, iters: fake[fn][0])
+    monkeypatch.setattr(report, "peak_memory_mb", lambda fn: fake[fn][1])
+    rows, saved = {}, []
+    table = report._Table("T b3", rows, lambda: saved.append(dict(rows)), skip=("c",), quick=True,
+                          compiled_step=False, compiled_step_row="d",
+                          targets={"a_over_b": 2.0, "b_over_a": 0.4, "a_mem_over_b": 1.4, "a_over_c": 3.0})
+    for name in fake:
+        table.measure(name, name)
+    table.ratio("a_over_b", "a", "b")                        # 20 / 10 = 2.0 ≤ 2.0
+    table.ratio("b_over_a", "b", "a")                        # 10 / 20 = 0.5 > 0.4
+    table.ratio("a_mem_over_b", "a", "b", num_key="peak_mb")  # 300 / 200 = 1.5 > 1.4
+    table.ratio("plain", "b", "a")                           # no target
+    table.ratio("a_over_c", "a", "c")                        # c skipped, target 3
+    table.ratio("c_over_b", "c", "b")                        # c skipped, no target: nothing at all
+    assert table.rows is rows
+    assert rows == {"a": {"ms": 20.0, "peak_mb": 300, "first_call_s": 1.5},
+                    "b": {"ms": 10.0, "peak_mb": 200, "first_call_s": 1.5},
+                    "a_over_b": 2.0, "b_over_a": 0.5, "a_mem_over_b": 1.5, "plain": 0.5}
+    assert len(saved) == 2 + 6 and saved[1] == {"a": rows["a"], "b": rows["b"]}
+    lines = [" ".join(ln.split()) for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert lines[0] == "== T b3 ==" and len(lines) == 1 + 2 + 5
+    assert lines[3:] == ["a_over_b 2.000× target ≤ 2.00×: met",
+                         "b_over_a 0.500× target ≤ 0.40×: MISSED",
+                         "a_mem_over_b 1.500× target ≤ 1.40×: MISSED",
+                         "plain 0.500×",
+                         "a_over_c — target ≤ 3.00×: not measured (no ms of 'a' or 'c')"]
+
+
 def test_report_cases_route_imf_and_keep_the_dit_default(monkeypatch, tmp_path, capsys):
     calls = []
     monkeypatch.setattr(report, "model_table", lambda preset, batch, *a: calls.append(("dit", preset, batch)))
@@ -351,6 +385,59 @@ def test_imf_ops_work_by_hand():
         work("layernorm", "triton", s, 2)
 
 
+def test_imf_shape_by_hand():
+    """The iMF cases' op shapes from the presets: 8 class + 4 ω + 2·2 interval + 4 time prefix tokens and 16²
+    patches; SwiGLU hidden int(8/3·D)."""
+    from benchmarks.common import imf_shape
+    assert imf_shape("B/2", 128) == dict(B=128, N=276, D=768, HEADS=12, HEAD_DIM=64, HIDDEN=2048)
+    assert imf_shape("XL/2", 64) == dict(B=64, N=276, D=1024, HEADS=16, HEAD_DIM=64, HIDDEN=2730)
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
+def test_qkv_bench_layouts_match_the_projections_by_hand(pass_):
+    """benchmarks/bench_imf_ops.py's q, k, v A/B at a small fp32 shape (the dual linear in Triton's interpreter):
+    the separate and the packed layout both give q = x Wqᵀ, q̇ = ẋ Wqᵀ (k, v alike) and, with the backward,
+    dx = Σ dq Wq and dWq = Σ_rows dqᵀ x, computed here in fp64; the packed call concatenates the weights at
+    each call (a weight changed after the call was built is used)."""
+    from benchmarks import bench_imf_ops as bench
+    args = bench.qkv_inputs(dict(B=2, N=5, D=24), dtype=torch.float32, device="cpu", seed=3)
+    x, x_dot, weights, grads = args
+    x64, xd64 = x.detach().double(), x_dot.double()
+    w64, g64 = [w.detach().double() for w in weights], [g.double() for g in grads]
+    want_y, want_t = [x64 @ w.T for w in w64], [xd64 @ w.T for w in w64]
+    want_dx = sum(g @ w for g, w in zip(g64, w64))
+    want_dw = [g.flatten(0, 1).T @ x64.flatten(0, 1) for g in g64]
+    tol = dict(rtol=1e-4, atol=1e-5)
+    for layout in bench.QKV_LAYOUTS:
+        out = bench.qkv_fn(layout, pass_, args)()
+        assert len(out) == (2 if pass_ == "fwd" else 3), layout
+        for got, want in zip(out[0] + out[1], want_y + want_t):
+            torch.testing.assert_close(got.detach().double(), want, **tol, msg=layout)
+        if pass_ == "fwd_bwd":
+            dx, *dw = out[2]
+            torch.testing.assert_close(dx.double(), want_dx, **tol, msg=layout)
+            for got, want in zip(dw, want_dw):
+                torch.testing.assert_close(got.double(), want, **tol, msg=layout)
+    packed = bench.qkv_fn("packed", "fwd", args)
+    with torch.no_grad():
+        weights[1].mul_(-2.0)
+    torch.testing.assert_close(packed()[0][1].detach().double(), -2 * want_y[1], **tol)
+
+
+def test_qkv_bench_work_and_names_by_hand():
+    from benchmarks import bench_imf_ops as bench
+    s = dict(B=1, N=2, D=3)
+    assert bench.qkv_work("fwd", s) == 216       # 3 projections × 2·(1·2)·3² × 2 streams
+    assert bench.qkv_work("fwd_bwd", s) == 432   # + dx and dW of the primal
+    args = bench.qkv_inputs(s, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        bench.qkv_fn("fused", "fwd", args)
+    with pytest.raises(ValueError, match="pass_ must be one of"):
+        bench.qkv_fn("packed", "bwd", args)
+    with pytest.raises(ValueError, match="pass_ must be one of"):
+        bench.qkv_work("bwd", s)
+
+
 # ---------------------------------------------------------------------------------------------------- gpu_check
 def test_gpu_check_imf_phase_dry_run(tmp_path):
     """``DRY=1 gpu_check.sh imf`` on this CPU machine: the per-op benchmarks skip without CUDA, the iMF table
@@ -382,3 +469,33 @@ def test_gpu_check_imf_phase_dry_run(tmp_path):
     bad = subprocess.run(["bash", "benchmarks/tools/gpu_check.sh", "nope"], cwd=root, env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and " imf " in bad.stdout, bad.stdout
+
+
+# ---------------------------------------------------------------------------------------------------- SwiGLU bwd
+def test_swiglu_bwd_bench_providers_match_the_formulas_in_fp64():
+    """benchmarks/bench_imf_ops.py's SwiGLU backward case at a small fp32 shape with an odd width (the kernel in
+    Triton's interpreter): every provider's (da, db, g) is da = dg·b·σ(a)·(1 + a·(1 − σ(a))), db = dg·a·σ(a),
+    g = a·σ(a)·b, with σ(a) = 1 / (1 + e^−a), computed here in fp64."""
+    from benchmarks import bench_imf_ops as bench
+    shape = dict(B=3, N=7, D=16, HEADS=1, HEAD_DIM=16, HIDDEN=37)
+    args = bench.swiglu_bwd_inputs(shape, dtype=torch.float32, device="cpu", seed=5)
+    assert [tuple(t.shape) for t in args] == [(21, 37)] * 3
+    assert all(t.dtype == torch.float32 and not t.requires_grad for t in args)
+    dg, a, b = (t.double() for t in args)
+    sig = 1 / (1 + torch.exp(-a))
+    want = (dg * b * sig * (1 + a * (1 - sig)), dg * a * sig, a * sig * b)
+    for provider in bench.SWIGLU_BWD_PROVIDERS:
+        got = bench.swiglu_bwd_fn(provider, args)()
+        assert len(got) == 3, provider
+        for name, g, w in zip(("da", "db", "g"), got, want):
+            assert g.dtype == torch.float32, (provider, name)
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6, msg=f"{provider} {name}")
+
+
+def test_swiglu_bwd_bench_work_and_names_by_hand():
+    from benchmarks import bench_imf_ops as bench
+    assert bench.swiglu_bwd_work(dict(B=1, N=2, HIDDEN=4), 2) == 96    # dg, a, b, da, db, g: 6 × 8 values × 2 B
+    assert bench.swiglu_bwd_work(dict(B=3, N=5, HIDDEN=7), 4) == 2520  # 6 × 105 × 4 B
+    args = bench.swiglu_bwd_inputs(dict(B=1, N=2, HIDDEN=4), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="provider must be one of"):
+        bench.swiglu_bwd_fn("cuda", args)

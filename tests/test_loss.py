@@ -14,7 +14,7 @@ import meanflow_fast.model as model_mod
 from meanflow_fast import MeanFlowLoss, meanflow_dit, sample_t_r
 from meanflow_fast.jvp import default_step
 from meanflow_fast.loss import check_settings
-from tests.helpers import randomize_, rel_err
+from tests.helpers import fd_error_bound, randomize_, rel_err, spy_central_difference
 
 NUM_CLASSES = 5
 
@@ -318,58 +318,21 @@ def test_loss_data_of_another_dtype_than_the_model_is_named():
 
 
 # ------------------------------------------------------------------------------- jvp="fd"
-def _spy_fd(monkeypatch):
-    """Capture the loss's central_difference_jvp calls: arguments and result."""
-    seen = []
-    orig = loss_mod.central_difference_jvp
-
-    def spy(fn, primals, tangents, eps=None, **kw):
-        out = orig(fn, primals, tangents, eps, **kw)
-        seen.append(dict(primals=primals, tangents=tangents, eps=eps, out=out, **kw))
-        return out
-    monkeypatch.setattr(loss_mod, "central_difference_jvp", spy)
-    return seen
-
-
 def _fd_bound(model64, call, dtype):
     """The loss's du/dt against torch.func.jvp (fp64) along the same direction (dz, dr, dt) = (ṽ, 0, 1), and
-    the bound meanflow_fast/jvp.py states per element: ε²/6·M₃ + δ/ε on central rows, ε²/3·M₃ + 4δ/ε on
-    the r = t rows (forward nodes ε, 2ε: t − ε would pass below r). M₃: the largest |d³u/ds³| at the nodes,
-    from a forward second difference (step η = 1e-3) of the exact first derivative (torch.func.jvp, fp64).
-    δ: the row's largest error of u evaluated in float32 at a node (point formed in float32) against fp64,
-    times u_dtype/u_fp32 for ``dtype`` (fp64 has no wider type to measure against)."""
+    the bound meanflow_fast/jvp.py states per element (tests.helpers.fd_error_bound)."""
     z, r, t, y = call["primals"]
     dz = call["tangents"][0]
     assert call["tangents"][1] is None and torch.equal(call["tangents"][2], torch.ones_like(t))
     eps = call["eps"] if call["eps"] is not None else default_step(dtype)
-    d64, f32 = (lambda a: a.double()), (lambda a: a.float())  # noqa: E731
     model32 = copy.deepcopy(model64).float()
-    B = z.shape[0]
 
-    def g(s):  # u along the direction, fp64, from the working-precision point and direction
-        return model64(d64(z) + s.view(-1, 1, 1, 1) * d64(dz), d64(r), d64(t) + s, y)
-
-    def d1(fn):
-        return lambda s: torch.func.jvp(fn, (s,), (torch.ones_like(s),))[1]
-
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
-        exact = d1(g)(torch.zeros(B, dtype=torch.float64))
-        central = (t - r) > 0
-        eta = 1e-3
-        assert bool(((t - r)[central] >= eps).all() & (1 - t >= 2 * eps + 2 * eta).all())  # the case's premise
-        nodes = [torch.where(central, s_c, s_f).double() for s_c, s_f in ((-eps, 0.0), (0.0, eps), (eps, 2 * eps))]
-        g1 = d1(g)
-        M3 = torch.stack([((g1(s + 2 * eta) - 2 * g1(s + eta) + g1(s)) / eta ** 2).abs() for s in nodes]).amax(0)
-        deltas = []
-        for s in nodes:
-            s32 = f32(s)
-            u32 = model32(f32(z) + s32.view(-1, 1, 1, 1) * f32(dz), f32(r), f32(t) + s32, y)
-            deltas.append((u32.double() - g(s)).abs().flatten(1).amax(1))
-        delta = torch.stack(deltas).amax(0) * (torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
-    rows = lambda a: a.view(-1, 1, 1, 1)  # noqa: E731
-    delta = rows(delta)
-    bound = torch.where(rows(central), eps ** 2 / 6 * M3 + delta / eps, eps ** 2 / 3 * M3 + 4 * delta / eps)
-    return exact, bound
+    def u_along(s, precision):
+        c = lambda a: a.to(precision)  # noqa: E731
+        s = c(s)
+        return (model64 if precision == torch.float64 else model32)(c(z) + s.view(-1, 1, 1, 1) * c(dz), c(r),
+                                                                    c(t) + s, y)
+    return fd_error_bound(u_along, t, r, eps, dtype)
 
 
 def _fd_draws(dtype, seed=0):
@@ -388,7 +351,7 @@ def test_fd_du_dt_within_the_stated_bound(dtype, guided, monkeypatch):
     model64 = _model()
     model = copy.deepcopy(model64).to(dtype)
     x, y, kw = _fd_draws(dtype, seed=1)
-    seen = _spy_fd(monkeypatch)
+    seen = spy_central_difference(monkeypatch, loss_mod)
     MeanFlowLoss(jvp="fd", **(dict(omega=0.6, kappa=0.3) if guided else {}))(model, x, y, **kw)
     (call,) = seen
     assert call["stacked"] and call["primals"][2].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -420,7 +383,7 @@ def test_fd_loss_and_gradients_match_func_within_the_derived_bound(dtype, adapti
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in m.parameters()]
 
-    seen = _spy_fd(monkeypatch)
+    seen = spy_central_difference(monkeypatch, loss_mod)
     loss_fd, g_fd = run(model, x, "fd", **kw)
     loss_fn, g_fn = run(model, x, "func", **kw)
     exact, bound = _fd_bound(model64, seen[0], dtype)
@@ -505,7 +468,7 @@ def test_fd_eps_is_the_step_taken(monkeypatch):
     """fd_eps reaches the difference; a larger step moves du/dt by the truncation it predicts (order ε²)."""
     model = _model()
     x, y, kw = _fd_draws(torch.float64, seed=3)
-    seen = _spy_fd(monkeypatch)
+    seen = spy_central_difference(monkeypatch, loss_mod)
     MeanFlowLoss(jvp="fd", fd_eps=1e-2)(model, x, y, **kw)
     MeanFlowLoss(jvp="fd", fd_eps=2e-2)(model, x, y, **kw)
     MeanFlowLoss(jvp="fd")(model, x, y, **kw)

@@ -21,6 +21,7 @@ from meanflow_fast.imagenet.data import LatentShards, ResumableDistributedSample
 from meanflow_fast.imagenet.inception import FIDInceptionV3, load_fid_inception
 from meanflow_fast.io import atomic_write, load_json, save_json, save_npz, save_safetensors
 from meanflow_fast.training import EMA, BadStepCounter, MeanFlowObjective, NonFiniteTrainingError, train_step
+from tests.helpers import run_killed_past
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_CLASSES = 3
@@ -445,6 +446,50 @@ def test_atomic_writers_give_files_the_mode_of_a_plain_open(tmp_path):
     assert got == want
 
 
+def test_save_safetensors_is_read_back_by_the_safetensors_library(tmp_path):
+    """Our streaming writer of the format, read by the library's own reader: every dtype we allow, odd,
+    empty, 0-d and non-contiguous tensors, metadata; names out of order on input."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    g = torch.Generator().manual_seed(7)
+    tensors = {
+        "z.f64": torch.randn(3, 5, dtype=torch.float64, generator=g),
+        "a.f32": torch.randn(7, generator=g),
+        "m.f16.t": torch.randn(4, 3, generator=g).half().t(),  # non-contiguous
+        "b.bf16": torch.randn(2, 3, 5, generator=g).bfloat16(),
+        "i64": torch.randint(-10**12, 10**12, (6,), generator=g),
+        "i32": torch.randint(-99, 99, (3, 1), generator=g, dtype=torch.int32),
+        "i16": torch.tensor([-3, 7], dtype=torch.int16),
+        "i8": torch.tensor([-128, 127, 0], dtype=torch.int8),
+        "u8": torch.tensor([0, 255, 9], dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+    }
+    path = str(tmp_path / "t.safetensors")
+    save_safetensors(tensors, path, metadata={"format": "x", "n": "3"})
+    got = load_file(path)
+    assert sorted(got) == sorted(tensors)
+    for name, want in tensors.items():
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape and torch.equal(got[name], want), name
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "x", "n": "3"}
+    header_len = int.from_bytes(open(path, "rb").read(8), "little")
+    assert (8 + header_len) % 8 == 0  # tensor data 8-byte aligned
+    assert os.path.getsize(path) == 8 + header_len + sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+def test_save_safetensors_rejects_bad_input_before_touching_the_file(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_safetensors({"w": torch.ones(2)}, str(path))
+    old = path.read_bytes()
+    with pytest.raises(ValueError, match=r"tensor 'c' has dtype torch.complex64; allowed: .*torch.float32"):
+        save_safetensors({"w": torch.zeros(2), "c": torch.zeros(2, dtype=torch.complex64)}, str(path))
+    with pytest.raises(ValueError, match="metadata must map str to str"):
+        save_safetensors({"w": torch.zeros(2)}, str(path), metadata={"step": 3})
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ["t.safetensors"]
+
+
 def test_load_json_rejects_malformed(tmp_path):
     (tmp_path / "s.json").write_text("{not json")
     with pytest.raises(ValueError, match="is malformed"):
@@ -501,6 +546,35 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
         save_checkpoint(str(tmp_path), 5, model=model, ema_model=model,
                         optimizer=torch.optim.Adam(model.parameters()), state={}, rng_tensors=[], rng_json=[])
     assert os.listdir(tmp_path) == []
+
+
+def _checkpoint_of(ckpt_dir, step):
+    """A checkpoint of a tiny model seeded by ``step``; returns its tensors as written."""
+    torch.manual_seed(step)
+    nets = {"model": _tiny(), "ema": _tiny()}
+    save_checkpoint(str(ckpt_dir), step, model=nets["model"], ema_model=nets["ema"],
+                    optimizer=torch.optim.Adam(nets["model"].parameters()), state={"model_config": {}},
+                    rng_tensors=[], rng_json=[])
+    return {f"{w}.{k}": v for w, net in nets.items() for k, v in net.state_dict().items()}
+
+
+def test_checkpoint_killed_mid_write_leaves_only_what_the_next_one_cleans(tmp_path):
+    """A process killed in the middle of writing a checkpoint's tensors file (SIGXFSZ past a file-size
+    limit): the previous checkpoint loads unchanged, the killed step has no checkpoint, and the write left
+    only a ``.tmp-*`` file, which the next checkpoint removes (no ``.tmpXXXXXX`` of safetensors' own)."""
+    ckpt = tmp_path / "checkpoints"
+    want = _checkpoint_of(ckpt, 2)
+    size = os.path.getsize(ckpt / "0000002.safetensors")
+    proc = run_killed_past(size // 3, "import sys\nfrom tests.test_reliability import _checkpoint_of",
+                           "_checkpoint_of(sys.argv[1], 4)", str(ckpt))
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr
+    assert list_checkpoints(str(ckpt)) == [2]
+    _, got = load_checkpoint(str(ckpt / "0000002.json"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    left = sorted(set(os.listdir(ckpt)) - {"0000002.json", "0000002.safetensors"})
+    assert len(left) == 1 and left[0].startswith(".tmp-0000004.safetensors."), left
+    _checkpoint_of(ckpt, 6)
+    assert sorted(os.listdir(ckpt)) == ["0000002.json", "0000002.safetensors", "0000006.json", "0000006.safetensors"]
 
 
 # =================================================================================================

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from safetensors.torch import load_file, save_file
 from meanflow_fast import load_model, meanflow_dit, sample, save_model
 from meanflow_fast.imagenet import sample as sample_cmd
 from meanflow_fast.imagenet.checkpoint import load_checkpoint, prefixed, save_checkpoint
+from meanflow_fast.io import TMP_PREFIX, remove_stale_tmp
 from meanflow_fast.weights import ARCHITECTURES, read_model_info, register_architecture
-from tests.helpers import randomize_
+from tests.helpers import randomize_, run_killed_past
 
 # An odd configuration, typed by hand: every field differs from DiTConfig's default.
 ODD_CONFIG = {"input_size": 6, "patch_size": 3, "in_channels": 3, "hidden_size": 36, "depth": 3, "num_heads": 3,
@@ -103,6 +105,28 @@ def test_file_mode_follows_the_umask(umask, mode, tmp_path):
         os.umask(old)
     assert (oct(new), oct(replaced)) == (oct(mode), oct(mode))
     assert os.listdir(tmp_path) == ["m.safetensors"]  # no temp file left
+
+
+def test_save_model_killed_mid_write_leaves_the_old_file_and_only_a_tmp_file_we_clean(tmp_path):
+    """A process killed in the middle of save_model's write (SIGXFSZ past a file-size limit): the file it
+    was replacing is intact, and what the write left is one ``.tmp-*`` file, cut at the limit, which
+    remove_stale_tmp removes: no temp file of another naming (safetensors' save_file writes through a
+    ``.tmpXXXXXX`` of its own) that nothing would ever clean."""
+    path = tmp_path / "m.safetensors"
+    model = odd_model()
+    save_model(model, str(path), step=1)
+    old = path.read_bytes()
+    limit = len(old) // 3
+    proc = run_killed_past(limit, "import sys\nfrom tests.test_weights import odd_model, save_model\nm = odd_model()",
+                           "save_model(m, sys.argv[1], step=2)", str(path))
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr
+    assert path.read_bytes() == old
+    left = sorted(set(os.listdir(tmp_path)) - {"m.safetensors"})
+    assert len(left) == 1 and left[0].startswith(TMP_PREFIX + "m.safetensors."), left
+    assert os.path.getsize(tmp_path / left[0]) == limit  # killed in the middle of writing it
+    assert remove_stale_tmp(str(tmp_path)) == 1
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+    assert torch.equal(outputs(load_model(str(path))), outputs(model.eval()))
 
 
 # =================================================================================================

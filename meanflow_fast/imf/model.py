@@ -23,7 +23,7 @@ are chained through ``IMFBlock``'s ``h`` / ``next_norm`` arguments, as the DiT's
 ``forward_after_ln``.
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
@@ -34,7 +34,7 @@ from ..kernels.attention import SUPPORTED_HEAD_DIMS
 from ..kernels.qk_norm_rope import rope_cos_sin
 from ..checks import (as_batch_times, check_labels, check_latents, check_tangent, check_values, time_dtype,
                       value_checks_on)
-from ..model import LabelEmbedder, TimestepEmbedder
+from ..model import LabelEmbedder, TimestepEmbedder, preset_config
 from ..ops import BACKENDS, IMFDualOps, IMFOps, get_imf_dual_ops, get_imf_primal_ops
 
 Scalar = Union[float, torch.Tensor]
@@ -93,13 +93,7 @@ IMF_PRESETS = {
 
 def imf_dit(preset: str = "B/2", **overrides) -> "IMFDiT":
     """Build an iMF DiT from a preset name (``IMF_PRESETS``), with any IMFConfig field overridden."""
-    if preset not in IMF_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(IMF_PRESETS)}, got {preset!r}")
-    fields = set(IMFConfig.__dataclass_fields__)
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown IMFConfig field(s) {sorted(unknown)}; allowed: {sorted(fields)}")
-    return IMFDiT(replace(IMFConfig(), **{**IMF_PRESETS[preset], **overrides}))
+    return IMFDiT(preset_config(IMFConfig, IMF_PRESETS, preset, overrides))
 
 
 # =================================================================================================

@@ -14,7 +14,7 @@ import meanflow_fast.imf.loss as imf_loss
 from meanflow_fast.imf.loss import IMFLoss
 from meanflow_fast.imf.model import imf_dit
 from meanflow_fast.jvp import default_step
-from tests.helpers import randomize_, rel_err
+from tests.helpers import fd_error_bound, randomize_, rel_err, spy_central_difference
 
 NUM_CLASSES = 5
 
@@ -480,64 +480,20 @@ def _fd_case(dtype, seed=3, shape=(2, 4, 4), num_classes=NUM_CLASSES):
     return cast(x), y, {k: cast(v) for k, v in kw.items()}
 
 
-def _spy_fd(monkeypatch):
-    """Capture the loss's central_difference_jvp calls: arguments and result."""
-    seen = []
-    orig = imf_loss.central_difference_jvp
-
-    def spy(fn, primals, tangents, eps=None, **kw):
-        out = orig(fn, primals, tangents, eps, **kw)
-        seen.append(dict(primals=primals, tangents=tangents, eps=eps, out=out, **kw))
-        return out
-    monkeypatch.setattr(imf_loss, "central_difference_jvp", spy)
-    return seen
-
-
 def _fd_bound(net64, call, dtype):
-    """The loss's du/dt against torch.func.jvp (fp64), and the stated bound per element:
-    ε²/6·M₃ + δ/ε on central rows, ε²/3·M₃ + 4δ/ε on the r = t rows (forward nodes ε, 2ε). M₃: the largest
-    |d³u/ds³| at the nodes, from a second difference (step η = 1e-3, forward: every point stays valid) of
-    the exact first derivative (torch.func.jvp, fp64; nested forward AD has no rule for silu's
-    backward). δ: the row's largest error of u evaluated in
-    float32 at a node (point formed in float32 too) against fp64, times u_dtype/u_fp32 for ``dtype``: the
-    same operations round at that much smaller a unit (fp64 has no wider type to measure against)."""
+    """The loss's du/dt against torch.func.jvp (fp64), and the bound meanflow_fast/jvp.py states per element
+    (tests.helpers.fd_error_bound)."""
     z, t, r, omega, t_min, t_max, y = call["primals"]
     dz = call["tangents"][0]
     eps = call["eps"] if call["eps"] is not None else default_step(dtype)
-    d64 = lambda a: a.double()  # noqa: E731
-    f32 = lambda a: a.float()  # noqa: E731
     net32 = copy.deepcopy(net64).float()
-    B = z.shape[0]
 
-    def g(s):  # u along the direction, fp64, from the working-precision point and direction
-        ts = d64(t) + s
-        return net64(d64(z) + s.view(-1, 1, 1, 1) * d64(dz), ts, ts - d64(r), d64(omega), d64(t_min),
-                     d64(t_max), y)[0]
-
-    def d1(fn):
-        return lambda s: torch.func.jvp(fn, (s,), (torch.ones_like(s),))[1]
-
-    zero = torch.zeros(B, dtype=torch.float64)
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
-        exact = d1(g)(zero)
-        central = (t - r > 0)
-        eta = 1e-3
-        assert bool(((t - r)[central] >= eps).all() & (1 - t >= 2 * eps + 2 * eta).all())  # the case's premise
-        nodes = [torch.where(central, s_c, s_f).double() for s_c, s_f in ((-eps, 0.0), (0.0, eps), (eps, 2 * eps))]
-        g1 = d1(g)
-        M3 = torch.stack([((g1(s + 2 * eta) - 2 * g1(s + eta) + g1(s)) / eta ** 2).abs() for s in nodes]).amax(0)
-        deltas = []
-        for s in nodes:
-            s32, t32 = f32(s), f32(t)
-            ts = t32 + s32
-            u32 = net32(f32(z) + s32.view(-1, 1, 1, 1) * f32(dz), ts, ts - f32(r), f32(omega), f32(t_min),
-                        f32(t_max), y)[0]
-            deltas.append((u32.double() - g(s)).abs().flatten(1).amax(1))
-        delta = torch.stack(deltas).amax(0) * (torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
-    rows = lambda a: a.view(-1, 1, 1, 1)  # noqa: E731
-    delta = rows(delta)
-    bound = torch.where(rows(central), eps ** 2 / 6 * M3 + delta / eps, eps ** 2 / 3 * M3 + 4 * delta / eps)
-    return exact, bound
+    def u_along(s, precision):
+        c = lambda a: a.to(precision)  # noqa: E731
+        ts = c(t) + c(s)
+        return (net64 if precision == torch.float64 else net32)(c(z) + c(s).view(-1, 1, 1, 1) * c(dz), ts, ts - c(r),
+                                                                c(omega), c(t_min), c(t_max), y)[0]
+    return fd_error_bound(u_along, t, r, eps, dtype)
 
 
 @pytest.mark.parametrize("kind", ["toy", "imf_dit"])
@@ -548,7 +504,7 @@ def test_fd_du_dt_within_the_stated_bound(dtype, kind, monkeypatch):
     net64 = _toy(seed=4) if kind == "toy" else _imf_model()
     net = copy.deepcopy(net64).to(dtype)
     x, y, kw = _fd_case(dtype) if kind == "toy" else _fd_case(dtype, shape=(1, 8, 8), num_classes=10)
-    seen = _spy_fd(monkeypatch)
+    seen = spy_central_difference(monkeypatch, imf_loss)
     IMFLoss(jvp="fd")(net, x, y, **kw)
     (call,) = seen
     exact, bound = _fd_bound(net64, call, dtype)
@@ -572,7 +528,7 @@ def test_fd_loss_and_gradients_match_func_within_the_derived_bound(dtype, adapti
     net = copy.deepcopy(net64).to(dtype)
     x, y, kw = _fd_case(dtype, seed=6)
     B, c = x.shape[0], 0.01
-    seen = _spy_fd(monkeypatch)
+    seen = spy_central_difference(monkeypatch, imf_loss)
     loss_fd, _, g_fd = _run(IMFLoss(jvp="fd", adaptive_p=adaptive_p), net, x, y, **kw)
     loss_fn, _, g_fn = _run(IMFLoss(jvp="func", adaptive_p=adaptive_p), net, x, y, **kw)
     exact, bound = _fd_bound(net64, seen[0], dtype)
