@@ -232,6 +232,16 @@ def elementwise_tiles(width: int, cuda: bool) -> Tuple[int, int]:
     return max(1, 2048 // cols), cols
 
 
+def elementwise_row_launch(M: int, N: int, cuda: bool) -> Tuple[int, int, int]:
+    """(rows per step, rows per program, features per program) of an elementwise pass over (M, N) rows that
+    loops over row steps (the MLP backward's GELU pass, SwiGLU's gate pass): steps of ``elementwise_tiles``
+    (8 × 256 on CUDA, as the gated residual's kernels), as many per program as ``steps_per_program`` gives
+    on CUDA; the interpreter prefers few, large programs (64 rows)."""
+    block_r, block_n = elementwise_tiles(N, cuda)
+    steps = steps_per_program(triton.cdiv(M, block_r) * triton.cdiv(N, block_n)) if cuda else triton.cdiv(64, block_r)
+    return block_r, block_r * steps, block_n
+
+
 def steps_per_program(tiles: int, target_programs: int = 16384, max_steps: int = 8) -> int:
     """Tiles each program of a row-reducing backward kernel walks through (its loop over a batch
     element's tokens), a power of 2: one while the launch has at most ``target_programs`` programs, then

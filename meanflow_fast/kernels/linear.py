@@ -151,7 +151,7 @@ _CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
 ]
-_CPU_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
+CPU_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
 _tuned_kernel = None  # built on first CUDA use, so the CPU path never touches the autotuner
 
 
@@ -267,7 +267,7 @@ def dual_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         with torch.cuda.device(x.device):
             _cuda_kernel()[grid](*args, **flags)
     else:
-        c = _CPU_CONFIG
+        c = CPU_GEMM_CONFIG
         grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n_out, c["BLOCK_N"]),)
         _dual_linear_fwd_kernel[grid](*args, **flags, **c)
     return y, y_dot, pre

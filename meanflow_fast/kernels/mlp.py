@@ -24,8 +24,7 @@ import triton.language as tl
 
 from . import config
 from .launch import (KernelFunction, backward_once, check_no_bf16_dot_on_cpu, check_shape, check_tensors,
-                     elementwise_tiles, jvp_function, kernel_op, pick_function, rows, steps_per_program,
-                     zeros_if_none)
+                     elementwise_row_launch, jvp_function, kernel_op, pick_function, rows, zeros_if_none)
 from .linear import dual_linear_fwd_op, gelu_tanh_and_grad, linear_gelu_fwd_op
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -103,15 +102,6 @@ def _gelu_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _gelu_bwd_launch(M: int, N: int, cuda: bool) -> Tuple[int, int, int]:
-    """(rows per step, rows per program, features per program). Steps of ``elementwise_tiles`` (8 × 256 on
-    CUDA, as the gated residual's kernels), as many per program as ``steps_per_program`` gives on CUDA;
-    the interpreter prefers few, large programs (64 rows)."""
-    block_r, block_n = elementwise_tiles(N, cuda)
-    steps = steps_per_program(triton.cdiv(M, block_r) * triton.cdiv(N, block_n)) if cuda else triton.cdiv(64, block_r)
-    return block_r, block_r * steps, block_n
-
-
 def gelu_bwd(dh: torch.Tensor, a: torch.Tensor,
              check: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(da, h, db): da = gelu'(a) ⊙ dh and h = gelu(a), both (M, H) in a's dtype, and db = Σ_rows da in
@@ -131,7 +121,7 @@ def gelu_bwd(dh: torch.Tensor, a: torch.Tensor,
     M, N = a.shape
     da = torch.empty(M, N, dtype=a.dtype, device=a.device)
     h = torch.empty_like(da)
-    block_r, rows_per_prog, block_n = _gelu_bwd_launch(M, N, a.is_cuda)
+    block_r, rows_per_prog, block_n = elementwise_row_launch(M, N, a.is_cuda)
     n_col = triton.cdiv(N, block_n)
     P = triton.cdiv(M, rows_per_prog)
     db_part = torch.empty(P, N, dtype=torch.float32, device=a.device)

@@ -23,9 +23,8 @@ import triton
 import triton.language as tl
 
 from .launch import (KernelFunction, backward_once, check_no_bf16_dot_on_cpu, check_shape, check_tensors,
-                     jvp_function, kernel_op, pick_function, rows, zeros_if_none)
-from .linear import _CPU_CONFIG, dual_linear_fwd_op, input_precision
-from .mlp import _gelu_bwd_launch
+                     elementwise_row_launch, jvp_function, kernel_op, pick_function, rows, zeros_if_none)
+from .linear import CPU_GEMM_CONFIG, dual_linear_fwd_op, input_precision
 from .reference import compute_dtype
 
 __all__ = ["swiglu", "swiglu_jvp", "swiglu_ref", "swiglu_jvp_ref"]
@@ -187,7 +186,7 @@ def _swiglu_bwd_kernel(
 # CUDA: autotuned over these configs; ``_prune_configs`` drops per launch what holds too many fp32
 # accumulator values per thread or overflows shared memory. Both differ from linear.py's: four fp32
 # accumulators and two weight tiles per step instead of two and one (no 256-wide tile; 128 × 64 at 8
-# warps). The interpreter takes linear.py's fixed config (``_CPU_CONFIG``: few, large programs).
+# warps). The interpreter takes linear.py's fixed config (``CPU_GEMM_CONFIG``: few, large programs).
 _CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
@@ -281,7 +280,7 @@ def swiglu_gate_fwd(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, x_dot=N
         with torch.cuda.device(x.device):
             _cuda_kernel()[grid](*args, **flags)
     else:
-        c = _CPU_CONFIG
+        c = CPU_GEMM_CONFIG
         grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(hidden, c["BLOCK_N"]),)
         _swiglu_gate_kernel[grid](*args, **flags, **c)
     return g, g_dot, a, b
@@ -348,7 +347,7 @@ def swiglu_bwd(dg: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     One pass in place of a chain of torch elementwise kernels over fp32 temporaries (casts, σ, silu, silu',
     the products): 3 values read and 3 written per element, in the input dtype. dg is the dy W2 GEMM's
     output, read as it is. The tiles, rows per program and warps are mlp.py's GELU pass's
-    (``_gelu_bwd_launch``); this pass has no column sums. ``check=False``: the caller has validated the
+    (``launch.elementwise_row_launch``); this pass has no column sums. ``check=False``: the caller has validated the
     inputs."""
     if check:
         check_tensors("swiglu_bwd", {"dg": dg, "a": a, "b": b})
@@ -360,7 +359,7 @@ def swiglu_bwd(dg: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     da = torch.empty(M, N, dtype=a.dtype, device=a.device)
     db, g = torch.empty_like(da), torch.empty_like(da)
     if M > 0 and N > 0:
-        block_r, rows_per_prog, block_n = _gelu_bwd_launch(M, N, a.is_cuda)
+        block_r, rows_per_prog, block_n = elementwise_row_launch(M, N, a.is_cuda)
         _swiglu_bwd_kernel[(triton.cdiv(M, rows_per_prog), triton.cdiv(N, block_n))](
             dg, a, b, da, db, g, M, N,
             dg.stride(0), dg.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),

@@ -112,13 +112,13 @@ def test_gelu_bwd_rejects_bad_input():
         gelu_bwd(a.half(), a)
 
 
-def test_gelu_bwd_launch_shapes():
-    """The CUDA launch shapes of the fused GELU pass, worked by hand from the rule in its launcher."""
-    from meanflow_fast.kernels.mlp import _gelu_bwd_launch
-    assert _gelu_bwd_launch(32768, 3072, True) == (8, 32, 256)  # B/2 batch 128: 4096 × 12 tiles, 4 per program
-    assert _gelu_bwd_launch(16384, 4608, True) == (8, 32, 256)  # XL/2 batch 64: 2048 × 18 tiles, 4 per program
-    assert _gelu_bwd_launch(100, 96, True) == (16, 16, 128)     # small: one step per program
-    assert _gelu_bwd_launch(150, 100, False) == (16, 64, 128)   # the interpreter: 64-row programs
+def test_elementwise_row_launch_shapes():
+    """The CUDA launch shapes of the fused GELU pass (and SwiGLU's gate pass), worked by hand from the rule."""
+    from meanflow_fast.kernels.launch import elementwise_row_launch
+    assert elementwise_row_launch(32768, 3072, True) == (8, 32, 256)  # B/2 batch 128: 4096 × 12 tiles, 4 per program
+    assert elementwise_row_launch(16384, 4608, True) == (8, 32, 256)  # XL/2 batch 64: 2048 × 18 tiles, 4 per program
+    assert elementwise_row_launch(100, 96, True) == (16, 16, 128)     # small: one step per program
+    assert elementwise_row_launch(150, 100, False) == (16, 64, 128)   # the interpreter: 64-row programs
 
 
 # =================================================================================================
