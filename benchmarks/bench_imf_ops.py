@@ -19,13 +19,18 @@ As in training, primal inputs and parameters require grad. Each benchmark record
 median time, its throughput from the formula next to the op (TFLOP/s for SwiGLU and attention, GB/s of
 compulsory traffic for the row ops) and its ratio to the eager ``ref_fwd`` of the same op.
 
-Last, an A/B of the attention's q, k, v projections on the dual stream (``test_qkv_projections``, at the
+Then an A/B of the attention's q, k, v projections on the dual stream (``test_qkv_projections``, at the
 iMF cases of benchmarks/common.py, ``IMF_CASES``): three dual linears, one per projection, as
 ``IMFAttention.forward_jvp`` runs them, against one dual linear over the concatenated weights.
 
-``make_inputs``, ``op_fn``, ``qkv_inputs`` and ``qkv_fn`` take any shape, dtype and device:
-tests/test_benchmark_tools.py runs every provider at small fp32 shapes in Triton's interpreter (CPU)
-against the others or a reference. Without a GPU the benchmarks themselves skip (benchmarks/conftest.py).
+Last, the SwiGLU backward's elementwise pass (``test_swiglu_bwd``, at the ``IMF_CASES``): kernels.swiglu's
+``swiglu_bwd`` (one Triton pass from dg, a, b to da, db, g) against the same math as torch elementwise ops in
+fp32, eager and torch.compile'd.
+
+``make_inputs``, ``op_fn``, ``qkv_inputs``, ``qkv_fn``, ``swiglu_bwd_inputs`` and ``swiglu_bwd_fn`` take any
+shape, dtype and device: tests/test_benchmark_tools.py runs every provider at small fp32 shapes in Triton's
+interpreter (CPU) against the others or a reference. Without a GPU the benchmarks themselves skip
+(benchmarks/conftest.py).
 """
 from typing import Callable, Dict, Tuple
 
@@ -40,7 +45,7 @@ from meanflow_fast.kernels.linear import linear_jvp
 from meanflow_fast.kernels.qk_norm_rope import qk_norm_rope_jvp, qk_norm_rope_jvp_ref, qk_norm_rope_ref, rope_cos_sin
 from meanflow_fast.kernels.rmsnorm import (gated_residual_rmsnorm_jvp, gated_residual_rmsnorm_jvp_ref,
                                            gated_residual_rmsnorm_ref, rms_norm_jvp, rms_norm_jvp_ref, rms_norm_ref)
-from meanflow_fast.kernels.swiglu import swiglu_jvp, swiglu_jvp_ref, swiglu_ref
+from meanflow_fast.kernels.swiglu import swiglu_bwd, swiglu_jvp, swiglu_jvp_ref, swiglu_ref
 
 B, N, D, HEADS, HIDDEN = 128, 276, 768, 12, 2048   # iMF-B/2, batch 128: 32×32 latents / patch 2 + 20 prefix
 HEAD_DIM = D // HEADS
@@ -283,3 +288,57 @@ def test_qkv_projections(benchmark, case, pass_, impl, layout):
             separate()
             separate_ms = op_time_ms(separate)
             benchmark.extra_info["x_separate"] = round(op_time_ms(qkv_fn("packed", pass_, args)) / separate_ms, 3)
+
+
+# =================================================================================================
+#     The SwiGLU backward's elementwise pass: kernels.swiglu.swiglu_bwd vs torch elementwise ops
+# =================================================================================================
+# From dg (the gradient of g = silu(a) ⊙ b, the dy W2 GEMM's output) and the saved a, b: da = dg ⊙ b ⊙ silu'(a),
+# db = dg ⊙ silu(a) and the g that dW2 needs. "triton": the one-pass kernel; "torch": the same math as torch
+# elementwise ops in fp32 (``_swiglu_bwd_torch``), eager; "torch_compiled": that function through
+# torch.compile. Baseline of ``x_eager_ref_fwd``: eager torch.
+SWIGLU_BWD_PROVIDERS = ("triton", "torch", "torch_compiled")
+
+
+def swiglu_bwd_work(shape: Dict[str, int], elem: int) -> float:
+    """Bytes of compulsory traffic of one call: read dg, a, b and write da, db, g, each (B·N, HIDDEN)."""
+    return 6 * shape["B"] * shape["N"] * shape["HIDDEN"] * elem
+
+
+def swiglu_bwd_inputs(shape: Dict[str, int], dtype=DTYPE, device="cuda", seed: int = 0) -> tuple:
+    """(dg, a, b): (B·N, HIDDEN) each, as the backward passes them (contiguous rows, no grad)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    m, hidden = shape["B"] * shape["N"], shape["HIDDEN"]
+    return tuple(torch.randn(m, hidden, device=device, generator=g).to(dtype) for _ in range(3))
+
+
+def _swiglu_bwd_torch(dg, a, b):
+    """(da, db, g) by torch elementwise ops, fp32 math, results in a's dtype."""
+    dgf, af, bf = dg.float(), a.float(), b.float()
+    s = torch.sigmoid(af)
+    silu = af * s
+    da = dgf * bf * s * (1 + af * (1 - s))
+    return da.to(a.dtype), (dgf * silu).to(a.dtype), (silu * bf).to(a.dtype)
+
+
+def swiglu_bwd_fn(provider: str, args: tuple) -> Callable:
+    """The timed call of ``provider`` on ``swiglu_bwd_inputs``: returns (da, db, g). "torch_compiled" gives the
+    eager function; the benchmark compiles it (benchmarks.common.bench_op)."""
+    if provider not in SWIGLU_BWD_PROVIDERS:
+        raise ValueError(f"provider must be one of {SWIGLU_BWD_PROVIDERS}, got {provider!r}")
+    dg, a, b = args
+    if provider == "triton":
+        return lambda: swiglu_bwd(dg, a, b)
+    return lambda: _swiglu_bwd_torch(dg, a, b)
+
+
+@pytest.mark.parametrize("provider", SWIGLU_BWD_PROVIDERS)
+@pytest.mark.parametrize("case", IMF_CASES, ids=_qkv_case_id)
+def test_swiglu_bwd(benchmark, case, provider):
+    shape = imf_shape(*case)
+    args = swiglu_bwd_inputs(shape)
+    m, hidden = shape["B"] * shape["N"], shape["HIDDEN"]
+    benchmark.group = f"SwiGLU backward pass (da, db, g), {_qkv_case_id(case)} rows {m}, hidden {hidden}, bf16"
+    baseline = op_time_ms(swiglu_bwd_fn("torch", args))
+    bench_op(benchmark, swiglu_bwd_fn(provider, args), provider == "torch_compiled",
+             swiglu_bwd_work(shape, torch.finfo(DTYPE).bits // 8), "GB/s", baseline, f"rows {m}, hidden {hidden}")

@@ -66,7 +66,8 @@ print(json.dumps(rows))
 def test_imf_scenarios_launch_every_imf_kernel_and_form(dtype):
     """compile_check's iMF scenarios, recorded (no compile): each iMF kernel is launched at both iMF
     presets' widths, the forward kernels with and without the tangent, the SwiGLU gate with and without
-    the stored pre-activations (fp32 twice: IEEE and TF32 dots), the fused backward with dm, dh and both."""
+    the stored pre-activations (fp32 twice: IEEE and TF32 dots), the fused backward with dm, dh and both,
+    the SwiGLU backward pass once per preset."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO
     run = subprocess.run([sys.executable, "-c", _RECORD_IMF, dtype], cwd=REPO, env=env, capture_output=True,
@@ -87,6 +88,8 @@ def test_imf_scenarios_launch_every_imf_kernel_and_form(dtype):
     gates = [v for f, v, n, _ in rows if n == "_swiglu_gate_kernel"]
     assert {v.split()[-1] for v in gates} == {"iMF-B/2", "iMF-XL/2"}
     assert len(gates) == 2 * 4 * (2 if dtype == "fp32" else 1)  # fp32: IEEE and TF32 dots
+    bwd = [v for f, v, n, _ in rows if n == "_swiglu_bwd_kernel"]
+    assert sorted(v.split()[1] for v in bwd) == ["iMF-B/2", "iMF-XL/2"]  # one launch per preset
     assert all(v.startswith(dtype) for _, v, _, _ in rows)
 
 
@@ -97,7 +100,7 @@ def test_swiglu_gate_compiles_for_sm90(tmp_path):
     out = tmp_path / "compile_check.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO
-    run = subprocess.run([sys.executable, "-m", "benchmarks.tools.compile_check", "--kernel", "_swiglu",
+    run = subprocess.run([sys.executable, "-m", "benchmarks.tools.compile_check", "--kernel", "_swiglu_gate",
                           "--quick", "--targets", "90", "--dtypes", "bf16", "--json", str(out)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -106,3 +109,24 @@ def test_swiglu_gate_compiles_for_sm90(tmp_path):
     for r in rows:
         assert r["status"] in ("OK", "SPILL"), r
         assert r["async_copies"] and r["async_copies"] > 0, r  # pipelined tile loads
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas (the sm_90 compiler) is not installed")
+def test_swiglu_bwd_compiles_for_sm90(tmp_path):
+    """The SwiGLU backward's elementwise pass compiles for sm_90 at iMF-B/2 b128 and iMF-XL/2 b64 without
+    spills. Rows per program, by hand from 8 × 256 tiles and at most 16384 programs before a program takes
+    more row steps (a power of 2): B/2, 35328 rows × 2048: 4416 · 8 = 35328 tiles, 3 → 4 steps, 32 rows;
+    XL/2, 17664 rows × 2730: 2208 · 11 = 24288 tiles, 2 steps, 16 rows."""
+    out = tmp_path / "compile_check.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO
+    run = subprocess.run([sys.executable, "-m", "benchmarks.tools.compile_check", "--kernel", "_swiglu_bwd",
+                          "--quick", "--targets", "90", "--dtypes", "bf16", "--json", str(out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["kernel"] for r in rows} == {"_swiglu_bwd_kernel"}
+    configs = {r["variant"].split()[1]: r["config"] for r in rows}
+    assert len(rows) == 2 and configs == {"iMF-B/2": "RPP32 BR8 BN256 w8 s3", "iMF-XL/2": "RPP16 BR8 BN256 w8 s3"}
+    for r in rows:
+        assert r["status"] == "OK" and r["spill_st"] == 0, r

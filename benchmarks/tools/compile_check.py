@@ -9,9 +9,9 @@ with the local one. Options: --targets 90,80, --kernel NAME, --jobs N, --timeout
 
 What it does. Each launcher (``attention_fwd``, ``attention_bwd``, ``dual_linear_fwd``,
 ``ln_modulate_fwd``/``_bwd``, ``gated_residual_fwd``/``_bwd``, and the iMF ones: ``rms_norm_fwd``/``_bwd``,
-``gated_residual_rmsnorm_fwd``/``_bwd``, ``qk_norm_rope_fwd``/``_bwd``, ``swiglu_gate_fwd``; the forward
-launchers with and without the tangent stream, HAS_TANGENT=True/False) is called at DiT and iMF sizes on *fake* CUDA
-tensors (torch's FakeTensorMode: shapes, strides, dtypes, no memory, no GPU), with every
+``gated_residual_rmsnorm_fwd``/``_bwd``, ``qk_norm_rope_fwd``/``_bwd``, ``swiglu_gate_fwd``, ``swiglu_bwd``; the
+forward launchers with and without the tangent stream, HAS_TANGENT=True/False) is called at DiT and iMF sizes on *fake*
+CUDA tensors (torch's FakeTensorMode: shapes, strides, dtypes, no memory, no GPU), with every
 ``@triton.jit``/``@triton.autotune`` object of the ``kernels`` modules replaced by a recorder. The
 recorded launch (positional arguments, constexprs, num_warps) is then bound by Triton's own
 specialisation code (the binder a real launch uses: pointer dtypes, 16-divisibility of ints and of
@@ -90,7 +90,7 @@ import meanflow_fast.kernels.linear as linear_mod  # noqa: E402
 import meanflow_fast.kernels.mlp as mlp_mod  # noqa: E402  (fc1/fc2 are dual_linear launches; its own kernel: gelu_bwd)
 import meanflow_fast.kernels.qk_norm_rope as qk_mod  # noqa: E402
 import meanflow_fast.kernels.rmsnorm as rms_mod  # noqa: E402
-import meanflow_fast.kernels.swiglu as swiglu_mod  # noqa: E402  (W2 is a dual_linear launch; its own kernel: the gate)
+import meanflow_fast.kernels.swiglu as swiglu_mod  # noqa: E402  (W2 is a dual_linear launch; its own: gate, bwd)
 
 KERNEL_MODULES = (attention_mod, linear_mod, mlp_mod, ln_mod, gated_mod, gated_ln_mod, rms_mod, qk_mod, swiglu_mod)
 
@@ -309,13 +309,17 @@ def scenarios(dtypes: List[str]) -> List[Scenario]:
 # 20 prefix + 256 patch.
 IMF_MODELS = (("iMF-B/2", 768, 12, 2048), ("iMF-XL/2", 1024, 16, 2730))
 IMF_TOKENS = 276
+# The SwiGLU backward pass at the benchmarks' batches (benchmarks/common.py, IMF_CASES): its rows per program
+# (a constexpr) follow the row count B·N.
+IMF_BWD_BATCH = {"iMF-B/2": 128, "iMF-XL/2": 64}
 
 
 def imf_scenarios(dt_name: str) -> List[Scenario]:
     """The iMF kernels at the iMF presets' sizes: RMSNorm and the gated residual + RMSNorm (forward with
     and without the tangent, backward), QK-norm + RoPE on the model's (B, N, H, D_h) views of the q and
-    k projections (forward with and without the tangent, backward), and the SwiGLU gate GEMM (with and
-    without the tangent and the stored pre-activations; fp32 with IEEE and TF32 dots, as the dual linear)."""
+    k projections (forward with and without the tangent, backward), the SwiGLU gate GEMM (with and
+    without the tangent and the stored pre-activations; fp32 with IEEE and TF32 dots, as the dual linear)
+    and the SwiGLU backward's elementwise pass over (B·N, SwiGLU hidden) at ``IMF_BWD_BATCH``."""
     out = []
     dt = DTYPES[dt_name]
     N = IMF_TOKENS
@@ -386,6 +390,13 @@ def imf_scenarios(dt_name: str) -> List[Scenario]:
                     flags = ("" if tangent else " primal") + (" +ab" if store_ab else "")
                     out.append(Scenario(f"swiglu gate {hidden}→{mlp_hidden}{flags}", f"{tag} {model}",
                                         lambda f=gate, t=tangent, s=store_ab: f(tangent=t, store_ab=s)))
+
+        def swiglu_bwd(dt=dt, rows=IMF_BWD_BATCH[model] * N, mlp_hidden=mlp_hidden):
+            # dg (the dy W2 GEMM's output) and the saved a, b: contiguous (rows, hidden), as the backward passes them
+            swiglu_mod.swiglu_bwd(*(_cuda(rows, mlp_hidden, dtype=dt) for _ in range(3)))
+
+        out.append(Scenario(f"swiglu bwd hidden={mlp_hidden}",
+                            f"{dt_name} {model} rows={IMF_BWD_BATCH[model]}·{N}", swiglu_bwd))
     return out
 
 
