@@ -58,6 +58,24 @@ def gelu_tanh_and_grad(a):
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows, columns), int64, of this program's (BLOCK_M, BLOCK_N) output tile of an (M, N) GEMM. Program
+    order: GROUP_M row-blocks walk down one column of output tiles before moving right, so the weight
+    tiles of a column stay in L2 while GROUP_M row-blocks use them. int64: M·K may exceed 2³¹."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    group_first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(grid_m - group_first_m, GROUP_M)
+    pid_m = group_first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return rm, rn
+
+
+@triton.jit
 def _dual_linear_fwd_kernel(
     X,              # (M, K) primal rows, any strides
     XD,             # (M, K) tangent rows, any strides (not read when HAS_TANGENT is False)
@@ -82,19 +100,7 @@ def _dual_linear_fwd_kernel(
     BLOCK_K: tl.constexpr,          # reduction step
     GROUP_M: tl.constexpr,          # row-blocks per group in the L2-friendly program order
 ):
-    # Program order: walk GROUP_M row-blocks down one column of output tiles before moving right, so
-    # the weight tiles of a column stay in L2 while GROUP_M row-blocks use them.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    group_first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(grid_m - group_first_m, GROUP_M)
-    pid_m = group_first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M·K may exceed 2³¹
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
     m_mask = rm < M
     n_mask = rn < N

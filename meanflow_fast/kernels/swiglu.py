@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .launch import (KernelFunction, backward_once, check_no_bf16_dot_on_cpu, check_shape, check_tensors,
                      elementwise_row_launch, jvp_function, kernel_op, pick_function, rows, zeros_if_none)
-from .linear import CPU_GEMM_CONFIG, dual_linear_fwd_op, input_precision
+from .linear import CPU_GEMM_CONFIG, dual_linear_fwd_op, grouped_tile, input_precision
 from .reference import compute_dtype
 
 __all__ = ["swiglu", "swiglu_jvp", "swiglu_ref", "swiglu_jvp_ref"]
@@ -91,18 +91,7 @@ def _swiglu_gate_kernel(
     BLOCK_K: tl.constexpr,          # reduction step
     GROUP_M: tl.constexpr,          # row-blocks per group in the L2-friendly program order
 ):
-    # Program order as linear.py's kernel: GROUP_M row-blocks walk down one column of output tiles.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    group_first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(grid_m - group_first_m, GROUP_M)
-    pid_m = group_first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M·K may exceed 2³¹
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rm, rn = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
     m_mask = rm < M
     n_mask = rn < N
