@@ -26,6 +26,7 @@ from . import config
 from .launch import (KernelFunction, backward_once, check_no_bf16_dot_on_cpu, check_shape, check_tensors,
                      elementwise_row_launch, jvp_function, kernel_op, pick_function, rows, zeros_if_none)
 from .linear import dual_linear_fwd_op, gelu_tanh_and_grad, linear_gelu_fwd_op
+from .rownorm import prog_rows
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
@@ -86,8 +87,7 @@ def _gelu_bwd_kernel(
     c_mask = col < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        row = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
-        mask = (row < M)[:, None] & c_mask[None, :]
+        row, _, mask = prog_rows(p, r0, M, c_mask, ROWS_PER_PROG, BLOCK_R)
         dh = tl.load(DH + row[:, None] * stride_dhm + col[None, :] * stride_dhn, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(A + row[:, None] * stride_am + col[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
         h, grad = gelu_tanh_and_grad(a)

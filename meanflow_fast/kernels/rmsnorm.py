@@ -30,7 +30,7 @@ import triton.language as tl
 from .launch import (KernelFunction, backward_once, check_shape, check_tangents_together, check_tensors,
                      jvp_function, kernel_op, next_pow2, pick_function, rows, steps_per_program, zeros_if_none)
 from .reference import compute_dtype
-from .rownorm import row_num_warps, tile_rows
+from .rownorm import prog_rows, row_num_warps, tile_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,15 +100,6 @@ def _rms_project(v, n, rstd, D):
 
 
 @triton.jit
-def _prog_rows(p, r0, n_rows, c_mask, ROWS_PER_PROG: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(row, row mask, tile mask) of one step of a backward's row loop: program p walks rows
-    [p·ROWS_PER_PROG, (p+1)·ROWS_PER_PROG), BLOCK_R at a time from r0."""
-    row = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-    r_mask = row < n_rows
-    return row, r_mask, r_mask[:, None] & c_mask[None, :]
-
-
-@triton.jit
 def _rms_norm_fwd_kernel(
     X,              # (M, D) primal rows, any strides
     XD,             # (M, D) tangent rows, any strides (not read when HAS_TANGENT is False)
@@ -166,7 +157,7 @@ def _rms_norm_bwd_kernel(
     w = tl.load(W + col * stride_w, mask=c_mask, other=0.0).to(tl.float32)
     acc_dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        row, r_mask, mask = _prog_rows(p, r0, n_rows, c_mask, ROWS_PER_PROG, BLOCK_R)
+        row, r_mask, mask = prog_rows(p, r0, n_rows, c_mask, ROWS_PER_PROG, BLOCK_R)
         x = tl.load(X + row[:, None] * stride_xm + col[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row[:, None] * stride_dym + col[None, :] * stride_dyd, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row, mask=r_mask, other=0.0)
@@ -252,7 +243,7 @@ def _gated_residual_rmsnorm_bwd_kernel(
     acc_dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_dg = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        row, r_mask, mask = _prog_rows(p, r0, n_rows, c_mask, ROWS_PER_PROG, BLOCK_R)
+        row, r_mask, mask = prog_rows(p, r0, n_rows, c_mask, ROWS_PER_PROG, BLOCK_R)
         dx = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         if HAS_DM:  # the norm's share RMS'(h)ᵀ(w ⊙ dm)
             h = tl.load(H + row[:, None] * stride_hm + col[None, :] * stride_hd, mask=mask, other=0.0).to(tl.float32)

@@ -1,5 +1,6 @@
 """LayerNorm row helpers shared by the LayerNorm-modulate kernels (layernorm_modulate.py) and the gated
-residual fused with it (gated_residual_ln.py): the Triton row math and the row tiles of their launches.
+residual fused with it (gated_residual_ln.py): the Triton row math and the row tiles of their launches;
+and ``prog_rows``, the step of the row loop of the backward passes (RMSNorm, GELU, SwiGLU).
 
 Rows are (BLOCK_R, BLOCK_D) fp32 tiles holding whole rows (the statistics need them), columns past D
 masked out (docs/DESIGN.md, JVP rules: LayerNorm-modulate).
@@ -64,3 +65,12 @@ def tile_rows(block_d: int) -> int:
 def row_num_warps(block_d: int, block_r: int) -> int:
     """Warps of a LayerNorm row kernel over (block_r, block_d) tiles: 8 values per thread and tile."""
     return 8 if block_d * block_r >= 2048 else 4
+
+
+@triton.jit
+def prog_rows(p, r0, n_rows, c_mask, ROWS_PER_PROG: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(row, row mask, tile mask) of one step of a backward's row loop: program p walks rows
+    [p·ROWS_PER_PROG, (p+1)·ROWS_PER_PROG), BLOCK_R at a time from r0."""
+    row = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+    r_mask = row < n_rows
+    return row, r_mask, r_mask[:, None] & c_mask[None, :]

@@ -26,6 +26,7 @@ from .launch import (KernelFunction, backward_once, check_no_bf16_dot_on_cpu, ch
                      elementwise_row_launch, jvp_function, kernel_op, pick_function, rows, zeros_if_none)
 from .linear import CPU_GEMM_CONFIG, dual_linear_fwd_op, grouped_tile, input_precision
 from .reference import compute_dtype
+from .rownorm import prog_rows
 
 __all__ = ["swiglu", "swiglu_jvp", "swiglu_ref", "swiglu_jvp_ref"]
 
@@ -157,8 +158,7 @@ def _swiglu_bwd_kernel(
     col = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     c_mask = col < N
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        row = p * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
-        mask = (row < M)[:, None] & c_mask[None, :]
+        row, _, mask = prog_rows(p, r0, M, c_mask, ROWS_PER_PROG, BLOCK_R)
         dg = tl.load(DG + row[:, None] * stride_dgm + col[None, :] * stride_dgn, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(A + row[:, None] * stride_am + col[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(B + row[:, None] * stride_bm + col[None, :] * stride_bn, mask=mask, other=0.0).to(tl.float32)
